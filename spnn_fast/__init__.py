@@ -1,0 +1,15 @@
+"""spnn_fast: SPNN sequential recommendation with fused kernels.
+
+Fused Triton kernels on a GPU, a C++ batch encoder on the CPU, pure-PyTorch fallbacks everywhere
+else; ``spnn_fast.backends.status()`` says what runs here.
+"""
+
+from spnn_fast import backends
+from spnn_fast.backends import _warn_missing_once
+from spnn_fast.log import InteractionLog
+
+__version__ = "0.1.0"
+
+__all__ = ["InteractionLog", "backends", "__version__"]
+
+_warn_missing_once()

@@ -1,0 +1,216 @@
+"""InteractionLog: a user-grouped, time-sorted interaction log in CSR form.
+
+Events of user ``u`` (0..U-1) are ``items[offsets[u]:offsets[u+1]]`` with their ``timestamps``,
+sorted by time (ties keep input order). Items are remapped to 1..V (0 is padding), users to
+0..U-1; ``item_ids[k - 1]`` and ``user_ids[u]`` give the raw ids back. Saved as plain ``.npy``
+files that load memory-mapped, so a log larger than memory still feeds ``encode_batch``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Union
+
+import numpy as np
+import torch
+
+__all__ = ["InteractionLog"]
+
+_ARRAYS = ("offsets", "items", "timestamps", "user_ids", "item_ids")
+_FORMAT = "spnn_fast.InteractionLog/1"
+
+ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
+
+
+def _as_numpy(name: str, x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, got device {x.device}")
+        x = x.detach().numpy()
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def _raw_ids(name: str, x: np.ndarray) -> np.ndarray:
+    """Raw ids as a dtype that .npy stores without pickle (integers or fixed-width strings)."""
+    if x.dtype.kind in "iub":
+        return x.astype(np.int64, copy=False)
+    if x.dtype.kind in "US":
+        return x
+    if x.dtype.kind == "O":
+        return x.astype(str)
+    raise TypeError(f"{name} must hold integer or string ids, got dtype {x.dtype}")
+
+
+class InteractionLog:
+    """Interactions grouped by user and sorted by time, with items remapped to 1..V.
+
+    Build it from three equal-length arrays of raw ``users``, ``items`` (ids of any integer or
+    string type) and int64 ``timestamps`` (seconds).
+    """
+
+    def __init__(self, users: ArrayLike, items: ArrayLike, timestamps: ArrayLike):
+        users = _raw_ids("users", _as_numpy("users", users))
+        items = _raw_ids("items", _as_numpy("items", items))
+        ts = _as_numpy("timestamps", timestamps)
+        if not (len(users) == len(items) == len(ts)):
+            raise ValueError(
+                f"users, items and timestamps must have equal lengths, got "
+                f"{len(users)}, {len(items)} and {len(ts)}"
+            )
+        if ts.dtype.kind not in "iu":
+            raise TypeError(f"timestamps must be integers (seconds), got dtype {ts.dtype}")
+        ts = ts.astype(np.int64, copy=False)
+        user_ids, user_idx = np.unique(users, return_inverse=True)
+        item_ids, item_idx = np.unique(items, return_inverse=True)
+        # Stable two-pass sort: by time, then by user; ties keep input order.
+        order = np.argsort(ts, kind="stable")
+        order = order[np.argsort(user_idx[order], kind="stable")]
+        counts = np.bincount(user_idx, minlength=len(user_ids))
+        offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        self._set(
+            offsets,
+            item_idx[order].astype(np.int64) + 1,
+            ts[order],
+            user_ids,
+            item_ids,
+        )
+
+    def _set(self, offsets, items, timestamps, user_ids, item_ids) -> None:
+        self.offsets = offsets
+        self.items = items
+        self.timestamps = timestamps
+        self.user_ids = user_ids
+        self.item_ids = item_ids
+
+    @classmethod
+    def from_csr(
+        cls,
+        offsets: np.ndarray,
+        items: np.ndarray,
+        timestamps: np.ndarray,
+        user_ids: np.ndarray,
+        item_ids: np.ndarray,
+        *,
+        validate: bool = True,
+    ) -> "InteractionLog":
+        """Wrap CSR arrays that already follow the layout (no copy)."""
+        log = cls.__new__(cls)
+        log._set(offsets, items, timestamps, user_ids, item_ids)
+        if validate:
+            log.validate()
+        return log
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_items(self) -> int:
+        """V: item ids run over 1..V."""
+        return len(self.item_ids)
+
+    @property
+    def num_events(self) -> int:
+        return len(self.items)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Events per user, int64 [U]."""
+        return np.diff(self.offsets)
+
+    def user_events(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        """(items, timestamps) of user ``u`` in time order."""
+        if not 0 <= u < self.num_users:
+            raise ValueError(f"u={u} is outside [0, {self.num_users})")
+        s, e = int(self.offsets[u]), int(self.offsets[u + 1])
+        return self.items[s:e], self.timestamps[s:e]
+
+    def __len__(self) -> int:
+        return self.num_events
+
+    def __repr__(self) -> str:
+        return (
+            f"InteractionLog(users={self.num_users}, items={self.num_items}, "
+            f"events={self.num_events})"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Check the CSR invariants over the whole log; ValueError names the first violation."""
+        off, items, ts = self.offsets, self.items, self.timestamps
+        if off.ndim != 1 or len(off) < 1:
+            raise ValueError(f"offsets must be 1-D with at least one entry, got shape {off.shape}")
+        if off[0] != 0:
+            raise ValueError(f"offsets[0] must be 0, got {int(off[0])}")
+        if off[-1] != len(items):
+            raise ValueError(f"offsets[-1]={int(off[-1])} must equal len(items)={len(items)}")
+        if len(ts) != len(items):
+            raise ValueError(f"timestamps has {len(ts)} entries, items has {len(items)}")
+        bad = np.flatnonzero(np.diff(off) < 0)
+        if len(bad):
+            i = int(bad[0]) + 1
+            raise ValueError(f"offsets decrease at index {i}: {int(off[i])} < {int(off[i - 1])}")
+        bad = np.flatnonzero((items < 1) | (items > self.num_items))
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"items[{i}]={int(items[i])} is outside [1, {self.num_items}]")
+        starts = np.zeros(len(items), dtype=bool)
+        starts[off[:-1][off[:-1] < len(items)]] = True
+        bad = np.flatnonzero((np.diff(ts) < 0) & ~starts[1:])
+        if len(bad):
+            i = int(bad[0]) + 1
+            raise ValueError(
+                f"timestamps decrease within a user at index {i}: {int(ts[i])} < {int(ts[i - 1])}"
+            )
+
+    # ------------------------------------------------------------------ storage
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the log as ``.npy`` files (plus ``meta.json``) into the folder ``path``."""
+        os.makedirs(path, exist_ok=True)
+        for name in _ARRAYS:
+            tmp = os.path.join(path, f".{name}.tmp.npy")
+            np.save(tmp, np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
+            os.replace(tmp, os.path.join(path, f"{name}.npy"))
+        meta = {
+            "format": _FORMAT,
+            "num_users": self.num_users,
+            "num_items": self.num_items,
+            "num_events": self.num_events,
+        }
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            json.dump(meta, f)
+
+    @classmethod
+    def load(
+        cls, path: Union[str, os.PathLike], *, mmap: bool = True, validate: bool = False
+    ) -> "InteractionLog":
+        """Read a log written by :meth:`save`; with ``mmap`` the arrays stay on disk.
+
+        ``validate=True`` checks the whole log (reads every page). Without it only the sizes are
+        checked: ``encode_batch`` validates every event it reads anyway.
+        """
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{path} holds no saved InteractionLog (no meta.json)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
+        mode = "r" if mmap else None
+        arrays = [np.load(os.path.join(path, f"{n}.npy"), mmap_mode=mode) for n in _ARRAYS]
+        log = cls.from_csr(*arrays, validate=validate)
+        if (log.num_users, log.num_items, log.num_events) != (
+            meta["num_users"],
+            meta["num_items"],
+            meta["num_events"],
+        ):
+            raise ValueError(f"{path}: arrays do not match meta.json sizes {meta}")
+        if log.offsets[0] != 0 or log.offsets[-1] != log.num_events:
+            raise ValueError(f"{path}: offsets do not span the {log.num_events} events")
+        return log

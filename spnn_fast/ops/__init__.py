@@ -1,0 +1,1 @@
+"""torch.library registrations of the fused ops (custom_op + register_fake + autograd)."""
