@@ -1,0 +1,72 @@
+"""Shared helpers of the benchmark suites: smoke mode, device, peak-memory measurement."""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Callable
+
+import torch
+
+# Set by conftest.pytest_configure: True under --benchmark-disable (tiny sizes, CI smoke run).
+SMOKE = False
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _read_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the process's RSS high-water mark (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(fn: Callable[[], object], dev: torch.device) -> int | None:
+    """Peak extra bytes allocated while ``fn()`` runs (its result is dropped afterwards).
+
+    CUDA: the caching allocator's peak over the memory already allocated. CPU: the RSS
+    high-water mark over the RSS before the call (Linux only; None elsewhere).
+    """
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak
+    if not os.path.exists("/proc/self/status") or not _reset_cpu_peak():
+        return None
+    base = _read_status_kib("VmRSS")
+    out = fn()
+    peak = _read_status_kib("VmHWM") - base
+    del out
+    return max(peak, 0) * 1024
+
+
+def record(benchmark, *, impl: str, baseline_of: str | None = None, **info) -> None:
+    """Tag a benchmark with its implementation name (``report.py`` computes ratios from it)."""
+    benchmark.extra_info["impl"] = impl
+    if baseline_of is not None:
+        benchmark.extra_info["baseline_of"] = baseline_of
+    benchmark.extra_info.update(info)
