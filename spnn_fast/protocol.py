@@ -118,7 +118,7 @@ def _lengths(log: InteractionLog) -> np.ndarray:
         u = int(short[0])
         raise ValueError(
             f"leave-one-out needs >= {MIN_EVENTS} events per user; {len(short)} users have "
-            f"fewer (first: user {u}, raw id {log.user_ids[u]!r}, {int(lengths[u])} events). "
+            f"fewer (first: user {u}, raw id {log.user_ids[u].tolist()!r}, {int(lengths[u])} events). "
             f"Drop them first, e.g. spnn_fast.data.load(..., min_events={MIN_EVENTS})"
         )
     return lengths
