@@ -28,14 +28,16 @@ Features (``token`` and ``token_seq`` fields of the side files) are int64 codes:
 
 * ``Dataset.item_features[name]`` has ``V + 1`` rows indexed by the remapped item id (row 0 is
   padding); ``Dataset.user_features[name]`` has ``U`` rows indexed by the remapped user id.
-* A ``token`` field is 1-D: code ``c`` in ``1..C`` for its C distinct values (sorted), 0 for
-  unknown / missing / padding. ``feature_vocab[name] = C + 1``.
+* A ``token`` field is 1-D: code ``c`` in ``1..C`` for the C distinct values held by the kept
+  items (users), sorted (numerically when all are integers); 0 for unknown / missing / padding.
+  ``feature_vocab[name] = C + 1``.
 * A ``token_seq`` field (genres) is a padded index matrix ``[rows, L]``: the codes of the row's
   values in file order, 0-padded to the longest row's length L. ``nn.Embedding(vocab, d,
   padding_idx=0)`` then a sum or mean over the last axis handles it; :func:`multi_hot` turns it
   into a float32 multi-hot matrix.
-* A field named ``age`` whose values are all integers is bucketed as in MovieLens-1M: codes 1..7
-  for ``<18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+`` (vocab 8), so ML-100K and ML-1M agree.
+* A field named ``age`` (in the file or as the feature) whose values are all integers is bucketed
+  as in MovieLens-1M: codes 1..7 for ``<18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+`` (vocab 8),
+  so ML-100K and ML-1M agree.
 * ``feature_labels[name][c]`` is the raw value of code ``c`` (``""`` for code 0).
 
 Item and user features live in one namespace for ``feature_vocab`` and ``feature_labels``: an
@@ -428,6 +430,8 @@ def _select_fields(side: Optional[_Side], fields: Fields, what: str) -> Dict[str
         if side is None:
             return {}
         return {f: f for f in side.default}
+    if isinstance(fields, str):
+        fields = (fields,)
     mapping = dict(fields) if isinstance(fields, Mapping) else {f: f for f in fields}
     if not mapping:
         return {}
@@ -475,7 +479,7 @@ def _feature(
         present = values != ""
         vals = values[present]
         try:
-            ages = vals.astype(np.int64) if out_name == "age" else None
+            ages = vals.astype(np.int64) if "age" in (fname, out_name) else None
         except (ValueError, OverflowError):
             ages = None
         if ages is not None:

@@ -100,6 +100,10 @@ def test_atomic_by_path(tmp_path, caplog):
     np.testing.assert_array_equal(ds.item_features["release_year"], [0, 2, 2, 1, 2, 0, 0])
     np.testing.assert_array_equal(ds.user_features["zip_code"], [2, 3, 1])
     assert ds.feature_labels["zip_code"] == ["", "11111", "85711", "94043"]
+    renamed = load(inter, item_fields="class", user_fields={"age": "user_age"})
+    assert list(renamed.item_features) == ["class"]
+    np.testing.assert_array_equal(renamed.user_features["user_age"], [2, 6, 1])
+    assert renamed.feature_vocab == {"class": 6, "user_age": 8}
 
 
 def test_min_events(tmp_path):
