@@ -1,0 +1,225 @@
+"""The main job: teacher, student and distilled student on a dataset, over seeds, with a report.
+
+For each seed: a wide teacher SPNN trained on full histories (with a knowledge detector on its
+last layer), a small student (at most 1/4 of the teacher's parameters) trained on cold-start-like
+inputs without distillation, and the same student trained on the same inputs with CE + logit KD +
+feature distillation from the teacher, which sees the full history. Each model is selected on
+validation NDCG@10 and tested on all users and on cold@k. The run folder holds::
+
+    run.json                      the configuration (what --resume reads)
+    seed<S>/<model>/last.pt       trainer state after the last finished epoch (atomic)
+    seed<S>/<model>/best.pt       the selected model (spnn-fast eval reads it)
+    seed<S>/<model>/result.json   its metrics, history and timings
+    report.json, report.md, report.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from spnn_fast.data import Dataset, load
+from spnn_fast.model import SPNN, SPNNConfig
+from spnn_fast.train import TrainConfig, Trainer, evaluate, world
+
+__all__ = ["ExperimentConfig", "MODELS", "REPORT_SPLITS", "METRICS", "load_checkpoint", "run"]
+
+MODELS = ("teacher", "student", "student_kd")
+REPORT_SPLITS = {"all": "test", "cold@3": "cold@3", "cold@5": "cold@5", "cold@10": "cold@10"}
+METRICS = tuple(f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (5, 10, 20))
+
+
+@dataclass
+class ExperimentConfig:
+    dataset: str = "ml-100k"  # a known name or a path
+    seeds: int = 3
+    epochs: int = 30
+    device: str = "cpu"
+    max_len: int = 50
+    teacher_d: int = 96
+    teacher_layers: int = 2
+    teacher_heads: int = 2
+    student_d: int = 32
+    student_layers: int = 1
+    student_heads: int = 1
+    dropout: float = 0.2
+    batch_size: int = 128
+    lr: float = 2e-3
+    patience: int = 5
+    cut_prob: float = 0.5
+    cut_min: int = 1
+    cut_max: int = 10
+    alpha: float = 0.5
+    temperature: float = 2.0
+    feature_weight: float = 1.0
+    use_side_features: bool = True
+    backend: Optional[str] = None
+    extra: Dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def model_configs(cfg: ExperimentConfig, ds: Dataset) -> Dict[str, SPNNConfig]:
+    side = cfg.use_side_features
+    item_vocab = {n: ds.feature_vocab[n] for n in ds.item_features} if side else {}
+    user_vocab = {n: ds.feature_vocab[n] for n in ds.user_features} if side else {}
+    common = dict(num_items=ds.log.num_items, max_len=cfg.max_len, dropout=cfg.dropout,
+                  item_feature_vocab=item_vocab, user_feature_vocab=user_vocab,
+                  backend=cfg.backend)  # fmt: skip
+    teacher = SPNNConfig(d_model=cfg.teacher_d, n_layers=cfg.teacher_layers,
+                         n_heads=cfg.teacher_heads,
+                         detector_layers=[f"layers.{cfg.teacher_layers - 1}"], **common)  # fmt: skip
+    student = SPNNConfig(d_model=cfg.student_d, n_layers=cfg.student_layers,
+                         n_heads=cfg.student_heads, **common)  # fmt: skip
+    return {"teacher": teacher, "student": student, "student_kd": student}
+
+
+def train_configs(cfg: ExperimentConfig) -> Dict[str, TrainConfig]:
+    base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience)
+    cold = dict(cut_prob=cfg.cut_prob, cut_min=cfg.cut_min, cut_max=cfg.cut_max)
+    pairs = [(f"layers.{cfg.student_layers - 1}", f"layers.{cfg.teacher_layers - 1}")]
+    return {
+        "teacher": TrainConfig(**base),
+        "student": TrainConfig(**base, **cold),
+        "student_kd": TrainConfig(**base, **cold, alpha=cfg.alpha, temperature=cfg.temperature,
+                                  feature_weight=cfg.feature_weight, layer_pairs=pairs),
+    }  # fmt: skip
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _save_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _best_checkpoint(model: SPNN, ds: Dataset, cfg: ExperimentConfig, name: str, seed: int):
+    return {
+        "format": "spnn_fast.checkpoint/1",
+        "model": name,
+        "seed": seed,
+        "config": model.config.to_dict(),
+        "state_dict": model.state_dict(),
+        "dataset": cfg.dataset,
+    }
+
+
+def load_checkpoint(path: str, device: str = "cpu"):
+    """(model, checkpoint dict) from a ``best.pt`` written by :func:`run`."""
+    ck = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ck, dict) or ck.get("format") != "spnn_fast.checkpoint/1":
+        raise ValueError(f"{path} is not an spnn_fast model checkpoint")
+    return SPNN.from_state(SPNNConfig.from_dict(ck["config"]), ck["state_dict"]), ck
+
+
+def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, log) -> Dict:
+    out_dir = os.path.join(run_dir, f"seed{seed}", name)
+    result_path = os.path.join(out_dir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            log(f"[seed {seed}] {name}: already done, reusing its result")
+            return json.load(f)
+    _seed_all(seed * 1000 + MODELS.index(name))
+    model = SPNN(mcfg, ds.item_features, ds.user_features)
+    trainer = Trainer(model, ds, tcfg, teacher=teacher, seed=seed, device=cfg.device,
+                      progress=True, desc=f"[seed {seed}] {name}")  # fmt: skip
+    result = trainer.fit(out_dir, log=log)
+    if world()[0] == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        torch.save(_best_checkpoint(model, ds, cfg, name, seed), os.path.join(out_dir, "best.pt"))
+        _save_json(result, result_path)
+    return result
+
+
+def run(cfg: ExperimentConfig, run_dir: str, *, log=print) -> Dict:
+    """Run (or resume) the whole pipeline into ``run_dir`` and write the report there."""
+    rank, _ = world()
+    os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:
+        _save_json({"format": "spnn_fast.run/1", "config": cfg.to_dict()},
+                   os.path.join(run_dir, "run.json"))  # fmt: skip
+    t0 = time.perf_counter()
+    ds = load(cfg.dataset)
+    log(f"data: {ds}")
+    mcfgs, tcfgs = model_configs(cfg, ds), train_configs(cfg)
+    results: Dict[str, List[Dict]] = {m: [] for m in MODELS}
+    for seed in range(cfg.seeds):
+        teacher = None
+        for name in MODELS:
+            res = _train_one(name, seed, ds, cfg, mcfgs[name], tcfgs[name], run_dir,
+                             teacher if name == "student_kd" else None, log)  # fmt: skip
+            results[name].append(res)
+            if name == "teacher":
+                teacher, _ = load_checkpoint(os.path.join(run_dir, f"seed{seed}", name,
+                                                          "best.pt"), cfg.device)  # fmt: skip
+    report = build_report(cfg, ds, results, time.perf_counter() - t0)
+    if rank == 0:
+        from spnn_fast.report import write_report
+
+        write_report(report, run_dir)
+    return report
+
+
+def _mean_std(values: List[float]) -> Dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def build_report(cfg: ExperimentConfig, ds: Dataset, results: Dict[str, List[Dict]],
+                 wall: float) -> Dict:  # fmt: skip
+    models = {}
+    for name, runs in results.items():
+        metrics = {
+            split: {m: _mean_std([r["metrics"][src][m] for r in runs]) for m in METRICS}
+            for split, src in REPORT_SPLITS.items()
+        }
+        models[name] = {
+            "metrics": metrics,
+            "params": int(runs[0]["params"]),
+            "train_seconds": _mean_std([r["train_seconds"] for r in runs]),
+            "sequences_per_second": _mean_std([r["windows_per_second"] for r in runs]),
+            "best_epoch": [r["best_epoch"] for r in runs],
+            "history": [r["history"] for r in runs],
+        }
+    return {
+        "dataset": {"name": ds.name, "users": ds.log.num_users, "items": ds.log.num_items,
+                    "events": ds.log.num_events, "dropped_users": ds.dropped_users},
+        "protocol": {
+            "split": "leave-one-out by time (last event test, second-last validation)",
+            "ranking": "full ranking over all items, history items not masked, ties pessimistic",
+            "selection": "validation NDCG@10, early stopping",
+            "cold": "cold@k: same test targets, input cut to the k most recent events",
+        },
+        "seeds": list(range(cfg.seeds)),
+        "config": cfg.to_dict(),
+        "models": models,
+        "wall_seconds": wall,
+        "torch": torch.__version__,
+    }
+
+
+def evaluate_checkpoint(path: str, device: str = "cpu", dataset: Optional[str] = None) -> Dict:
+    """Metrics of a saved model on every split of its dataset."""
+    from spnn_fast.protocol import eval_sets
+
+    model, ck = load_checkpoint(path, device)
+    ds = load(dataset or ck["dataset"])
+    if ds.log.num_items != model.config.num_items:
+        raise ValueError(
+            f"{path} scores {model.config.num_items} items, the dataset has {ds.log.num_items}"
+        )
+    return {s: evaluate(model.to(device), ds.log, es, device=device)
+            for s, es in eval_sets(ds.log).items()}  # fmt: skip

@@ -1,0 +1,308 @@
+"""SPNN: the semantic perception neural network for next-item recommendation.
+
+Each event of a user's history is encoded from
+
+* its item embedding (tied with the output layer),
+* a position embedding (windows are left-padded, so the newest event always sits in the last
+  column and positions count back from it),
+* a time-gap-bucket embedding (``bucket(g) = min(NB - 1, bit_length(g))`` of the gap to the
+  user's previous event: the encoder's ``time_buckets``),
+* side features where the data has them: item features (e.g. genres, several codes per item,
+  averaged) and user features (e.g. age, gender, occupation, broadcast over the sequence),
+
+fused by a learned per-feature gate: a softmax over the features, computed per event from all of
+them, weighs how much each one matters (plain fusion would add them with equal weight). Then
+``n_layers`` semantic perception layers (:class:`spnn_fast.nn.SemanticAttention` with its learned
+time-interval bias, a feed-forward block, pre-norm residuals) and a final layer norm give the
+hidden state of every position; its dot product with the item embeddings scores the next item.
+
+A teacher model can carry a :class:`spnn_fast.nn.KnowledgeDetector` over one of its layers, trained
+with it (an auxiliary next-item loss on the detector's attention-pooled vector) and used frozen by
+:class:`spnn_fast.nn.FeatureDistiller` when a student is distilled from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from spnn_fast.nn import KnowledgeDetector, SemanticAttention
+
+__all__ = ["SPNN", "SPNNConfig", "SPNNOutput"]
+
+
+@dataclass
+class SPNNConfig:
+    """Shape and regularization of an SPNN model.
+
+    ``item_feature_vocab`` / ``user_feature_vocab`` map each side feature to its number of codes
+    (code 0 = unknown / padding); the code tables themselves are given to :class:`SPNN`.
+    ``detector_layers`` (teachers) names the layers that carry a knowledge detector.
+    """
+
+    num_items: int
+    max_len: int = 50
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    d_ff: Optional[int] = None
+    dropout: float = 0.2
+    num_time_buckets: int = 32
+    item_feature_vocab: Dict[str, int] = field(default_factory=dict)
+    user_feature_vocab: Dict[str, int] = field(default_factory=dict)
+    detector_layers: List[str] = field(default_factory=list)
+    backend: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_items": self.num_items >= 1,
+            "max_len": self.max_len >= 1,
+            "d_model": self.d_model >= 1 and self.d_model % max(self.n_heads, 1) == 0,
+            "n_heads": self.n_heads >= 1,
+            "n_layers": self.n_layers >= 1,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "num_time_buckets": 1 <= self.num_time_buckets <= 64,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"SPNNConfig.{name}={getattr(self, name)!r} is invalid")
+        self.detector_layers = list(self.detector_layers)
+        for layer in self.detector_layers:
+            if layer not in self.layer_names():
+                raise ValueError(f"detector layer {layer!r} is not one of {self.layer_names()}")
+
+    def layer_names(self) -> List[str]:
+        """Names of the layers whose outputs :meth:`SPNN.forward` can return."""
+        return ["embed"] + [f"layers.{i}" for i in range(self.n_layers)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SPNNConfig":
+        return cls(**d)
+
+
+@dataclass
+class SPNNOutput:
+    hidden: Tensor  # [B, L, d_model], zero at padding
+    layers: Dict[str, Tensor]  # name -> [B, L, d] intermediate features (when asked for)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class SemanticPerceptionLayer(nn.Module):
+    """Pre-norm residual block: semantic attention with time bias, then a feed-forward block."""
+
+    def __init__(self, cfg: SPNNConfig) -> None:
+        super().__init__()
+        d_ff = cfg.d_ff or 4 * cfg.d_model
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SemanticAttention(
+            cfg.d_model,
+            cfg.n_heads,
+            num_time_buckets=cfg.num_time_buckets,
+            causal=True,
+            dropout=cfg.dropout,
+            backend=cfg.backend,
+        )
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.ff = _FeedForward(cfg.d_model, d_ff, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, timestamps: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_padding_mask=mask, timestamps=timestamps)
+        x = x + self.drop(self.ff(self.norm2(x)))
+        return x * mask.unsqueeze(-1)
+
+
+class SPNN(nn.Module):
+    """SPNN over left-padded windows ``[B, L]`` (L <= ``config.max_len``).
+
+    Args:
+        config: the model's shape.
+        item_features: feature name -> int64 codes ``[V + 1]`` or ``[V + 1, G]`` indexed by item id
+            (row 0 = padding; code 0 = none), for the names in ``config.item_feature_vocab``.
+        user_features: feature name -> int64 codes ``[U]`` indexed by user row.
+    """
+
+    def __init__(
+        self,
+        config: SPNNConfig,
+        item_features: Optional[Dict[str, np.ndarray]] = None,
+        user_features: Optional[Dict[str, np.ndarray]] = None,
+    ) -> None:
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.time_emb = nn.Embedding(cfg.num_time_buckets, d)
+        self.item_feat_emb = nn.ModuleDict()
+        self.user_feat_emb = nn.ModuleDict()
+        for name, vocab in cfg.item_feature_vocab.items():
+            codes = _codes_table("item_features", name, item_features, cfg.num_items + 1, vocab)
+            self.register_buffer(f"item_codes_{name}", codes, persistent=True)
+            self.item_feat_emb[name] = nn.Embedding(vocab, d, padding_idx=0)
+        for name, vocab in cfg.user_feature_vocab.items():
+            codes = _codes_table("user_features", name, user_features, None, vocab)
+            self.register_buffer(f"user_codes_{name}", codes, persistent=True)
+            self.user_feat_emb[name] = nn.Embedding(vocab, d, padding_idx=0)
+        n_feats = 3 + len(self.item_feat_emb) + len(self.user_feat_emb)
+        self.feature_names = (
+            ["item", "position", "time_gap"]
+            + [f"item:{n}" for n in self.item_feat_emb]
+            + [f"user:{n}" for n in self.user_feat_emb]
+        )
+        self.gate = nn.Linear(n_feats * d, n_feats)
+        self.embed_norm = nn.LayerNorm(d)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(SemanticPerceptionLayer(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d)
+        # Knowledge detectors (teachers): attention-pooling heads over the named layers.
+        self.detectors = nn.ModuleDict(
+            {name.replace(".", "_"): KnowledgeDetector(d) for name in cfg.detector_layers}
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for emb in [self.item_emb, self.pos_emb, self.time_emb, *self.item_feat_emb.values()]:
+            nn.init.normal_(emb.weight, std=0.02)
+        for emb in self.user_feat_emb.values():
+            nn.init.normal_(emb.weight, std=0.02)
+        for emb in [self.item_emb, *self.item_feat_emb.values(), *self.user_feat_emb.values()]:
+            with torch.no_grad():
+                emb.weight[0].zero_()
+        nn.init.zeros_(self.gate.weight)  # start from an even blend of the features
+        nn.init.zeros_(self.gate.bias)
+
+    @classmethod
+    def from_state(cls, config: SPNNConfig, state_dict: Dict[str, Tensor]) -> "SPNN":
+        """Rebuild a saved model: its feature code tables travel in the state dict."""
+        item = {n: state_dict[f"item_codes_{n}"].cpu().numpy() for n in config.item_feature_vocab}
+        user = {n: state_dict[f"user_codes_{n}"].cpu().numpy() for n in config.user_feature_vocab}
+        model = cls(config, item, user)
+        model.load_state_dict(state_dict)
+        return model
+
+    # ---------------------------------------------------------------- embedding + gate
+    def _features(
+        self, items: Tensor, time_buckets: Tensor, users: Optional[Tensor]
+    ) -> List[Tensor]:
+        B, L = items.shape
+        offset = self.config.max_len - L  # left padding: the last column is the newest event
+        pos = torch.arange(offset, offset + L, device=items.device)
+        feats = [
+            self.item_emb(items),
+            self.pos_emb(pos).unsqueeze(0).expand(B, L, -1),
+            self.time_emb(time_buckets),
+        ]
+        for name, emb in self.item_feat_emb.items():
+            codes = getattr(self, f"item_codes_{name}")[items]  # [B, L] or [B, L, G]
+            if codes.dim() == 2:
+                feats.append(emb(codes))
+            else:
+                count = (codes > 0).sum(-1, keepdim=True).clamp_min(1)
+                feats.append(emb(codes).sum(-2) / count)
+        for name, emb in self.user_feat_emb.items():
+            if users is None:
+                raise ValueError(f"users is required: the model uses the user feature {name!r}")
+            codes = getattr(self, f"user_codes_{name}")[users]  # [B]
+            feats.append(emb(codes).unsqueeze(1).expand(B, L, -1))
+        return feats
+
+    def embed(
+        self,
+        items: Tensor,
+        time_buckets: Tensor,
+        mask: Tensor,
+        users: Optional[Tensor] = None,
+        return_gate: bool = False,
+    ):
+        """Gated fusion of the event features: ``[B, L, d]`` (and the gate ``[B, L, F]``)."""
+        feats = self._features(items, time_buckets, users)
+        stacked = torch.stack(feats, dim=-2)  # [B, L, F, d]
+        gate = torch.softmax(self.gate(stacked.flatten(-2)), dim=-1)  # [B, L, F]
+        x = (gate.unsqueeze(-1) * stacked).sum(-2) * len(feats)
+        x = self.embed_drop(self.embed_norm(x)) * mask.unsqueeze(-1)
+        return (x, gate) if return_gate else x
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        items: Tensor,
+        timestamps: Tensor,
+        time_buckets: Tensor,
+        mask: Tensor,
+        users: Optional[Tensor] = None,
+        return_layers: Tuple[str, ...] = (),
+    ) -> SPNNOutput:
+        """Hidden states of every position.
+
+        Args:
+            items, timestamps, time_buckets: int64 ``[B, L]`` (a :class:`SequenceBatch`'s fields).
+            mask: bool ``[B, L]``, True at events.
+            users: int64 ``[B]`` user rows (needed when the model has user features).
+            return_layers: names from ``config.layer_names()`` whose outputs to return.
+        """
+        if items.dim() != 2 or items.shape[1] > self.config.max_len:
+            raise ValueError(
+                f"items must be [B, L] with L <= max_len={self.config.max_len}, "
+                f"got {tuple(items.shape)}"
+            )
+        unknown = set(return_layers) - set(self.config.layer_names())
+        if unknown:
+            raise ValueError(f"unknown layers {sorted(unknown)}; valid: {self.config.layer_names()}")
+        layers: Dict[str, Tensor] = {}
+        x = self.embed(items, time_buckets, mask, users)
+        if "embed" in return_layers:
+            layers["embed"] = x
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, timestamps)
+            if f"layers.{i}" in return_layers:
+                layers[f"layers.{i}"] = x
+        hidden = self.final_norm(x) * mask.unsqueeze(-1)
+        return SPNNOutput(hidden=hidden, layers=layers)
+
+    def item_table(self) -> Tensor:
+        """Item embeddings ``[V, d]`` of items 1..V (the padding row is never scored)."""
+        return self.item_emb.weight[1:]
+
+    def score(self, hidden: Tensor) -> Tensor:
+        """Scores of all ids 0..V, ``[..., V + 1]``; column 0 (padding) is -inf."""
+        scores = hidden @ self.item_emb.weight.T
+        scores[..., 0] = float("-inf")
+        return scores
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return f"features={self.feature_names}"
+
+
+def _codes_table(
+    arg: str, name: str, tables: Optional[Dict[str, np.ndarray]], rows: Optional[int], vocab: int
+) -> Tensor:
+    if tables is None or name not in tables:
+        raise ValueError(f"{arg} has no table for the configured feature {name!r}")
+    codes = torch.as_tensor(np.asarray(tables[name]), dtype=torch.int64)
+    if rows is not None and codes.shape[0] != rows:
+        raise ValueError(f"{arg}[{name!r}] has {codes.shape[0]} rows, expected {rows}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= vocab):
+        raise ValueError(f"{arg}[{name!r}] has codes outside [0, {vocab})")
+    return codes.contiguous()

@@ -1,0 +1,489 @@
+"""Training and evaluation of SPNN models: plain next-item CE, and distillation from a teacher.
+
+Training windows come from :func:`spnn_fast.encode_batch` over each user's training events
+(``[0, n-2)``, see :mod:`spnn_fast.protocol`): the events are cut into windows of ``max_len``
+ending at ``n-2, n-2-L, ...``, and every position of every window is trained (its target is the
+next event), except a target that would be the validation event. A student can be shown
+cold-start-like inputs: each window cut, with some probability, to its k most recent events.
+
+Distillation (:class:`Trainer` with a ``teacher``): the student sees its (possibly cut) window, the
+teacher the full window with the same end, so at each position the privileged teacher sees the
+longer history the student lacks. The loss is the fused CE + logit KD
+(:func:`spnn_fast.functional.distillation_loss`) plus the knowledge-detector feature loss
+(:class:`spnn_fast.nn.FeatureDistiller`) on named (student layer, teacher layer) pairs.
+
+Runs unchanged under ``torchrun`` with DistributedDataParallel: each global batch is split across
+ranks, losses are normalised by global counts (so N processes take the same steps as one process
+with the same global batch), metrics are summed across ranks, and rank 0 alone writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from spnn_fast.data import Dataset
+from spnn_fast.encode import encode_batch
+from spnn_fast.functional import distillation_loss
+from spnn_fast.metrics import MetricAccumulator
+from spnn_fast.model import SPNN, SPNNConfig
+from spnn_fast.nn import FeatureDistiller
+from spnn_fast.protocol import EvalSet, eval_sets, train_ends
+
+__all__ = [
+    "Batch",
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "training_windows",
+    "world",
+]
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained (the model's shape is its :class:`SPNNConfig`)."""
+
+    epochs: int = 40
+    batch_size: int = 128  # windows per global batch (split across ranks)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 5.0
+    patience: int = 5  # epochs without a better validation NDCG@10 before stopping
+    eval_batch_size: int = 512
+    # cold-start-like inputs: with probability cut_prob, a window keeps only its k most recent
+    # events, k uniform on [cut_min, cut_max]
+    cut_prob: float = 0.0
+    cut_min: int = 1
+    cut_max: int = 10
+    # distillation (used when a teacher is given)
+    alpha: float = 0.5
+    temperature: float = 2.0
+    feature_weight: float = 1.0
+    layer_pairs: List[Tuple[str, str]] = field(default_factory=list)
+    d_knowledge: int = 64
+    detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
+        if not 0.0 <= self.cut_prob <= 1.0:
+            raise ValueError(f"cut_prob={self.cut_prob} must be in [0, 1]")
+        if not 1 <= self.cut_min <= self.cut_max:
+            raise ValueError(f"need 1 <= cut_min <= cut_max, got {self.cut_min}, {self.cut_max}")
+        self.layer_pairs = [tuple(p) for p in self.layer_pairs]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------ ranks
+def world() -> Tuple[int, int]:
+    """(rank, world size): (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(x: Tensor) -> Tensor:
+    if world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+# ------------------------------------------------------------------------------------ batches
+@dataclass
+class Batch:
+    items: Tensor  # [B, L] int64
+    timestamps: Tensor
+    time_buckets: Tensor
+    mask: Tensor  # [B, L] bool
+    targets: Tensor  # [B, L] int64, 0 = no target
+    users: Tensor  # [B] int64
+
+    def to(self, device) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+    def cut(self, keep: Tensor) -> "Batch":
+        """The batch with only the last ``keep[b]`` columns of each row (cold-start inputs)."""
+        L = self.items.shape[1]
+        cols = torch.arange(L, device=self.items.device)
+        visible = cols.unsqueeze(0) >= (L - keep).unsqueeze(1)
+        z = lambda t: t * visible  # noqa: E731
+        return Batch(
+            z(self.items), z(self.timestamps), z(self.time_buckets), self.mask & visible,
+            z(self.targets), self.users,
+        )  # fmt: skip
+
+
+def training_windows(log, max_len: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(rows, ends) of the training windows: each user's events ``[0, n-2)`` cut into windows of
+    ``max_len`` ending at ``n-2, n-2-L, ...``. Windows without a trainable target are left out."""
+    t_end = train_ends(log)
+    counts = -(-t_end // max_len)  # ceil
+    rows = np.repeat(np.arange(len(t_end), dtype=np.int64), counts)
+    first = np.cumsum(counts) - counts
+    k = np.arange(len(rows), dtype=np.int64) - np.repeat(first, counts)
+    ends = t_end[rows] - k * max_len
+    keep = ~((ends == t_end[rows]) & (ends == 1))  # the only target would be the valid event
+    return rows[keep], ends[keep]
+
+
+def make_batch(log, rows: np.ndarray, ends: np.ndarray, max_len: int, num_time_buckets: int):
+    """Encode windows and drop the targets that lie outside the training events."""
+    sb = encode_batch(
+        log.offsets, log.items, log.timestamps, rows, ends, max_len,
+        num_items=log.num_items, num_time_buckets=num_time_buckets,
+    )  # fmt: skip
+    targets = sb.targets
+    at_train_end = torch.from_numpy(ends == train_ends(log)[rows])
+    # The last event of a window that ends at n-2 would predict the validation event.
+    targets[at_train_end, -1] = 0
+    return Batch(
+        sb.items, sb.timestamps, sb.time_buckets, sb.mask, targets, torch.from_numpy(rows)
+    )
+
+
+# ------------------------------------------------------------------------------------ eval
+@torch.no_grad()
+def evaluate(
+    model: SPNN,
+    log,
+    eval_set: EvalSet,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    ks: Sequence[int] = (5, 10, 20),
+) -> Dict[str, float]:
+    """Full-ranking HR/NDCG/MRR@K of ``model`` on ``eval_set`` (rows sharded across ranks)."""
+    rank, size = world()
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    max_len = min(cfg.max_len, eval_set.max_history or cfg.max_len)
+    acc = MetricAccumulator(ks, device=torch.device("cpu"))
+    rows, ends, targets = (a[rank::size] for a in (eval_set.rows, eval_set.ends, eval_set.targets))
+    for s in range(0, len(rows), batch_size):
+        b = make_batch(log, rows[s : s + batch_size], ends[s : s + batch_size], max_len,
+                       cfg.num_time_buckets).to(device)  # fmt: skip
+        hidden = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users).hidden[:, -1]
+        acc.add(_ranks(model.score(hidden), torch.as_tensor(targets[s : s + batch_size])))
+    state = _all_sum(acc.state())
+    acc.load_state(state)
+    model.train(was_training)
+    return acc.compute()
+
+
+def _ranks(scores: Tensor, targets: Tensor) -> Tensor:
+    from spnn_fast.metrics import ranks_from_scores
+
+    return ranks_from_scores(scores.float().cpu(), targets).cpu()
+
+
+# ------------------------------------------------------------------------------------ loss
+class _Objective(nn.Module):
+    """The model(s) being trained and their loss for one (local) batch.
+
+    A module so that DistributedDataParallel sees every trainable parameter (the student and the
+    distillers' student projections); the frozen teacher is held outside the module tree.
+    """
+
+    def __init__(self, model: SPNN, tcfg: TrainConfig, teacher: Optional[SPNN]) -> None:
+        super().__init__()
+        self.model, self.tcfg = model, tcfg
+        self._teacher = [teacher] if teacher is not None else []
+        self.distillers = nn.ModuleDict()
+        if teacher is not None:
+            for s_layer, t_layer in tcfg.layer_pairs:
+                detector = teacher.detectors[t_layer.replace(".", "_")] if (
+                    t_layer.replace(".", "_") in teacher.detectors
+                ) else None  # fmt: skip
+                if detector is None:
+                    raise ValueError(
+                        f"the teacher has no knowledge detector on {t_layer!r} "
+                        f"(its detector_layers: {teacher.config.detector_layers})"
+                    )
+                self.distillers[f"{s_layer}->{t_layer}".replace(".", "_")] = FeatureDistiller(
+                    _width(model, s_layer), _width(teacher, t_layer), tcfg.d_knowledge, detector
+                )
+
+    @property
+    def teacher(self) -> Optional[SPNN]:
+        return self._teacher[0] if self._teacher else None
+
+    def forward(self, b: Batch, b_full: Batch, norm: Dict[str, float]) -> Tuple[Tensor, Dict]:
+        tcfg, model, teacher = self.tcfg, self.model, self.teacher
+        s_layers = tuple({p[0] for p in tcfg.layer_pairs}) if teacher is not None else ()
+        det_layers = tuple(model.config.detector_layers)
+        out = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users,
+                    return_layers=s_layers + det_layers)  # fmt: skip
+        sel = b.targets > 0
+        h = out.hidden[sel]
+        y = b.targets[sel] - 1  # item ids 1..V -> rows of the item table
+        stats = {}
+        if teacher is None:
+            loss = distillation_loss(h, model.item_table(), target=y, alpha=0.0, reduction="sum",
+                                     backend=model.config.backend)  # fmt: skip
+        else:
+            with torch.no_grad():
+                t_out = teacher(b_full.items, b_full.timestamps, b_full.time_buckets,
+                                b_full.mask, b_full.users,
+                                return_layers=tuple({p[1] for p in tcfg.layer_pairs}))  # fmt: skip
+            loss = distillation_loss(
+                h, model.item_table(), t_out.hidden[sel], teacher.item_table(), y,
+                temperature=tcfg.temperature, alpha=tcfg.alpha, reduction="sum",
+                backend=model.config.backend,
+            )  # fmt: skip
+        loss = loss / norm["targets"]
+        stats["ce"] = loss.detach()
+        for name, distiller in self.distillers.items():
+            s_layer, t_layer = next(p for p in tcfg.layer_pairs
+                                    if f"{p[0]}->{p[1]}".replace(".", "_") == name)  # fmt: skip
+            # FeatureDistiller averages over its local rows; rescale to the global batch.
+            fd = distiller(out.layers[s_layer], t_out.layers[t_layer], b.mask)
+            fd = fd * b.mask.shape[0] / norm["rows"]
+            stats[f"feat:{name}"] = fd.detach()
+            loss = loss + tcfg.feature_weight * fd
+        for layer in det_layers:
+            aux = self._detector_loss(model, layer, out.layers[layer], b) / norm["aux"]
+            stats[f"detector:{layer}"] = aux.detach()
+            loss = loss + tcfg.detector_weight * aux
+        return loss, stats
+
+    @staticmethod
+    def _detector_loss(model: SPNN, layer: str, feats: Tensor, b: Batch) -> Tensor:
+        """Auxiliary next-item loss that trains a teacher's knowledge detector.
+
+        The detector pools the (detached) layer features over the window up to the last event that
+        has a target and predicts that target with the (detached) item table, so it learns which
+        positions carry the next item without changing the teacher itself.
+        """
+        detector = model.detectors[layer.replace(".", "_")]
+        last = b.targets[:, -1] > 0
+        mask = b.mask.clone()
+        mask[~last, -1] = False
+        y = torch.where(last, b.targets[:, -1], b.targets[:, -2] if b.targets.shape[1] > 1
+                        else b.targets[:, -1])  # fmt: skip
+        ok = (y > 0) & mask.any(1)
+        pooled = detector.pool(feats.detach()[ok], mask[ok])
+        return distillation_loss(pooled, model.item_table().detach(), target=y[ok] - 1,
+                                 alpha=0.0, reduction="sum", backend=model.config.backend)  # fmt: skip
+
+
+def _width(model: SPNN, layer: str) -> int:
+    if layer not in model.config.layer_names():
+        raise ValueError(f"unknown layer {layer!r}; valid: {model.config.layer_names()}")
+    return model.config.d_model
+
+
+# ------------------------------------------------------------------------------------ trainer
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains one model with early stopping on validation NDCG@10, checkpointing every epoch.
+
+    Args:
+        model: the model to train (moved to ``device``).
+        dataset: the data (its log is split leave-one-out).
+        tcfg: the training configuration.
+        teacher: a trained teacher to distil from (frozen), or None for plain CE training.
+        seed: seeds initialisation order, window shuffles, cuts and dropout (per epoch, so a
+            resumed run repeats an uninterrupted one).
+        device: where to train.
+        progress: show a progress bar (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        model: SPNN,
+        dataset: Dataset,
+        tcfg: TrainConfig,
+        *,
+        teacher: Optional[SPNN] = None,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+        desc: str = "train",
+    ) -> None:
+        self.device = torch.device(device)
+        self.dataset, self.log, self.tcfg, self.seed = dataset, dataset.log, tcfg, seed
+        self.model = model.to(self.device)
+        if teacher is not None:
+            teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.objective = _Objective(self.model, tcfg, teacher).to(self.device)
+        rank, size = world()
+        self.rank, self.size = rank, size
+        self.step_module: nn.Module = self.objective
+        if size > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(self.objective)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        self.windows = training_windows(self.log, model.config.max_len)
+        self.splits = eval_sets(self.log)
+        self.progress, self.desc = progress and rank == 0, desc
+        self.history: List[Dict] = []
+        self.epoch = 0
+        self.best = {"ndcg": -1.0, "epoch": -1, "state": None}
+        self.bad_epochs = 0
+        self.train_seconds = 0.0
+        self.windows_seen = 0
+
+    # ---------------------------------------------------------------- one step
+    def _batches(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        rows, ends = self.windows
+        order = rng.permutation(len(rows))
+        B = self.tcfg.batch_size
+        for s in range(0, len(order), B):
+            idx = order[s : s + B]
+            keep = np.full(len(idx), self.model.config.max_len, dtype=np.int64)
+            cut = rng.random(len(idx)) < self.tcfg.cut_prob
+            keep[cut] = rng.integers(self.tcfg.cut_min, self.tcfg.cut_max + 1, size=int(cut.sum()))
+            yield rows[idx], ends[idx], keep
+
+    def step(self, rows: np.ndarray, ends: np.ndarray, keep: np.ndarray) -> Dict[str, float]:
+        """One optimizer step on a global batch (this rank takes its share)."""
+        cfg = self.model.config
+        local = slice(self.rank, None, self.size)
+        full = make_batch(self.log, rows[local], ends[local], cfg.max_len, cfg.num_time_buckets)
+        full = full.to(self.device)
+        b = full.cut(torch.as_tensor(keep[local], device=self.device))
+        norm = self._norm(b)
+        loss, stats = self.step_module(b, full, norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; the losses are normalised by global counts, so
+        # scale by the world size to make the average a sum.
+        (loss * self.size).backward()
+        if self.tcfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.objective.parameters(), self.tcfg.grad_clip)
+        self.optimizer.step()
+        return {"loss": float(loss.detach()) * self.size, **{k: float(v) for k, v in stats.items()}}
+
+    def _norm(self, b: Batch) -> Dict[str, float]:
+        last = (b.targets[:, -1] > 0) | (b.targets[:, -2] > 0 if b.targets.shape[1] > 1 else False)
+        local = torch.tensor(
+            [float((b.targets > 0).sum()), float(b.items.shape[0]), float(last.sum())],
+            dtype=torch.float64,
+        )
+        g = _all_sum(local.to(self.device) if self.device.type == "cuda" else local).cpu()
+        return {"targets": max(g[0].item(), 1.0), "rows": max(g[1].item(), 1.0),
+                "aux": max(g[2].item(), 1.0)}  # fmt: skip
+
+    # ---------------------------------------------------------------- epochs
+    def train_epoch(self, epoch: int) -> float:
+        torch.manual_seed(self.seed * 100_003 + epoch)  # dropout: a function of (seed, epoch)
+        self.model.train()
+        n_batches = math.ceil(len(self.windows[0]) / self.tcfg.batch_size)
+        total, t0 = 0.0, time.perf_counter()
+        bar = _bar(n_batches, f"{self.desc} ep {epoch + 1}", self.progress)
+        for rows, ends, keep in self._batches(epoch):
+            stats = self.step(rows, ends, keep)
+            total += stats["loss"]
+            self.windows_seen += len(rows)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        self.train_seconds += time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        return total / max(n_batches, 1)
+
+    def evaluate(self, split: str, model: Optional[SPNN] = None) -> Dict[str, float]:
+        return evaluate(model or self.model, self.log, self.splits[split],
+                        batch_size=self.tcfg.eval_batch_size, device=self.device)  # fmt: skip
+
+    def fit(self, ckpt_dir: Optional[str] = None, *, log: Callable[[str], None] = print) -> Dict:
+        """Train until ``epochs`` or early stopping; resumes from ``ckpt_dir/last.pt`` if there.
+
+        Returns ``{"metrics": {split: {metric: value}}, "history": [...], "best_epoch", ...}`` with
+        test-like splits evaluated on the model of the best validation epoch.
+        """
+        last_path = os.path.join(ckpt_dir, "last.pt") if ckpt_dir else None
+        if last_path and os.path.exists(last_path):
+            self._load(torch.load(last_path, map_location=self.device, weights_only=False))
+            log(f"{self.desc}: resumed after epoch {self.epoch}")
+        while self.epoch < self.tcfg.epochs and self.bad_epochs < self.tcfg.patience:
+            loss = self.train_epoch(self.epoch)
+            valid = self.evaluate("valid")
+            ndcg = valid["NDCG@10"]
+            self.history.append({"epoch": self.epoch + 1, "loss": loss, "valid_NDCG@10": ndcg,
+                                 "valid_HR@10": valid["HR@10"]})  # fmt: skip
+            if ndcg > self.best["ndcg"]:
+                self.best = {"ndcg": ndcg, "epoch": self.epoch + 1,
+                             "state": {k: v.detach().clone() for k, v in
+                                       self.model.state_dict().items()}}  # fmt: skip
+                self.bad_epochs = 0
+            else:
+                self.bad_epochs += 1
+            self.epoch += 1
+            if self.progress:
+                log(f"{self.desc} epoch {self.epoch}: loss {loss:.4f}  valid NDCG@10 {ndcg:.4f}"
+                    f"  (best {self.best['ndcg']:.4f} @ {self.best['epoch']})")  # fmt: skip
+            if last_path and self.rank == 0:
+                os.makedirs(ckpt_dir, exist_ok=True)
+                _atomic_save(self._state(), last_path)
+            if self.size > 1:
+                dist.barrier()
+        if self.best["state"] is not None:
+            self.model.load_state_dict(self.best["state"])
+        metrics = {s: self.evaluate(s) for s in self.splits if s != "valid"}
+        metrics["valid"] = self.evaluate("valid")
+        return {
+            "metrics": metrics,
+            "history": self.history,
+            "best_epoch": self.best["epoch"],
+            "epochs_run": self.epoch,
+            "train_seconds": self.train_seconds,
+            "windows_per_second": self.windows_seen / max(self.train_seconds, 1e-9),
+            "params": self.model.num_parameters(),
+        }
+
+    def _state(self) -> Dict:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "train_seconds": self.train_seconds,
+            "windows_seen": self.windows_seen,
+            "seed": self.seed,
+        }
+
+    def _load(self, st: Dict) -> None:
+        if st["seed"] != self.seed:
+            raise ValueError(f"checkpoint seed {st['seed']} differs from this run's {self.seed}")
+        self.objective.load_state_dict(st["objective"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.epoch, self.history, self.best = st["epoch"], st["history"], st["best"]
+        self.bad_epochs, self.train_seconds = st["bad_epochs"], st["train_seconds"]
+        self.windows_seen = st["windows_seen"]
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def build_model(dataset: Dataset, cfg: SPNNConfig) -> SPNN:
+    """An SPNN over ``dataset`` using the side features named in ``cfg``."""
+    return SPNN(cfg, dataset.item_features, dataset.user_features)
