@@ -58,7 +58,7 @@ class ExperimentConfig:
     cut_max: int = 10
     alpha: float = 0.5
     temperature: float = 2.0
-    feature_weight: float = 1.0
+    feature_weight: float = 1.0 / 64  # the feature loss sums squares over d_knowledge = 64 dims
     use_side_features: bool = True
     backend: Optional[str] = None
     extra: Dict = field(default_factory=dict)
@@ -119,7 +119,12 @@ def _best_checkpoint(model: SPNN, ds: Dataset, cfg: ExperimentConfig, name: str,
 
 def load_checkpoint(path: str, device: str = "cpu"):
     """(model, checkpoint dict) from a ``best.pt`` written by :func:`run`."""
-    ck = torch.load(path, map_location=device, weights_only=False)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{path} is not an spnn_fast model checkpoint ({type(e).__name__})") from e
     if not isinstance(ck, dict) or ck.get("format") != "spnn_fast.checkpoint/1":
         raise ValueError(f"{path} is not an spnn_fast model checkpoint")
     return SPNN.from_state(SPNNConfig.from_dict(ck["config"]), ck["state_dict"]), ck
@@ -155,6 +160,13 @@ def run(cfg: ExperimentConfig, run_dir: str, *, log=print) -> Dict:
     ds = load(cfg.dataset)
     log(f"data: {ds}")
     mcfgs, tcfgs = model_configs(cfg, ds), train_configs(cfg)
+    sizes = {n: SPNN(c, ds.item_features, ds.user_features).num_parameters()
+             for n, c in mcfgs.items()}  # fmt: skip
+    if sizes["student"] * 4 > sizes["teacher"]:
+        raise ValueError(
+            f"the student has {sizes['student']:,} parameters, more than 1/4 of the teacher's "
+            f"{sizes['teacher']:,}: lower student_d / student_layers or widen the teacher"
+        )
     results: Dict[str, List[Dict]] = {m: [] for m in MODELS}
     for seed in range(cfg.seeds):
         teacher = None
@@ -195,8 +207,13 @@ def build_report(cfg: ExperimentConfig, ds: Dataset, results: Dict[str, List[Dic
             "history": [r["history"] for r in runs],
         }
     return {
-        "dataset": {"name": ds.name, "users": ds.log.num_users, "items": ds.log.num_items,
-                    "events": ds.log.num_events, "dropped_users": ds.dropped_users},
+        "dataset": {
+            "name": ds.name,
+            "users": ds.log.num_users,
+            "items": ds.log.num_items,
+            "events": ds.log.num_events,
+            "dropped_users": ds.dropped_users,
+        },
         "protocol": {
             "split": "leave-one-out by time (last event test, second-last validation)",
             "ranking": "full ranking over all items, history items not masked, ties pessimistic",

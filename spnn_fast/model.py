@@ -266,7 +266,9 @@ class SPNN(nn.Module):
             )
         unknown = set(return_layers) - set(self.config.layer_names())
         if unknown:
-            raise ValueError(f"unknown layers {sorted(unknown)}; valid: {self.config.layer_names()}")
+            raise ValueError(
+                f"unknown layers {sorted(unknown)}; valid: {self.config.layer_names()}"
+            )
         layers: Dict[str, Tensor] = {}
         x = self.embed(items, time_buckets, mask, users)
         if "embed" in return_layers:

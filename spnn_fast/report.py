@@ -98,7 +98,10 @@ def _plot(report: Dict, path: str) -> None:
 
 def write_report(report: Dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", markdown(report))):
+    for name, text in (
+        ("report.json", json.dumps(report, indent=2)),
+        ("report.md", markdown(report)),
+    ):
         tmp = os.path.join(out_dir, f".{name}.tmp")
         with open(tmp, "w") as f:
             f.write(text)

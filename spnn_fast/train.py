@@ -149,9 +149,7 @@ def make_batch(log, rows: np.ndarray, ends: np.ndarray, max_len: int, num_time_b
     at_train_end = torch.from_numpy(ends == train_ends(log)[rows])
     # The last event of a window that ends at n-2 would predict the validation event.
     targets[at_train_end, -1] = 0
-    return Batch(
-        sb.items, sb.timestamps, sb.time_buckets, sb.mask, targets, torch.from_numpy(rows)
-    )
+    return Batch(sb.items, sb.timestamps, sb.time_buckets, sb.mask, targets, torch.from_numpy(rows))
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -414,7 +412,7 @@ class Trainer:
         """
         last_path = os.path.join(ckpt_dir, "last.pt") if ckpt_dir else None
         if last_path and os.path.exists(last_path):
-            self._load(torch.load(last_path, map_location=self.device, weights_only=False))
+            self._load(torch.load(last_path, map_location=self.device, weights_only=True))
             log(f"{self.desc}: resumed after epoch {self.epoch}")
         while self.epoch < self.tcfg.epochs and self.bad_epochs < self.tcfg.patience:
             loss = self.train_epoch(self.epoch)

@@ -1,0 +1,263 @@
+"""The model, the trainer and the pipeline on tiny logs written by the tests (no network)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from spnn_fast.data import load
+from spnn_fast.experiment import MODELS, ExperimentConfig, run
+from spnn_fast.model import SPNN, SPNNConfig
+from spnn_fast.train import TrainConfig, Trainer, make_batch, training_windows
+
+
+def _write_cycle_csv(path, users=6, length=14, items=7):
+    """Each user walks the item cycle 1..items from its own start: the next item is determined."""
+    rows = ["user,item,timestamp"]
+    for u in range(users):
+        for t in range(length):
+            rows.append(f"u{u},{(u + t) % items + 1},{1000 * u + 60 * t + (t % 3)}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture()
+def cycle_ds(tmp_path):
+    return load(_write_cycle_csv(tmp_path / "cycle.csv"))
+
+
+def _tiny_model(ds, **kw):
+    cfg = dict(num_items=ds.log.num_items, max_len=8, d_model=16, n_heads=2, n_layers=1,
+               dropout=0.0)  # fmt: skip
+    cfg.update(kw)
+    return SPNN(SPNNConfig(**cfg), ds.item_features, ds.user_features)
+
+
+def test_training_windows_cover_every_training_target(cycle_ds):
+    log = cycle_ds.log
+    rows, ends = training_windows(log, max_len=5)
+    b = make_batch(log, rows, ends, 5, 32)
+    n = np.diff(log.offsets)
+    # Every transition p -> p+1 with p + 1 < n - 2 is trained exactly once; none reaches n - 2.
+    assert int((b.targets > 0).sum()) == int((n - 3).sum())
+    for r in range(len(rows)):
+        u, e = rows[r], ends[r]
+        assert e <= n[u] - 2
+        last_target = int(b.targets[r, -1])
+        expect = 0 if e == n[u] - 2 else int(log.items[log.offsets[u] + e])
+        assert last_target == expect
+
+
+def test_model_shapes_gate_and_padding(cycle_ds):
+    torch.manual_seed(0)
+    model = _tiny_model(cycle_ds).eval()
+    rows, ends = training_windows(cycle_ds.log, max_len=8)
+    b = make_batch(cycle_ds.log, rows[:3], ends[:3], 6, 32)
+    out = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users, return_layers=("layers.0",))
+    assert out.hidden.shape == (3, 6, 16)
+    assert torch.all(out.hidden[~b.mask] == 0)
+    x, gate = model.embed(b.items, b.time_buckets, b.mask, b.users, return_gate=True)
+    assert gate.shape[-1] == len(model.feature_names)
+    assert torch.allclose(gate.sum(-1), torch.ones_like(gate[..., 0]))
+    scores = model.score(out.hidden[:, -1])
+    assert scores.shape == (3, cycle_ds.log.num_items + 1) and torch.isinf(scores[:, 0]).all()
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 9, dtype=torch.long), *(torch.zeros(1, 9, dtype=torch.long),) * 2,
+              torch.ones(1, 9, dtype=torch.bool))  # fmt: skip
+    with pytest.raises(ValueError, match="unknown layers"):
+        model(b.items, b.timestamps, b.time_buckets, b.mask, return_layers=("layers.7",))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="d_model"):
+        SPNNConfig(num_items=5, d_model=10, n_heads=3)
+    with pytest.raises(ValueError, match="detector layer"):
+        SPNNConfig(num_items=5, n_layers=1, detector_layers=["layers.3"])
+
+
+def test_model_overfits_a_tiny_log(cycle_ds):
+    torch.manual_seed(0)
+    model = _tiny_model(cycle_ds, d_model=32)
+    tcfg = TrainConfig(epochs=60, batch_size=8, lr=1e-2, patience=60)
+    res = Trainer(model, cycle_ds, tcfg, seed=0).fit()
+    assert res["metrics"]["test"]["HR@5"] == 1.0
+    # HR@1 = 1.0: the target is ranked first for every user.
+    from spnn_fast.protocol import eval_sets
+    from spnn_fast.train import evaluate
+
+    hr1 = evaluate(model, cycle_ds.log, eval_sets(cycle_ds.log)["test"], ks=(1,))["HR@1"]
+    assert hr1 == 1.0
+
+
+def test_resume_equals_uninterrupted(cycle_ds, tmp_path):
+    def trainer(epochs):
+        torch.manual_seed(3)
+        model = _tiny_model(cycle_ds, dropout=0.1)
+        tcfg = TrainConfig(epochs=epochs, batch_size=4, patience=10, cut_prob=0.5, cut_max=3)
+        return Trainer(model, cycle_ds, tcfg, seed=3)
+
+    full = trainer(4).fit(str(tmp_path / "full"))
+    trainer(2).fit(str(tmp_path / "cut"))  # a run killed after its 2nd epoch
+    resumed_t = trainer(4)
+    resumed = resumed_t.fit(str(tmp_path / "cut"))
+    assert resumed["history"] == full["history"]
+    assert resumed["metrics"] == full["metrics"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, data_path, out_path, steps, die_rank):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import datetime
+
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))  # fmt: skip
+    try:
+        ds = load(data_path)
+        torch.manual_seed(0)
+        model = _tiny_model(ds)
+        tr = Trainer(model, ds, TrainConfig(batch_size=6, lr=5e-3), seed=0)
+        for i, (rows, ends, keep) in enumerate(tr._batches(0)):
+            if i == steps:
+                break
+            if rank == die_rank and i == 1:
+                os._exit(3)  # a rank that dies mid-training
+            tr.step(rows, ends, keep)
+        if rank == 0:
+            torch.save(model.state_dict(), out_path)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_ddp(world, data_path, out_path, steps=3, die_rank=-1, timeout=90.0):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker,
+                         args=(r, world, port, data_path, out_path, steps, die_rank))
+             for r in range(world)]  # fmt: skip
+    for p in procs:
+        p.start()
+    t0 = time.time()
+    for p in procs:
+        p.join(max(1.0, timeout - (time.time() - t0)))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    return [p.exitcode for p in procs], alive, time.time() - t0
+
+
+def test_two_processes_match_one_process(tmp_path):
+    data = _write_cycle_csv(tmp_path / "cycle.csv", users=9)
+    codes1, _, _ = _run_ddp(1, data, str(tmp_path / "one.pt"))
+    codes2, _, _ = _run_ddp(2, data, str(tmp_path / "two.pt"))
+    assert codes1 == [0] and codes2 == [0, 0]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for name in one:
+        # atol: the key bias gets a gradient that is zero up to rounding (softmax ignores a shift
+        # shared by all keys) and Adam turns rounding noise into steps of up to ~lr * 1e-2.
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-4, msg=name)
+    # The steps moved the parameters (the comparison is not between two untouched models).
+    torch.manual_seed(0)
+    fresh = _tiny_model(load(data)).state_dict()
+    assert any(not torch.equal(fresh[k], one[k]) for k in one)
+
+
+def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
+    data = _write_cycle_csv(tmp_path / "cycle.csv", users=9)
+    codes, alive, elapsed = _run_ddp(2, data, str(tmp_path / "x.pt"), steps=3, die_rank=1)
+    assert not alive, "a rank hung after its peer died"
+    assert codes[1] == 3 and codes[0] != 0
+    assert elapsed < 90
+
+
+def _tiny_experiment(data_path, **kw):
+    cfg = dict(dataset=data_path, seeds=1, epochs=2, max_len=8, teacher_d=16, teacher_layers=1,
+               teacher_heads=2, student_d=4, student_layers=1, student_heads=1, batch_size=8,
+               patience=5, cut_max=3)  # fmt: skip
+    cfg.update(kw)
+    return ExperimentConfig(**cfg)
+
+
+def test_pipeline_report_and_resume(tmp_path, monkeypatch):
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    full = run(_tiny_experiment(data), str(tmp_path / "full"), log=lambda *a: None)
+    report = json.loads((tmp_path / "full" / "report.json").read_text())
+    assert set(report["models"]) == set(MODELS)
+    for name in MODELS:
+        m = report["models"][name]
+        assert set(m["metrics"]) == {"all", "cold@3", "cold@5", "cold@10"}
+        for split in m["metrics"].values():
+            assert len(split) == 9 and all(set(v) == {"mean", "std"} for v in split.values())
+        assert m["params"] > 0
+    assert report["models"]["student"]["params"] <= report["models"]["teacher"]["params"] / 4
+    with pytest.raises(ValueError, match="1/4"):
+        run(_tiny_experiment(data, student_d=16), str(tmp_path / "big"), log=lambda *a: None)
+    assert (tmp_path / "full" / "report.md").exists()
+    assert (tmp_path / "full" / "report.png").stat().st_size > 0
+
+    # Kill the run during the distilled student's second epoch, then resume it.
+    calls = {"n": 0}
+    original = Trainer.train_epoch
+
+    def dying(self, epoch):
+        if self.desc.endswith("student_kd") and epoch == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(_tiny_experiment(data), str(tmp_path / "cut"), log=lambda *a: None)
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    resumed = run(_tiny_experiment(data), str(tmp_path / "cut"), log=lambda *a: None)
+    for name in MODELS:
+        assert resumed["models"][name]["metrics"] == full["models"][name]["metrics"]
+        assert resumed["models"][name]["history"] == full["models"][name]["history"]
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    from spnn_fast.cli import main
+
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        data,
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--max-len",
+        "8",
+        "--teacher-d",
+        "16",
+        "--teacher-layers",
+        "1",
+        "--student-d",
+        "4",
+    ]
+    assert main(args) == 0  # fmt: skip
+    assert "student_kd" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(out / "seed0" / "student_kd" / "best.pt"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"valid", "test", "cold@3", "cold@5", "cold@10"}
+    assert main(["eval", str(tmp_path / "cycle.csv")]) == 2  # not a checkpoint: clean error
