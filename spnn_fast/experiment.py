@@ -95,8 +95,8 @@ def train_configs(cfg: ExperimentConfig) -> Dict[str, TrainConfig]:
 
 
 def _seed_all(seed: int) -> None:
+    # Initialisation only; shuffles, cuts and dropout are seeded per epoch by the Trainer.
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
 
 
 def _save_json(obj, path: str) -> None:

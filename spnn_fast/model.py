@@ -84,7 +84,7 @@ class SPNNConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SPNNConfig":
+    def from_dict(cls, d: dict) -> SPNNConfig:
         return cls(**d)
 
 
@@ -191,7 +191,7 @@ class SPNN(nn.Module):
         nn.init.zeros_(self.gate.bias)
 
     @classmethod
-    def from_state(cls, config: SPNNConfig, state_dict: Dict[str, Tensor]) -> "SPNN":
+    def from_state(cls, config: SPNNConfig, state_dict: Dict[str, Tensor]) -> SPNN:
         """Rebuild a saved model: its feature code tables travel in the state dict."""
         item = {n: state_dict[f"item_codes_{n}"].cpu().numpy() for n in config.item_feature_vocab}
         user = {n: state_dict[f"user_codes_{n}"].cpu().numpy() for n in config.user_feature_vocab}

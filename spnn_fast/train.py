@@ -111,10 +111,10 @@ class Batch:
     targets: Tensor  # [B, L] int64, 0 = no target
     users: Tensor  # [B] int64
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
-    def cut(self, keep: Tensor) -> "Batch":
+    def cut(self, keep: Tensor) -> Batch:
         """The batch with only the last ``keep[b]`` columns of each row (cold-start inputs)."""
         L = self.items.shape[1]
         cols = torch.arange(L, device=self.items.device)
