@@ -286,6 +286,26 @@ def semantic_attention_torch_fwd(
     return out, lse
 
 
+def _add_bias_grad(dbias: torch.Tensor, ds: torch.Tensor, bucket: torch.Tensor) -> None:
+    """``dbias[h, n] += sum of ds[b, h, i, j] over bucket[b, i, j] == n``, deterministically.
+
+    Floating-point scatter-adds run in parallel in an order that changes from run to run, so the
+    sum would differ in the last bits. On the CPU, ``bincount`` with weights is a serial loop
+    (accumulating in float64); on CUDA, ``index_put_(accumulate=True)`` sorts the indices (stable)
+    and sums each bucket in that order.
+    """
+    H, NB = dbias.shape
+    if ds.device.type == "cpu":
+        idx = bucket.unsqueeze(1) + NB * torch.arange(H, device=ds.device).view(1, H, 1, 1)
+        hist = torch.bincount(idx.reshape(-1), weights=ds.reshape(-1), minlength=H * NB)
+        dbias += hist.view(H, NB).to(dbias.dtype)
+    else:
+        dbias_t = torch.zeros((NB, H), dtype=dbias.dtype, device=dbias.device)
+        values = ds.permute(0, 2, 3, 1).reshape(-1, H)
+        dbias_t.index_put_((bucket.reshape(-1),), values, accumulate=True)
+        dbias += dbias_t.t()
+
+
 def semantic_attention_torch_bwd(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -302,8 +322,8 @@ def semantic_attention_torch_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Backward of the PyTorch path: ``(dq, dk, dv, dtime_bias or None)``.
 
-    Recomputes ``p = exp(s - lse)`` per chunk of query rows. The time_bias gradient is summed with
-    ``index_put_(accumulate=True)``, which is deterministic (serial on the CPU, sort-based on CUDA).
+    Recomputes ``p = exp(s - lse)`` per chunk of query rows; every gradient is deterministic (see
+    :func:`_add_bias_grad` for the time_bias one).
     """
     B, H, L, D = q.shape
     acc = _acc_dtype(q.dtype)
@@ -312,9 +332,9 @@ def semantic_attention_torch_bwd(
     dq = torch.empty((B, H, L, D), dtype=acc, device=q.device)
     dk = torch.zeros((B, H, L, D), dtype=acc, device=q.device)
     dv = torch.zeros((B, H, L, D), dtype=acc, device=q.device)
-    dbias_t = None
+    dbias = None
     if bias_grad:
-        dbias_t = torch.zeros((time_bias.shape[1], H), dtype=acc, device=q.device)
+        dbias = torch.zeros(time_bias.shape, dtype=acc, device=q.device)
     for r0, r1 in _chunks(B, H, L):
         qc, goc = qa[:, :, r0:r1], go[:, :, r0:r1]
         s, _, bucket, nk = _chunk_scores(
@@ -328,8 +348,7 @@ def semantic_attention_torch_bwd(
         dq[:, :, r0:r1] = torch.matmul(ds, ka[:, :, :nk]).mul_(scale)
         dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
         if bias_grad:
-            dbias_t.index_put_(
-                (bucket.reshape(-1),), ds.permute(0, 2, 3, 1).reshape(-1, H), accumulate=True
-            )
-    dbias = None if dbias_t is None else dbias_t.t().to(time_bias.dtype).contiguous()
+            _add_bias_grad(dbias, ds, bucket)
+    if dbias is not None:
+        dbias = dbias.to(time_bias.dtype)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dbias
