@@ -189,56 +189,26 @@ def _semantic_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _semantic_attention_bwd_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    DK,
-    DV,
-    DBIAS_PART,
-    T,
-    MASK,
-    BIAS,
-    L,
-    H,
-    NB,
-    num_blocks,
-    scale,
-    qk_scale,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK: tl.constexpr,
-    NB_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    bh = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+def _bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, T, MASK, BIAS, bh, b, h, start, L, NB, scale, qk_scale,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_ITER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dk, dv of the key block at ``start``: loop over the query tiles that can see it."""
     base = bh * L * D
     offs_d = tl.arange(0, D)
-    start = blk * BLOCK
-    offs_blk = start + tl.arange(0, BLOCK)
-    blk_ok = offs_blk < L
-    blk_off = base + offs_blk[:, None] * D + offs_d[None, :]
-
-    # ---- dk, dv of key block `blk`: loop over the query blocks that can see it ----
-    k = tl.load(K + blk_off, mask=blk_ok[:, None], other=0.0)
-    v = tl.load(V + blk_off, mask=blk_ok[:, None], other=0.0)
+    offs_n = start + tl.arange(0, BLOCK)
+    n_ok = (offs_n < L)[:, None]
+    kv_off = base + offs_n[:, None] * D + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=n_ok, other=0.0)
+    v = tl.load(V + kv_off, mask=n_ok, other=0.0)
     dk = tl.zeros([BLOCK, D], tl.float32)
     dv = tl.zeros([BLOCK, D], tl.float32)
     lo = 0
     if CAUSAL:
-        lo = start
-    for start_m in range(lo, L, BLOCK):
-        offs_m = start_m + tl.arange(0, BLOCK)
+        lo = start  # query tiles before the key block see none of it
+    for start_m in range(lo, L, BLOCK_ITER):
+        offs_m = start_m + tl.arange(0, BLOCK_ITER)
         m_ok = offs_m < L
         row_off = base + offs_m[:, None] * D + offs_d[None, :]
         q = tl.load(Q + row_off, mask=m_ok[:, None], other=0.0)
@@ -246,11 +216,11 @@ def _semantic_attention_bwd_kernel(
         lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0)
         lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
         delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
-        t_i = tl.zeros([BLOCK], tl.int64)
+        t_i = tl.zeros([BLOCK_ITER], tl.int64)
         if HAS_BIAS:
             t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
         s, valid, _ = _scores(
-            q, k, offs_m, offs_blk, t_i, T, MASK, BIAS, b, h, L, NB, qk_scale,
+            q, k, offs_m, offs_n, t_i, T, MASK, BIAS, b, h, L, NB, qk_scale,
             HAS_MASK, HAS_BIAS, CAUSAL, DOT_PRECISION,
         )  # fmt: skip
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
@@ -258,32 +228,45 @@ def _semantic_attention_bwd_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
-    tl.store(DK + blk_off, (dk * scale).to(DK.dtype.element_ty), mask=blk_ok[:, None])
-    tl.store(DV + blk_off, dv.to(DV.dtype.element_ty), mask=blk_ok[:, None])
+    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=n_ok)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=n_ok)
 
-    # ---- dq of query block `blk` (and its share of the time_bias gradient) ----
-    q = tl.load(Q + blk_off, mask=blk_ok[:, None], other=0.0)
-    do = tl.load(DO + blk_off, mask=blk_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh * L + offs_blk, mask=blk_ok, other=0.0)
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, T, MASK, BIAS, DBIAS_ROW, bh, b, h, start, L, NB, scale,
+    qk_scale, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ITER: tl.constexpr,
+    NB_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dq of the query block at ``start``, and its histogram of ds over the time buckets."""
+    base = bh * L * D
+    offs_d = tl.arange(0, D)
+    offs_m = start + tl.arange(0, BLOCK)
+    m_ok = offs_m < L
+    row_off = base + offs_m[:, None] * D + offs_d[None, :]
+    q = tl.load(Q + row_off, mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + row_off, mask=m_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * L + offs_blk, mask=blk_ok, other=0.0)
+    delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
     t_i = tl.zeros([BLOCK], tl.int64)
     if HAS_BIAS:
-        t_i = tl.load(T + b * L + offs_blk, mask=blk_ok, other=0)
+        t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
     dq = tl.zeros([BLOCK, D], tl.float32)
     offs_nb = tl.arange(0, NB_PAD)
     hist = tl.zeros([NB_PAD], tl.float32)
     hi = L
     if CAUSAL:
         hi = tl.minimum(start + BLOCK, L)
-    for start_n in range(0, hi, BLOCK):
-        offs_n = start_n + tl.arange(0, BLOCK)
-        kv_ok = (offs_n < L)[:, None]
+    for start_n in range(0, hi, BLOCK_ITER):
+        offs_n = start_n + tl.arange(0, BLOCK_ITER)
+        n_ok = (offs_n < L)[:, None]
         kv_off = base + offs_n[:, None] * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
+        k = tl.load(K + kv_off, mask=n_ok, other=0.0)
+        v = tl.load(V + kv_off, mask=n_ok, other=0.0)
         s, valid, bucket = _scores(
-            q, k, offs_blk, offs_n, t_i, T, MASK, BIAS, b, h, L, NB, qk_scale,
+            q, k, offs_m, offs_n, t_i, T, MASK, BIAS, b, h, L, NB, qk_scale,
             HAS_MASK, HAS_BIAS, CAUSAL, DOT_PRECISION,
         )  # fmt: skip
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
@@ -297,10 +280,33 @@ def _semantic_attention_bwd_kernel(
             for n in range(b_lo, b_hi + 1):
                 c = tl.sum(tl.sum(tl.where(bucket == n, ds, 0.0), 1), 0)
                 hist += tl.where(offs_nb == n, c, 0.0)
-    tl.store(DQ + blk_off, (dq * scale).to(DQ.dtype.element_ty), mask=blk_ok[:, None])
+    tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
     if BIAS_GRAD:
-        part = DBIAS_PART + (bh * num_blocks + blk) * NB
-        tl.store(part + offs_nb, hist, mask=offs_nb < NB)
+        tl.store(DBIAS_ROW + offs_nb, hist, mask=offs_nb < NB)
+
+
+@triton.jit
+def _semantic_attention_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DBIAS_PART, T, MASK, BIAS, L, H, NB, num_blocks,
+    scale, qk_scale, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ITER: tl.constexpr,
+    NB_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (b*h, blk): dk, dv of key block blk, then dq of query block blk (no atomics)."""
+    bh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start = blk * BLOCK
+    _bwd_dkdv(
+        Q, K, V, DO, LSE, DELTA, DK, DV, T, MASK, BIAS, bh, b, h, start, L, NB, scale, qk_scale,
+        HAS_MASK, HAS_BIAS, CAUSAL, D, BLOCK, BLOCK_ITER, DOT_PRECISION,
+    )  # fmt: skip
+    _bwd_dq(
+        Q, K, V, DO, LSE, DELTA, DQ, T, MASK, BIAS, DBIAS_PART + (bh * num_blocks + blk) * NB,
+        bh, b, h, start, L, NB, scale, qk_scale, HAS_MASK, HAS_BIAS, BIAS_GRAD, CAUSAL, D,
+        BLOCK, BLOCK_ITER, NB_PAD, DOT_PRECISION,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +314,24 @@ def _semantic_attention_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _config(L: int, D: int) -> Tuple[int, int]:
-    """(block, num_warps): the block depends on L only through min(64, next_pow2(L))."""
-    block = min(64, max(16, triton.next_power_of_2(L)))
-    return block, (8 if D >= 128 else 4)
+def _block(L: int) -> int:
+    """The block of rows a program owns: depends on L only through min(64, next_pow2(L))."""
+    return min(64, max(16, triton.next_power_of_2(L)))
+
+
+def fwd_config(L: int, D: int) -> dict:
+    """Launch parameters of the forward kernel (chosen so that no variant spills on sm90)."""
+    block_m = _block(L)
+    return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), num_warps=4, num_stages=2)
+
+
+def bwd_config(L: int, D: int) -> dict:
+    """Launch parameters of the backward kernel: own 64 rows, iterate over tiles of 32 (16 at
+    D = 128) so that the int64 bucket arithmetic of a tile fits in registers."""
+    block = _block(L)
+    block_iter = min(block, 16 if D >= 128 else 32)
+    num_warps = 8 if D < 128 and block >= 64 else 4
+    return dict(BLOCK=block, BLOCK_ITER=block_iter, num_warps=num_warps, num_stages=2)
 
 
 def _check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
@@ -350,6 +370,10 @@ def _prepare(key_padding_mask, timestamps, time_bias, placeholder):
     return mask, ts, time_bias.contiguous(), time_bias.shape[1]
 
 
+def nb_pad(nb: int) -> int:
+    return max(16, triton.next_power_of_2(nb))
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's own matmul switch, so the kernel is as exact as the fp32 reference.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -377,13 +401,12 @@ def semantic_attention_fwd(
         lse.fill_(float("-inf"))
         return out, lse
     mask, ts, bias, nb = _prepare(key_padding_mask, timestamps, time_bias, q)
-    block, num_warps = _config(L, D)
-    grid = (B * H, triton.cdiv(L, block))
+    cfg = fwd_config(L, D)
+    grid = (B * H, triton.cdiv(L, cfg["BLOCK_M"]))
     _semantic_attention_fwd_kernel[grid](
         q, k, v, out, lse, ts, mask, bias, L, H, nb, float(scale) * LOG2E,
         HAS_MASK=key_padding_mask is not None, HAS_BIAS=time_bias is not None,
-        CAUSAL=bool(causal), D=D, BLOCK_M=block, BLOCK_N=block,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=2,
+        CAUSAL=bool(causal), D=D, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
     )  # fmt: skip
     return out, lse
 
@@ -415,7 +438,8 @@ def semantic_attention_bwd(
     if q.numel() == 0:
         return dq, dk, dv, dbias
     mask, ts, bias, nb = _prepare(key_padding_mask, timestamps, time_bias, q)
-    block, num_warps = _config(L, D)
+    cfg = bwd_config(L, D)
+    block = cfg["BLOCK"]
     num_blocks = triton.cdiv(L, block)
     grid = (B * H, num_blocks)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -427,9 +451,8 @@ def semantic_attention_bwd(
         q, k, v, grad_out, lse, delta, dq, dk, dv, part, ts, mask, bias,
         L, H, nb, num_blocks, float(scale), float(scale) * LOG2E,
         HAS_MASK=key_padding_mask is not None, HAS_BIAS=time_bias is not None,
-        BIAS_GRAD=bias_grad, CAUSAL=bool(causal), D=D, BLOCK=block,
-        NB_PAD=max(16, triton.next_power_of_2(nb)), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=2,
+        BIAS_GRAD=bias_grad, CAUSAL=bool(causal), D=D, NB_PAD=nb_pad(nb),
+        DOT_PRECISION=_dot_precision(q.dtype), **cfg,
     )  # fmt: skip
     if bias_grad:
         # Fixed-order reduction over (b, block): bitwise the same result on every run.

@@ -52,22 +52,24 @@ _CHUNK_ELEMENTS = 1 << 24
 def gap_buckets(t_q: torch.Tensor, t_k: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """``time_bucket(|t_q[b, i] - t_k[b, j]|, num_buckets)`` as an int64 ``[B, Lq, Lk]`` tensor.
 
-    Equal to :func:`spnn_fast.reference.time_bucket.time_bucket` for every int64 gap (tested
-    against it at every power of two and its neighbours up to 2**62), but computed from the
-    float32 exponent in a handful of passes instead of one comparison per bucket, the same way
-    the Triton kernel computes it: ``e = frexp(float32(g)).exponent`` is ``bit_length(g)``, or one
-    more when the conversion rounded ``g`` up to the next power of two; ``2**(e-1) > g`` detects it.
+    Equal to :func:`spnn_fast.reference.time_bucket.time_bucket` for every int64 gap (tested at
+    every power of two and its neighbours up to 2**63 - 1), in a few passes instead of one
+    comparison per bucket: the exponent bits of ``float64(g)`` are ``bit_length(g)``, exactly for
+    ``g < 2**53``; above, rounding may add one, which matters only when ``num_buckets > 54``
+    (else both land in the top bucket) and is then undone by the int64 test ``2**(e-1) > g``.
     """
     gap = (t_q.to(torch.int64).unsqueeze(-1) - t_k.to(torch.int64).unsqueeze(-2)).abs_()
-    e = torch.frexp(gap.to(torch.float32)).exponent.to(torch.int64).clamp_(1, 63)
-    e -= (torch.bitwise_left_shift(torch.ones_like(e), e - 1) > gap).to(torch.int64)
-    return e.clamp_(max=num_buckets - 1)
+    e = (gap.to(torch.float64).view(torch.int64) >> 52).sub_(1022)  # g == 0 gives -1022
+    if num_buckets > 54:
+        low = torch.bitwise_left_shift(torch.ones_like(e), (e - 1).clamp_(0, 62))
+        e -= (low > gap).to(torch.int64)
+    return e.clamp_(0, num_buckets - 1)
 
 
 def bias_scores(timestamps: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
     """The bias term ``time_bias[h, bucket(|t_i - t_j|)]`` as ``[B, H, L, L]`` (time_bias dtype)."""
     bucket = gap_buckets(timestamps, timestamps, time_bias.shape[1])  # [B, L, L]
-    return F.embedding(bucket, time_bias.t()).permute(0, 3, 1, 2)
+    return time_bias[:, bucket].transpose(0, 1)
 
 
 def admissible(
@@ -209,9 +211,11 @@ def semantic_attention_flex(
     timestamps: Optional[torch.Tensor] = None,
     time_bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    block_mask=None,
 ) -> torch.Tensor:
     """Compiled FlexAttention: the bias as a ``score_mod`` (same bucket arithmetic), the causal
-    and padding masks as a block mask built per call (the padding differs per batch).
+    and padding masks as a block mask, built here unless ``block_mask`` is given (the padding
+    differs per batch, so a caller builds one per batch).
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -219,8 +223,7 @@ def semantic_attention_flex(
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     B, H, L, D = q.shape
     score_mod, mask_mod = _flex_mods(key_padding_mask, causal, timestamps, time_bias)
-    block_mask = None
-    if mask_mod is not None:
+    if block_mask is None and mask_mod is not None:
         block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device)
     return _FLEX["fn"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
@@ -248,7 +251,7 @@ def _chunk_scores(qc, k, key_padding_mask, timestamps, time_bias, causal, scale,
     bucket = None
     if time_bias is not None:
         bucket = gap_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
-        s += F.embedding(bucket, time_bias.t().to(s.dtype)).permute(0, 3, 1, 2)
+        s += time_bias.to(s.dtype)[:, bucket].transpose(0, 1)
     allowed = admissible(L, key_padding_mask, causal, qc.device, rows=(r0, r1), keys=nk)
     if allowed is not None:
         s.masked_fill_(~allowed, float("-inf"))
