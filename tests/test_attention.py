@@ -461,11 +461,10 @@ print("compiled")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """Compile fwd/bwd to sm90 cubins (ptxas ships with Triton): catches what the interpreter
     cannot, such as type changes of loop-carried values or dot shapes the hardware lacks."""
+    import inspect
     import os
     import subprocess
     import sys
-
-    import inspect
 
     pytest.importorskip("triton")
     try:
