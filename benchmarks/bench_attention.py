@@ -83,8 +83,8 @@ def _skip_reason(impl: str, mode: str, cfg) -> str | None:
             return reason
         if _common.SMOKE:
             return "smoke run: compiling FlexAttention takes tens of seconds per shape"
-        if CUDA and D != 64:
-            return "FlexAttention is measured at D=64 only (compile time of the GPU check)"
+        if CUDA and (L, D) != (200, 64):
+            return "on the GPU FlexAttention is measured at L=200, D=64 only (its compile time)"
     return None
 
 
@@ -139,8 +139,13 @@ def test_semantic_attention(benchmark, impl, mode, cfg):
     B, H, L, D = cfg
     benchmark.group = f"semantic_attention {mode} {_cfg_id(cfg)}"
     inputs = _inputs(cfg)
-    run = _runner(impl, mode, inputs)
-    result = run()  # compiles what needs compiling
+    try:
+        run = _runner(impl, mode, inputs)
+        result = run()  # compiles what needs compiling
+    except Exception as e:  # a baseline this torch lacks is skipped; the fast path must run
+        if impl != "flex":
+            raise
+        pytest.skip(f"FlexAttention failed here ({type(e).__name__}: {str(e)[:200]})")
     if mode == "fwd":
         # A baseline that computes something else is no baseline: check it once, untimed.
         expected = semantic_attention(**inputs, causal=True, backend="torch")

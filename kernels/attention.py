@@ -7,19 +7,22 @@ Math (checked against ``spnn_fast.reference.attention.semantic_attention_math`` 
     admissible(i, j) = mask[b, j] and (j <= i if causal)
     out[b,h,i] = sum_j softmax_j(s over admissible j) * v[b,h,j]     (0 for a row with none)
 
-Forward: one program per (b*h, block of query rows), online softmax over key blocks in fp32,
+Forward: one program per (b*h, block of query rows), online softmax over key tiles in fp32,
 stores ``out`` and the natural-log ``lse`` (-inf for an empty row). Backward recomputes
-``p = exp(s - lse)``; one program per (b*h, block index) computes dk, dv of that key block and
-then dq of that query block, so nothing is accumulated across programs with atomics. The
-time_bias gradient is a per-program histogram of ``ds`` over the buckets, written to a
-``[B*H*blocks, NB]`` buffer and summed in a fixed order by torch: every gradient is deterministic.
+``p = exp(s - lse)``; one program per (b*h, block index) computes dk, dv of that key block
+(iterating over query tiles) and then dq of that query block (iterating over key tiles), so
+nothing is accumulated across programs with atomics. The time_bias gradient is a per-program
+histogram of ``ds`` over the buckets, written to a ``[B*H*blocks, NB]`` buffer and summed in a
+fixed order by torch: every gradient is deterministic, bit for bit. Masked-out scores are -inf
+in the forward and p = 0 in the backward, never NaN; a row with no admissible key writes 0.
 
 Buckets are computed in the kernel from the timestamps (no ``[B, H, L, L]`` tensor exists): the
 exponent bits of ``float32(g)`` give ``bit_length(g)``, or one more when the conversion rounded up
 to a power of two, which the int64 comparison ``2**(e-1) > g`` undoes. Exact for gaps < 2**63.
 
 L is a runtime argument; block sizes depend only on ``min(64, next_pow2(L))`` and D, so lengths
-do not recompile. D (head dim) must be 16, 32, 64 or 128. fp32 inputs use IEEE fp32 dots (no
+do not recompile (:func:`fwd_config`, :func:`bwd_config`: chosen so that no fp16/bf16 variant
+spills registers on sm90; the tests compile them to sm90 cubins even without a GPU). D (head dim) must be 16, 32, 64 or 128. fp32 inputs use IEEE fp32 dots (no
 TF32, unless ``torch.backends.cuda.matmul.allow_tf32`` is set), as exact as the fp32 reference.
 """
 
@@ -34,6 +37,8 @@ import triton.language as tl
 __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
+    "bwd_config",
+    "fwd_config",
     "gap_bucket_triton",
     "semantic_attention_bwd",
     "semantic_attention_fwd",
@@ -319,18 +324,20 @@ def _block(L: int) -> int:
     return min(64, max(16, triton.next_power_of_2(L)))
 
 
-def fwd_config(L: int, D: int) -> dict:
-    """Launch parameters of the forward kernel (chosen so that no variant spills on sm90)."""
+def fwd_config(L: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Launch parameters of the forward kernel (no fp16/bf16/fp32 variant spills on sm90)."""
     block_m = _block(L)
-    return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), num_warps=4, num_stages=2)
+    num_warps = 8 if dtype == torch.float32 and block_m >= 64 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), num_warps=num_warps, num_stages=2)
 
 
-def bwd_config(L: int, D: int) -> dict:
+def bwd_config(L: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Launch parameters of the backward kernel: own 64 rows, iterate over tiles of 32 (16 at
-    D = 128) so that the int64 bucket arithmetic of a tile fits in registers."""
+    D = 128 or in fp32) so that the int64 bucket arithmetic of a tile fits in registers.
+    No fp16/bf16 variant spills on sm90; fp32 (IEEE dots without tensor cores) does."""
     block = _block(L)
-    block_iter = min(block, 16 if D >= 128 else 32)
-    num_warps = 8 if D < 128 and block >= 64 else 4
+    block_iter = min(block, 16 if D >= 128 or dtype == torch.float32 else 32)
+    num_warps = 8 if (D < 128 or dtype == torch.float32) and block >= 64 else 4
     return dict(BLOCK=block, BLOCK_ITER=block_iter, num_warps=num_warps, num_stages=2)
 
 
@@ -401,7 +408,7 @@ def semantic_attention_fwd(
         lse.fill_(float("-inf"))
         return out, lse
     mask, ts, bias, nb = _prepare(key_padding_mask, timestamps, time_bias, q)
-    cfg = fwd_config(L, D)
+    cfg = fwd_config(L, D, q.dtype)
     grid = (B * H, triton.cdiv(L, cfg["BLOCK_M"]))
     _semantic_attention_fwd_kernel[grid](
         q, k, v, out, lse, ts, mask, bias, L, H, nb, float(scale) * LOG2E,
@@ -438,7 +445,7 @@ def semantic_attention_bwd(
     if q.numel() == 0:
         return dq, dk, dv, dbias
     mask, ts, bias, nb = _prepare(key_padding_mask, timestamps, time_bias, q)
-    cfg = bwd_config(L, D)
+    cfg = bwd_config(L, D, q.dtype)
     block = cfg["BLOCK"]
     num_blocks = triton.cdiv(L, block)
     grid = (B * H, num_blocks)

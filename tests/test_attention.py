@@ -440,12 +440,13 @@ def build(fn, types, constexprs, options):
 for dt, D, L, flags in [("bf16", 64, 200, True), ("fp16", 128, 50, True), ("fp32", 16, 20, False)]:
     prec = "ieee" if dt == "fp32" else "tf32"
     common = dict(HAS_MASK=flags, HAS_BIAS=flags, CAUSAL=flags, D=D, DOT_PRECISION=prec)
-    fwd = dict(ka.fwd_config(L, D))
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[dt]
+    fwd = dict(ka.fwd_config(L, D, dtype))
     opts = dict(num_warps=fwd.pop("num_warps"), num_stages=fwd.pop("num_stages"))
     types = dict(Q="*" + dt, K="*" + dt, V="*" + dt, O="*" + dt, LSE="*fp32", T="*i64",
                  MASK="*u8", BIAS="*fp32", L="i32", H="i32", NB="i32", qk_scale="fp32")
     build(ka._semantic_attention_fwd_kernel, types, {**common, **fwd}, opts)
-    bwd = dict(ka.bwd_config(L, D))
+    bwd = dict(ka.bwd_config(L, D, dtype))
     opts = dict(num_warps=bwd.pop("num_warps"), num_stages=bwd.pop("num_stages"))
     types.update(DO="*" + dt, DQ="*" + dt, DK="*" + dt, DV="*" + dt, DELTA="*fp32",
                  DBIAS_PART="*fp32", num_blocks="i32", scale="fp32")
