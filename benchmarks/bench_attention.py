@@ -149,7 +149,7 @@ def test_semantic_attention(benchmark, impl, mode, cfg):
     if mode == "fwd":
         # A baseline that computes something else is no baseline: check it once, untimed.
         expected = semantic_attention(**inputs, causal=True, backend="torch")
-        tol = 3e-2 if DTYPE == torch.bfloat16 else 1e-4
+        tol = 6e-2 if DTYPE == torch.bfloat16 else 1e-4
         torch.testing.assert_close(result.float(), expected.float(), atol=tol, rtol=tol)
     del result
     peak = _common.peak_memory(run, DEV)

@@ -60,7 +60,7 @@ def _gap_bucket(t_i, t_j, NB):
     e = tl.minimum(tl.maximum(e, 1), 63).to(tl.int64)
     low = tl.full(e.shape, 1, tl.int64) << (e - 1)
     e = e - (low > g).to(tl.int64)  # also maps g == 0 (e clamped to 1) to 0
-    return tl.minimum(e, NB - 1)
+    return tl.minimum(e, NB - 1).to(tl.int32)
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def _gap_bucket_kernel(G, OUT, N, NB, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     g = tl.load(G + offs, mask=ok, other=0)
-    tl.store(OUT + offs, _gap_bucket(g, tl.zeros_like(g), NB), mask=ok)
+    tl.store(OUT + offs, _gap_bucket(g, tl.zeros_like(g), NB).to(tl.int64), mask=ok)
 
 
 @triton.jit
