@@ -107,20 +107,21 @@ def make_inputs(
     )
 
 
+LEAVES = ("q", "k", "v", "time_bias")
+
+
 def _leaves(inputs):
-    out = {
-        k: (
-            t.detach().requires_grad_(True)
-            if k in "q k v time_bias".split() and t is not None
-            else t
-        )
-        for k, t in inputs.items()
-    }
-    return out, [out[n] for n in ("q", "k", "v", "time_bias") if out[n] is not None]
+    """A copy of ``inputs`` whose floating tensors are fresh leaves, and the list of them."""
+    out = dict(inputs)
+    for n in LEAVES:
+        if out[n] is not None:
+            out[n] = out[n].detach().requires_grad_(True)
+    return out, [out[n] for n in LEAVES if out[n] is not None]
 
 
 def run_op(inputs, causal, backend, grad_out=None, dtype=None):
-    """Forward + backward through ``fn``; returns (out, [grads of q, k, v, time_bias])."""
+    """Forward + backward through the op (``backend``) or the eager reference (``"math"``),
+    optionally after casting the inputs to ``dtype``: (out, [grads of q, k, v, time_bias])."""
     leaves_in = inputs
     if dtype is not None:
         leaves_in = {
