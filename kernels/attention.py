@@ -20,10 +20,12 @@ Buckets are computed in the kernel from the timestamps (no ``[B, H, L, L]`` tens
 exponent bits of ``float32(g)`` give ``bit_length(g)``, or one more when the conversion rounded up
 to a power of two, which the int64 comparison ``2**(e-1) > g`` undoes. Exact for gaps < 2**63.
 
-L is a runtime argument; block sizes depend only on ``min(64, next_pow2(L))`` and D, so lengths
-do not recompile (:func:`fwd_config`, :func:`bwd_config`: chosen so that no fp16/bf16 variant
-spills registers on sm90; the tests compile them to sm90 cubins even without a GPU). D (head dim) must be 16, 32, 64 or 128. fp32 inputs use IEEE fp32 dots (no
-TF32, unless ``torch.backends.cuda.matmul.allow_tf32`` is set), as exact as the fp32 reference.
+L is a runtime argument that Triton does not specialize on (``do_not_specialize``); block sizes
+depend only on ``min(64, next_pow2(L))``, D and the dtype (:func:`fwd_config`,
+:func:`bwd_config`), so new lengths do not recompile. The configurations were chosen so that no
+fp16/bf16 variant spills registers on sm90; the tests compile them to sm90 cubins even without a
+GPU. D (head dim) must be 16, 32, 64 or 128. fp32 inputs use IEEE fp32 dots (no TF32 unless
+``torch.backends.cuda.matmul.allow_tf32`` is set), as exact as the fp32 reference.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def _scores(
     return s, valid, bucket
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _semantic_attention_fwd_kernel(
     Q,
     K,
@@ -178,7 +180,7 @@ def _semantic_attention_fwd_kernel(
     tl.store(LSE + bh * L + offs_m, lse, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _semantic_attention_bwd_preprocess_kernel(
     O, DO, DELTA, L, D: tl.constexpr, BLOCK_M: tl.constexpr
 ):
@@ -290,7 +292,7 @@ def _bwd_dq(
         tl.store(DBIAS_ROW + offs_nb, hist, mask=offs_nb < NB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _semantic_attention_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DBIAS_PART, T, MASK, BIAS, L, H, NB, num_blocks,
     scale, qk_scale, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
