@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The GPU check: one command that installs the package, runs the test suite on the GPU and every
+# GPU benchmark, and writes the results as JSON (the README's GPU figures come from these files).
+#
+#   bash benchmarks/gpu_check.sh                          # results in ${OUT_DIR:-${OUT:-gpu_results}}/
+#   ONLY=gpu-info,bench-attention bash benchmarks/gpu_check.sh  # a subset of the steps, by name
+#
+# Written there: gpu.json (card, driver, versions), steps.json (status and seconds per step),
+# bench_<suite>.json (pytest-benchmark), summary.md (time, peak memory, ratio to each baseline).
+# Budget: under 8 minutes on one H100. Each step is one line of STEPS below; a suite adds its own.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+export OUT_DIR="${OUT_DIR:-${OUT:-gpu_results}}"
+export PY="${PYTHON:-python}"
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
+mkdir -p "$OUT_DIR"
+
+# "name|command": run in order, each in `bash -euo pipefail`; a failing step is recorded and the
+# next steps still run; the script exits non-zero if any failed.
+STEPS=(
+  "install|\$PY -m pip install -q --no-build-isolation --no-deps -e ."
+  "gpu-info|gpu_info"
+  "tests|\$PY -m pytest tests -x -q -p no:cacheprovider"
+  "bench-attention|\$PY -m pytest benchmarks/bench_attention.py -q -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_attention.json\""
+)
+
+gpu_info() {  # the card's name as nvidia-smi gives it, and the versions that ran
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader |
+    tee "$OUT_DIR/nvidia_smi.txt"
+  "$PY" - <<'EOF'
+import json, os, platform
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+with open(os.path.join(os.environ["OUT_DIR"], "nvidia_smi.txt")) as f:
+    smi = [line.strip() for line in f if line.strip()]
+info = {
+    "nvidia_smi": smi,
+    "card": smi[0].split(",")[0].strip() if smi else None,
+    "torch_device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    "torch": torch.__version__,
+    "cuda": torch.version.cuda,
+    "triton": triton_version,
+    "python": platform.python_version(),
+}
+with open(os.path.join(os.environ["OUT_DIR"], "gpu.json"), "w") as f:
+    json.dump(info, f, indent=2)
+print(json.dumps(info))
+EOF
+}
+
+summary() {  # steps.json + summary.md: per group, time, peak memory and ratio to each baseline
+  "$PY" - <<'EOF'
+import glob, json, os
+out = os.environ["OUT_DIR"]
+steps = []
+with open(os.path.join(out, "steps.tsv")) as f:
+    for line in f:
+        name, status, seconds = line.rstrip("\n").split("\t")
+        steps.append({"step": name, "status": status, "seconds": int(seconds)})
+card = None
+if os.path.exists(os.path.join(out, "gpu.json")):
+    with open(os.path.join(out, "gpu.json")) as f:
+        card = json.load(f).get("card")
+with open(os.path.join(out, "steps.json"), "w") as f:
+    json.dump({"card": card, "steps": steps, "seconds": sum(s["seconds"] for s in steps)}, f, indent=2)
+lines = [f"# GPU check on {card}", ""]
+for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
+    with open(path) as f:
+        data = json.load(f)
+    groups = {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], []).append(b)
+    lines += [f"## {os.path.basename(path)}", ""]
+    lines += ["| group | impl | mean ms | min ms | peak MiB | time / fast path's |", "|---|---|---|---|---|---|"]
+    for group, items in groups.items():
+        impls = {str(b["extra_info"].get("impl", b["name"])): b for b in items}
+        fast = impls.get("spnn_fast[triton]") or next(
+            (b for name, b in impls.items() if name.startswith("spnn_fast[")), None)
+        for name, b in impls.items():
+            mean, low = b["stats"]["mean"], b["stats"]["min"]
+            peak = b["extra_info"].get("peak_bytes")
+            ratio = f"{mean / fast['stats']['mean']:.2f}" if fast else ""
+            peak_s = f"{peak / 2**20:.1f}" if peak is not None else ""
+            lines.append(f"| {group} | {name} | {mean * 1e3:.3f} | {low * 1e3:.3f} | {peak_s} | {ratio} |")
+    lines.append("")
+with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(lines))
+print("\n".join(lines))
+EOF
+}
+export -f gpu_info summary
+
+: >"$OUT_DIR/steps.tsv"
+failed=0
+start_all=$(date +%s)
+for step in "${STEPS[@]}"; do
+  name="${step%%|*}"
+  cmd="${step#*|}"
+  if [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* ]]; then continue; fi
+  echo "=== [$name] $cmd"
+  t0=$(date +%s)
+  if bash -euo pipefail -c "$cmd"; then status=ok; else status=failed; failed=1; fi
+  t1=$(date +%s)
+  echo "=== [$name] $status in $((t1 - t0)) s (total $((t1 - start_all)) s)"
+  printf '%s\t%s\t%s\n' "$name" "$status" "$((t1 - t0))" >>"$OUT_DIR/steps.tsv"
+done
+
+summary || failed=1
+exit "$failed"

@@ -1,0 +1,111 @@
+"""torch.library registration of semantic attention (forward, backward, fake, autograd).
+
+Two custom ops, both dispatching on a ``backend`` string ("triton" or "torch") that
+``spnn_fast.functional.semantic_attention`` resolved:
+
+* ``spnn_fast::semantic_attention_fwd(q, k, v, mask?, timestamps?, time_bias?, causal, scale,
+  backend) -> (out, lse)``
+* ``spnn_fast::semantic_attention_bwd(grad_out, q, k, v, out, lse, mask?, timestamps?,
+  time_bias?, causal, scale, backend, bias_grad) -> (dq, dk, dv, dtime_bias)``
+  (``dtime_bias`` is an empty tensor when ``bias_grad`` is False)
+
+The autograd formula saves the inputs, ``out`` and ``lse`` and calls the backward op, so
+``torch.compile`` traces both as single nodes (no graph break) and both are ``opcheck``-ed.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["semantic_attention_bwd", "semantic_attention_fwd"]
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+@torch.library.custom_op("spnn_fast::semantic_attention_fwd", mutates_args=())
+def semantic_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    timestamps: Optional[Tensor],
+    time_bias: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from spnn_fast.kernels.attention import semantic_attention_fwd as launch
+    else:
+        from spnn_fast.reference.attention import semantic_attention_torch_fwd as launch
+    out, lse = launch(q, k, v, key_padding_mask, timestamps, time_bias, causal, scale)
+    return out, lse.to(_lse_dtype(q.dtype))
+
+
+@semantic_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, timestamps, time_bias, causal, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("spnn_fast::semantic_attention_bwd", mutates_args=())
+def semantic_attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Optional[Tensor],
+    timestamps: Optional[Tensor],
+    time_bias: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+    bias_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from spnn_fast.kernels.attention import semantic_attention_bwd as launch
+    else:
+        from spnn_fast.reference.attention import semantic_attention_torch_bwd as launch
+    bias_grad = bias_grad and time_bias is not None
+    dq, dk, dv, dbias = launch(
+        grad_out, q, k, v, out, lse, key_padding_mask, timestamps, time_bias, causal, scale,
+        bias_grad,
+    )  # fmt: skip
+    if dbias is None:
+        dbias = q.new_empty((0,))
+    return dq, dk, dv, dbias
+
+
+@semantic_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, timestamps, time_bias, causal, scale,
+      backend, bias_grad):  # fmt: skip
+    if bias_grad and time_bias is not None:
+        dbias = time_bias.new_empty(time_bias.shape)
+    else:
+        dbias = q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, timestamps, time_bias, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, timestamps, time_bias)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, timestamps, time_bias = ctx.saved_tensors
+    bias_grad = time_bias is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dbias = semantic_attention_bwd(
+        grad_out, q, k, v, out, lse, key_padding_mask, timestamps, time_bias, ctx.causal,
+        ctx.scale, ctx.backend, bias_grad,
+    )  # fmt: skip
+    return dq, dk, dv, None, None, (dbias if bias_grad else None), None, None, None
+
+
+semantic_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,357 @@
+"""Semantic attention: multi-head self-attention with a learned time-interval bias per head.
+
+For ``q, k, v: [B, H, L, D]``, ``timestamps t: [B, L]`` (int64 seconds), ``time_bias: [H, NB]``::
+
+    score[b,h,i,j] = scale * <q[b,h,i], k[b,h,j]> + time_bias[h, bucket(|t[b,i] - t[b,j]|)]
+    bucket(g)      = min(NB - 1, bit_length(g))                 (spnn_fast.reference.time_bucket)
+
+Keys with ``j > i`` (causal) or ``key_padding_mask[b, j] == False`` are excluded, the softmax runs
+over the admissible keys and ``out[b,h,i] = sum_j p[b,h,i,j] * v[b,h,j]``. A query row without any
+admissible key outputs zeros, and no gradient flows through it.
+
+This module holds, written once:
+
+* :func:`semantic_attention_math` - the eager definition that forms the scores. It is the test
+  oracle and the "eager" benchmark baseline.
+* :func:`semantic_attention_torch_fwd` / :func:`semantic_attention_torch_bwd` - the PyTorch path
+  (``backend="torch"``, any device): the flash recurrence in chunks of query rows. The forward
+  keeps only the log-sum-exp per row; the backward recomputes the scores chunk by chunk, so memory
+  stays at one chunk of ``[B, H, rows, L]`` and no ``[B, H, L, L]`` tensor is ever formed.
+* :func:`semantic_attention_sdpa` and :func:`semantic_attention_flex` - the benchmark baselines:
+  ``scaled_dot_product_attention`` with the mask and the bias as one additive float mask, and
+  compiled FlexAttention with the bias as a ``score_mod``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MAX_TIME_BUCKETS",
+    "admissible",
+    "bias_scores",
+    "flex_unavailable_reason",
+    "gap_buckets",
+    "semantic_attention_flex",
+    "semantic_attention_math",
+    "semantic_attention_sdpa",
+    "semantic_attention_torch_bwd",
+    "semantic_attention_torch_fwd",
+]
+
+MAX_TIME_BUCKETS = 64
+
+# Elements of one chunk of scores [B, H, rows, L] in the PyTorch path (16 Mi fp32 = 64 MiB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def gap_buckets(t_q: torch.Tensor, t_k: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """``time_bucket(|t_q[b, i] - t_k[b, j]|, num_buckets)`` as an int64 ``[B, Lq, Lk]`` tensor.
+
+    Equal to :func:`spnn_fast.reference.time_bucket.time_bucket` for every int64 gap (tested at
+    every power of two and its neighbours up to 2**63 - 1), in a few passes instead of one
+    comparison per bucket: the exponent bits of ``float64(g)`` are ``bit_length(g)``, exactly for
+    ``g < 2**53``; above, rounding may add one, which matters only when ``num_buckets > 54``
+    (else both land in the top bucket) and is then undone by the int64 test ``2**(e-1) > g``.
+    """
+    gap = (t_q.to(torch.int64).unsqueeze(-1) - t_k.to(torch.int64).unsqueeze(-2)).abs_()
+    e = (gap.to(torch.float64).view(torch.int64) >> 52).sub_(1022)  # g == 0 gives -1022
+    if num_buckets > 54:
+        low = torch.bitwise_left_shift(torch.ones_like(e), (e - 1).clamp_(0, 62))
+        e -= (low > gap).to(torch.int64)
+    return e.clamp_(0, num_buckets - 1)
+
+
+def bias_scores(timestamps: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
+    """The bias term ``time_bias[h, bucket(|t_i - t_j|)]`` as ``[B, H, L, L]`` (time_bias dtype)."""
+    bucket = gap_buckets(timestamps, timestamps, time_bias.shape[1])  # [B, L, L]
+    return time_bias[:, bucket].transpose(0, 1)
+
+
+def admissible(
+    L: int,
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    device: torch.device,
+    rows: Optional[Tuple[int, int]] = None,
+    keys: Optional[int] = None,
+) -> Optional[torch.Tensor]:
+    """Bool ``[B or 1, 1, rows, keys]``: True where query i may attend to key j; None if all may.
+
+    ``rows=(r0, r1)`` restricts to query rows ``r0 <= i < r1`` and ``keys`` to keys ``j < keys``.
+    """
+    r0, r1 = rows if rows is not None else (0, L)
+    nk = L if keys is None else keys
+    allowed = None
+    if causal:
+        i = torch.arange(r0, r1, device=device)
+        j = torch.arange(nk, device=device)
+        allowed = (j[None, :] <= i[:, None])[None, None]
+    if key_padding_mask is not None:
+        km = key_padding_mask[:, None, None, :nk]
+        allowed = km if allowed is None else allowed & km
+    return allowed
+
+
+def semantic_attention_math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    timestamps: Optional[torch.Tensor] = None,
+    time_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The definition, in eager PyTorch ops over the full ``[B, H, L, L]`` scores (autograd).
+
+    Computes in the dtype of ``q``; run it in float64 for an oracle.
+    """
+    B, H, L, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if time_bias is not None:
+        scores = scores + bias_scores(timestamps, time_bias).to(scores.dtype)
+    allowed = admissible(L, key_padding_mask, causal, q.device)
+    if allowed is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # A row without admissible keys would be all -inf (NaN softmax): give it finite scores, then
+    # zero its probabilities, so its output and every gradient through it are exactly zero.
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    p = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
+    return torch.matmul(p, v)
+
+
+def semantic_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    timestamps: Optional[torch.Tensor] = None,
+    time_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with mask and bias as one additive float mask.
+
+    The mask is ``[B, H, L, L]`` in the dtype of ``q`` (``[B or 1, 1, L, L]`` without a bias):
+    the benchmark baseline that stock PyTorch offers for this op. Rows without admissible keys
+    attend to every key (finite softmax) and are then multiplied by zero.
+    """
+    B, H, L, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    allowed = admissible(L, key_padding_mask, causal, q.device)
+    if time_bias is not None:
+        mask = bias_scores(timestamps, time_bias).to(q.dtype)
+    elif allowed is not None:
+        mask = torch.zeros((1, 1, L, L), dtype=q.dtype, device=q.device)
+    else:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    nonempty = allowed.any(dim=-1, keepdim=True)
+    mask = mask.masked_fill(~(allowed | ~nonempty), torch.finfo(q.dtype).min)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out * nonempty.to(out.dtype)
+
+
+_FLEX = {}
+
+
+def flex_unavailable_reason(device: torch.device, backward: bool) -> Optional[str]:
+    """None when compiled FlexAttention can run here (with a backward if asked), else why not."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+    if backward and torch.device(device).type == "cpu":
+        return f"FlexAttention has no CPU backward in torch {torch.__version__}"
+    return None
+
+
+def _flex_mods(
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    timestamps: Optional[torch.Tensor],
+    time_bias: Optional[torch.Tensor],
+) -> Tuple[Optional[Callable], Optional[Callable]]:
+    score_mod = None
+    if time_bias is not None:
+        ts = timestamps.to(torch.int64)
+        top = time_bias.shape[1] - 1
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            g = (ts[b, q_idx] - ts[b, kv_idx]).abs()
+            e = torch.frexp(g.to(torch.float32)).exponent.to(torch.int64).clamp(1, 63)
+            e = e - (torch.bitwise_left_shift(torch.ones_like(e), e - 1) > g).to(torch.int64)
+            return score + time_bias[h, e.clamp(max=top)]
+
+    mask_mod = None
+    if causal and key_padding_mask is not None:
+        mask_mod = lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & key_padding_mask[b, kv_idx]
+    elif causal:
+        mask_mod = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
+    elif key_padding_mask is not None:
+        mask_mod = lambda b, h, q_idx, kv_idx: key_padding_mask[b, kv_idx]
+    return score_mod, mask_mod
+
+
+def semantic_attention_flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    timestamps: Optional[torch.Tensor] = None,
+    time_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    block_mask=None,
+) -> torch.Tensor:
+    """Compiled FlexAttention: the bias as a ``score_mod`` (same bucket arithmetic), the causal
+    and padding masks as a block mask, built here unless ``block_mask`` is given (the padding
+    differs per batch, so a caller builds one per batch).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    B, H, L, D = q.shape
+    score_mod, mask_mod = _flex_mods(key_padding_mask, causal, timestamps, time_bias)
+    if block_mask is None and mask_mod is not None:
+        block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device)
+    return _FLEX["fn"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch path: flash recurrence over chunks of query rows, backward by recomputation.
+# ---------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunks(B: int, H: int, L: int):
+    rows = max(1, min(L, _CHUNK_ELEMENTS // max(1, B * H * L)))
+    for r0 in range(0, L, rows):
+        yield r0, min(L, r0 + rows)
+
+
+def _chunk_scores(qc, k, key_padding_mask, timestamps, time_bias, causal, scale, r0, r1):
+    """Scores of query rows [r0, r1) against keys [0, nk), with -inf where not admissible."""
+    L = k.shape[2]
+    nk = r1 if causal else L
+    s = torch.matmul(qc, k[:, :, :nk].transpose(-1, -2)).mul_(scale)
+    bucket = None
+    if time_bias is not None:
+        bucket = gap_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
+        s += time_bias.to(s.dtype)[:, bucket].transpose(0, 1)
+    allowed = admissible(L, key_padding_mask, causal, qc.device, rows=(r0, r1), keys=nk)
+    if allowed is not None:
+        s.masked_fill_(~allowed, float("-inf"))
+    return s, allowed, bucket, nk
+
+
+def semantic_attention_torch_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    timestamps: Optional[torch.Tensor],
+    time_bias: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the PyTorch path: ``(out [B, H, L, D] in q's dtype, lse [B, H, L])``.
+
+    ``lse`` is the natural-log log-sum-exp of each row's admissible scores (-inf for an empty
+    row), in ``promote_types(q.dtype, float32)``. Computes in that dtype too.
+    """
+    B, H, L, D = q.shape
+    acc = _acc_dtype(q.dtype)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=acc, device=q.device)
+    for r0, r1 in _chunks(B, H, L):
+        s, _, _, nk = _chunk_scores(
+            qa[:, :, r0:r1], ka, key_padding_mask, timestamps, time_bias, causal, scale, r0, r1
+        )
+        m = torch.logsumexp(s, dim=-1)
+        p = torch.exp_(s.sub_(m.nan_to_num(neginf=0.0).unsqueeze(-1)))
+        out[:, :, r0:r1] = torch.matmul(p, va[:, :, :nk])
+        lse[:, :, r0:r1] = m
+    return out, lse
+
+
+def _add_bias_grad(dbias: torch.Tensor, ds: torch.Tensor, bucket: torch.Tensor) -> None:
+    """``dbias[h, n] += sum of ds[b, h, i, j] over bucket[b, i, j] == n``, deterministically.
+
+    Floating-point scatter-adds run in parallel in an order that changes from run to run, so the
+    sum would differ in the last bits. On the CPU, ``bincount`` with weights is a serial loop
+    (accumulating in float64); on CUDA, ``index_put_(accumulate=True)`` sorts the indices (stable)
+    and sums each bucket in that order.
+    """
+    H, NB = dbias.shape
+    if ds.device.type == "cpu":
+        idx = bucket.unsqueeze(1) + NB * torch.arange(H, device=ds.device).view(1, H, 1, 1)
+        hist = torch.bincount(idx.reshape(-1), weights=ds.reshape(-1), minlength=H * NB)
+        dbias += hist.view(H, NB).to(dbias.dtype)
+    else:
+        dbias_t = torch.zeros((NB, H), dtype=dbias.dtype, device=dbias.device)
+        values = ds.permute(0, 2, 3, 1).reshape(-1, H)
+        dbias_t.index_put_((bucket.reshape(-1),), values, accumulate=True)
+        dbias += dbias_t.t()
+
+
+def semantic_attention_torch_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    timestamps: Optional[torch.Tensor],
+    time_bias: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    bias_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Backward of the PyTorch path: ``(dq, dk, dv, dtime_bias or None)``.
+
+    Recomputes ``p = exp(s - lse)`` per chunk of query rows; every gradient is deterministic (see
+    :func:`_add_bias_grad` for the time_bias one).
+    """
+    B, H, L, D = q.shape
+    acc = _acc_dtype(q.dtype)
+    qa, ka, va, go = q.to(acc), k.to(acc), v.to(acc), grad_out.to(acc)
+    delta = (go * out.to(acc)).sum(-1)  # [B, H, L]
+    dq = torch.empty((B, H, L, D), dtype=acc, device=q.device)
+    dk = torch.zeros((B, H, L, D), dtype=acc, device=q.device)
+    dv = torch.zeros((B, H, L, D), dtype=acc, device=q.device)
+    dbias = None
+    if bias_grad:
+        dbias = torch.zeros(time_bias.shape, dtype=acc, device=q.device)
+    for r0, r1 in _chunks(B, H, L):
+        qc, goc = qa[:, :, r0:r1], go[:, :, r0:r1]
+        s, _, bucket, nk = _chunk_scores(
+            qc, ka, key_padding_mask, timestamps, time_bias, causal, scale, r0, r1
+        )
+        m = lse[:, :, r0:r1].nan_to_num(neginf=0.0).unsqueeze(-1)
+        p = torch.exp_(s.sub_(m))  # exactly 0 where the score was -inf
+        dv[:, :, :nk] += torch.matmul(p.transpose(-1, -2), goc)
+        ds = torch.matmul(goc, va[:, :, :nk].transpose(-1, -2))
+        ds.sub_(delta[:, :, r0:r1].unsqueeze(-1)).mul_(p)
+        dq[:, :, r0:r1] = torch.matmul(ds, ka[:, :, :nk]).mul_(scale)
+        dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
+        if bias_grad:
+            _add_bias_grad(dbias, ds, bucket)
+    if dbias is not None:
+        dbias = dbias.to(time_bias.dtype)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dbias

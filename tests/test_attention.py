@@ -1,0 +1,584 @@
+"""Semantic attention: Triton kernels and the PyTorch path against the eager float64 reference.
+
+On a machine without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest) on
+CPU tensors, in fp32 and at small sizes; with CUDA the same cases also run on the GPU, plus
+fp16/bf16 cases whose error is bounded by the reference's own error at that dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spnn_fast import backends
+from spnn_fast.functional import semantic_attention
+from spnn_fast.nn import SemanticAttention
+from spnn_fast.ops.attention import semantic_attention_bwd, semantic_attention_fwd
+from spnn_fast.reference.attention import (
+    gap_buckets,
+    semantic_attention_math,
+    semantic_attention_sdpa,
+)
+from spnn_fast.reference.time_bucket import time_bucket
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+NB = 32
+
+
+def _backends(device: str):
+    """(backend, device) pairs that can run here: triton on CPU only under the interpreter."""
+    out = [pytest.param("torch", device, id=f"torch-{device}")]
+    triton_ok = backends.status()["triton_installed"] and (
+        device == "cuda" or backends.interpret_mode()
+    )
+    if triton_ok:
+        out.append(pytest.param("triton", device, id=f"triton-{device}"))
+    return out
+
+
+BACKEND_DEVICES = [p for d in DEVICES for p in _backends(d)]
+
+
+def assert_close_verbose(actual, expected, *, atol, rtol, name="tensor"):
+    """torch.allclose with a message saying where and by how much the tensors differ."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: {(~torch.isfinite(a)).sum()} non-finite values"
+    diff = (a - e).abs()
+    bad = diff > atol + rtol * e.abs()
+    if bad.any():
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        worst = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol:.2e}, "
+            f"rtol={rtol:.2e}); first at {idx}: {a[idx].item():.8g} vs {e[idx].item():.8g}; "
+            f"max |diff| {diff.max().item():.3e} at {worst}"
+        )
+
+
+def make_timestamps(B, L, generator, huge=False):
+    """Sorted int64 seconds whose gaps range from 0 to 1e9 (with ``huge``, some up to 2**62)."""
+    scales = torch.tensor([0, 1, 60, 3600, 86400, 10**7, 10**9], dtype=torch.int64)
+    pick = torch.randint(0, len(scales), (B, L), generator=generator)
+    frac = torch.rand((B, L), generator=generator, dtype=torch.float64)
+    gaps = (scales[pick].double() * frac).to(torch.int64)
+    ts = torch.cumsum(gaps, dim=1) + 1_700_000_000
+    if huge:  # not sorted any more: the op does not need sorted timestamps
+        ts[:, ::3] = torch.randint(0, 2**62, (B, (L + 2) // 3), generator=generator)
+    return ts
+
+
+def make_mask(kind, B, L, generator):
+    if kind == "none":
+        return None
+    lengths = torch.randint(1, L + 1, (B,), generator=generator)
+    lengths[0] = max(1, L // 2)
+    ar = torch.arange(L)
+    if kind == "right":
+        return ar[None, :] < lengths[:, None]
+    if kind == "left":
+        return ar[None, :] >= (L - lengths)[:, None]
+    assert kind == "empty"  # sequence 0 is all padding, sequence 1 (if any) left-padded
+    mask = ar[None, :] >= (L - lengths)[:, None]
+    mask[0] = False
+    return mask
+
+
+def make_inputs(
+    B, H, L, D, mask_kind, bias, *, dtype=torch.float32, device="cpu", seed=0, huge=False, nb=NB
+):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    tb = torch.randn(H, nb, generator=g, dtype=torch.float64) if bias else None
+    ts = make_timestamps(B, L, g, huge=huge) if bias else None
+    mask = make_mask(mask_kind, B, L, g)
+    to = lambda t: None if t is None else t.to(device=device)
+    tof = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return dict(
+        q=tof(q),
+        k=tof(k),
+        v=tof(v),
+        key_padding_mask=to(mask),
+        timestamps=to(ts),
+        time_bias=tof(tb),
+    )
+
+
+LEAVES = ("q", "k", "v", "time_bias")
+
+
+def _leaves(inputs):
+    """A copy of ``inputs`` whose floating tensors are fresh leaves, and the list of them."""
+    out = dict(inputs)
+    for n in LEAVES:
+        if out[n] is not None:
+            out[n] = out[n].detach().requires_grad_(True)
+    return out, [out[n] for n in LEAVES if out[n] is not None]
+
+
+def run_op(inputs, causal, backend, grad_out=None, dtype=None):
+    """Forward + backward through the op (``backend``) or the eager reference (``"math"``),
+    optionally after casting the inputs to ``dtype``: (out, [grads of q, k, v, time_bias])."""
+    leaves_in = inputs
+    if dtype is not None:
+        leaves_in = {
+            n: (t.to(dtype) if t is not None and t.is_floating_point() else t)
+            for n, t in inputs.items()
+        }
+    ins, leaves = _leaves(leaves_in)
+    if backend == "math":
+        out = semantic_attention_math(
+            ins["q"],
+            ins["k"],
+            ins["v"],
+            ins["key_padding_mask"],
+            causal,
+            ins["timestamps"],
+            ins["time_bias"],
+        )
+    else:
+        out = semantic_attention(**ins, causal=causal, backend=backend)
+    g = torch.ones_like(out) if grad_out is None else grad_out.to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, g)
+    return out, list(grads)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dtime_bias")
+
+# (B, H, L, D, mask, bias, causal): every value of every axis of the issue appears at least once
+# (and D = 128, whose backward iterates over tiles of 16).
+CASES = [
+    (2, 3, 1, 16, "right", True, True),
+    (2, 1, 7, 32, "left", True, True),
+    (2, 3, 7, 64, "none", True, False),
+    (2, 3, 7, 16, "empty", True, False),
+    (2, 3, 50, 16, "right", True, True),
+    (2, 3, 50, 32, "empty", True, True),
+    (2, 1, 50, 64, "left", False, False),
+    (2, 1, 50, 32, "right", True, False),
+    (2, 3, 129, 16, "left", True, True),
+    (1, 1, 129, 16, "none", False, True),
+    (2, 3, 129, 16, "empty", True, False),
+    (1, 2, 40, 128, "right", True, True),
+]
+
+
+def _case_id(c):
+    B, H, L, D, mask, bias, causal = c
+    return (
+        f"B{B}H{H}L{L}D{D}-{mask}-{'bias' if bias else 'nobias'}-{'causal' if causal else 'full'}"
+    )
+
+
+def check_against_reference(inputs, causal, backend, atol, rtol):
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(inputs["q"].shape, generator=g, dtype=torch.float64)
+    grad_out = grad_out.to(inputs["q"].device)
+    ref, ref_grads = run_op(inputs, causal, "math", grad_out, dtype=torch.float64)
+    out, grads = run_op(inputs, causal, backend, grad_out)
+    scale = lambda t: max(1.0, t.abs().max().item())
+    assert_close_verbose(out, ref, atol=atol, rtol=rtol, name="out")
+    for name, a, e in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close_verbose(a, e, atol=atol * scale(e), rtol=rtol, name=name)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference_fp32(case, backend, device):
+    B, H, L, D, mask, bias, causal = case
+    inputs = make_inputs(B, H, L, D, mask, bias, device=device, seed=L * 31 + D)
+    check_against_reference(inputs, causal, backend, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("D", [8, 24])
+def test_torch_path_any_head_dim(D):
+    inputs = make_inputs(2, 3, 50, D, "left", True, seed=D)
+    check_against_reference(inputs, True, "torch", atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_huge_gaps_and_64_buckets(backend, device):
+    """Gaps up to 2**62 s with NB = 64: buckets up to 62 are exercised in the kernel."""
+    inputs = make_inputs(2, 2, 40, 16, "right", True, device=device, seed=5, huge=True, nb=64)
+    inputs["time_bias"] = inputs["time_bias"] * 3
+    check_against_reference(inputs, True, backend, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_empty_rows_give_zero_output_and_zero_grads(backend, device):
+    inputs = make_inputs(3, 2, 20, 16, "empty", True, device=device, seed=3)
+    inputs["key_padding_mask"][2, :5] = False  # leading rows of sequence 2 see no key (causal)
+    out, grads = run_op(inputs, True, backend)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[2, :, :5], torch.zeros_like(out[2, :, :5]))
+    dq, dk, dv, _ = grads
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(g).all(), name
+        assert torch.equal(g[0], torch.zeros_like(g[0])), f"{name} of an all-padding sequence"
+    assert torch.equal(dq[2, :, :5], torch.zeros_like(dq[2, :, :5]))
+    assert dq[2, :, 5:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_backward_with_expanded_grad(backend, device):
+    """out.sum().backward(): the incoming gradient has stride 0."""
+    inputs = make_inputs(2, 2, 33, 16, "right", True, device=device, seed=7)
+    ref, ref_grads = run_op(inputs, True, "math", dtype=torch.float64)
+    ins, leaves = _leaves(inputs)
+    semantic_attention(**ins, causal=True, backend=backend).sum().backward()
+    for name, leaf, e in zip(GRAD_NAMES, leaves, ref_grads):
+        assert_close_verbose(
+            leaf.grad, e, atol=2e-5 * max(1, e.abs().max().item()), rtol=1e-4, name=name
+        )
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_gradients_are_deterministic(backend, device):
+    inputs = make_inputs(2, 3, 129, 16, "left", True, device=device, seed=11)
+    g = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(2)).to(device)
+    first = run_op(inputs, True, backend, g)[1]
+    again = run_op(inputs, True, backend, g)[1]
+    for name, a, b in zip(GRAD_NAMES, first, again):
+        assert torch.equal(a, b), f"{name} differs between runs"
+
+
+@pytest.mark.skipif(
+    not CUDA, reason="fp16/bf16 kernels run on CUDA only (the interpreter computes bf16 wrongly)"
+)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6], CASES[8], CASES[10]], ids=_case_id)
+def test_low_precision_error_bounded_by_reference_error(case, dtype, backend):
+    """|op(dtype) - ref(fp64)| <= 2 * |ref(dtype) - ref(fp64)| + small atol (flash-attn style)."""
+    B, H, L, D, mask, bias, causal = case
+    inputs = make_inputs(B, H, L, D, mask, bias, device="cuda", seed=L + D)
+    g = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(4)).cuda()
+    exact, exact_grads = run_op(inputs, causal, "math", g, dtype=torch.float64)
+    low, low_grads = run_op(inputs, causal, "math", g, dtype=dtype)
+    out, grads = run_op(inputs, causal, backend, g, dtype=dtype)
+    atol = 1e-3 if dtype == torch.float16 else 8e-3
+    for name, a, lo, e in zip(
+        ("out",) + GRAD_NAMES, [out] + grads, [low] + low_grads, [exact] + exact_grads
+    ):
+        err = (a.double() - e).abs().max().item()
+        ref_err = (lo.double() - e).abs().max().item()
+        assert err <= 2 * ref_err + atol * max(1.0, e.abs().max().item()), (
+            f"{name}: error {err:.3e} vs reference's own {ref_err:.3e} at {dtype}"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# The oracle itself, the buckets, the baselines
+# ------------------------------------------------------------------------------------------
+
+
+def _brute_force(q, k, v, mask, causal, ts, tb, scale):
+    """Loops over Python numbers: the issue's definition, word for word."""
+    B, H, L, D = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                js = [
+                    j
+                    for j in range(L)
+                    if (not causal or j <= i) and (mask is None or bool(mask[b, j]))
+                ]
+                if not js:
+                    continue
+                s = []
+                for j in js:
+                    val = scale * float(q[b, h, i] @ k[b, h, j])
+                    if tb is not None:
+                        gap = abs(int(ts[b, i]) - int(ts[b, j]))
+                        val += float(tb[h, min(tb.shape[1] - 1, gap.bit_length())])
+                    s.append(val)
+                m = max(s)
+                w = [math.exp(x - m) for x in s]
+                for j, wj in zip(js, w):
+                    out[b, h, i] += wj / sum(w) * v[b, h, j]
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_brute_force(causal):
+    inputs = make_inputs(2, 2, 9, 4, "empty", True, dtype=torch.float64, seed=13, huge=True)
+    inputs["key_padding_mask"][1, 4] = False
+    expected = _brute_force(
+        *(inputs[n] for n in ("q", "k", "v", "key_padding_mask")),
+        causal,
+        inputs["timestamps"],
+        inputs["time_bias"],
+        0.5,
+    )
+    got = semantic_attention_math(**inputs, causal=causal, scale=0.5)
+    assert_close_verbose(got, expected, atol=1e-12, rtol=1e-10, name="math")
+    got_sdpa = semantic_attention_sdpa(**inputs, causal=causal, scale=0.5)
+    assert_close_verbose(got_sdpa, expected, atol=1e-12, rtol=1e-10, name="sdpa baseline")
+
+
+def _edge_gaps():
+    vals = [0, 1, 2, 3, 10**9, 2**63 - 1]
+    for e in range(1, 63):
+        vals += [2**e - 1, 2**e, 2**e + 1]
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randint(0, 2**62, (500,), generator=g) >> torch.randint(0, 62, (500,), generator=g)
+    return torch.cat([torch.tensor(vals, dtype=torch.int64), rand])
+
+
+@pytest.mark.parametrize("nb", [1, 2, 17, 32, 64])
+def test_gap_buckets_equal_time_bucket(nb):
+    gaps = _edge_gaps()
+    expected = time_bucket(gaps, nb)
+    assert [min(nb - 1, int(x).bit_length()) for x in gaps.tolist()] == expected.tolist()
+    t = gaps[None, :]
+    assert torch.equal(gap_buckets(torch.zeros(1, 1, dtype=torch.int64), t, nb)[0, 0], expected)
+    assert torch.equal(gap_buckets(t, torch.zeros(1, 1, dtype=torch.int64), nb)[0, :, 0], expected)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda" or backends.interpret_mode()])
+@pytest.mark.parametrize("nb", [1, 32, 64])
+def test_kernel_bucket_function_equals_time_bucket(nb, device):
+    from spnn_fast.kernels.attention import gap_bucket_triton
+
+    gaps = _edge_gaps()
+    got = gap_bucket_triton(gaps.to(device), nb).cpu()
+    assert torch.equal(got, time_bucket(gaps, nb))
+
+
+def test_gradcheck_torch_path_float64():
+    g = torch.Generator().manual_seed(21)
+    B, H, L, D = 2, 2, 6, 3
+    q, k, v = (
+        torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
+    tb = torch.randn(H, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ts = torch.tensor([[0, 1, 3, 9, 40, 41], [5, 5, 6, 100, 1000, 10**9]])
+    mask = torch.tensor([[False, True, True, True, False, True], [True] * 6])
+    for causal in (True, False):
+        fn = lambda q, k, v, tb, causal=causal: semantic_attention(
+            q,
+            k,
+            v,
+            key_padding_mask=mask,
+            causal=causal,
+            timestamps=ts,
+            time_bias=tb,
+            backend="torch",
+        )
+        assert torch.autograd.gradcheck(fn, (q, k, v, tb))
+
+
+# ------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("optional", [True, False], ids=["mask+bias", "plain"])
+def test_opcheck(backend, device, optional):
+    inputs = make_inputs(2, 2, 7, 16, "left" if optional else "none", optional, device=device)
+    ins, _ = _leaves(inputs)
+    args = (
+        ins["q"],
+        ins["k"],
+        ins["v"],
+        ins["key_padding_mask"],
+        ins["timestamps"],
+        ins["time_bias"],
+        True,
+        0.25,
+        backend,
+    )
+    torch.library.opcheck(semantic_attention_fwd, args)
+    out, lse = semantic_attention_fwd(*args)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    bwd_args = (torch.randn_like(out), *plain[:3], out.detach(), lse, *plain[3:], optional)
+    torch.library.opcheck(semantic_attention_bwd, bwd_args)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_compiled_module_fullgraph(backend, device):
+    torch.manual_seed(0)
+    B, L, d_model, H = 2, 11, 32, 2
+    module = SemanticAttention(d_model, H, num_time_buckets=16, backend=backend).to(device)
+    with torch.no_grad():
+        module.time_bias.normal_()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, d_model, generator=g).to(device)
+    ts = make_timestamps(B, L, g).to(device)
+    mask = make_mask("left", B, L, g).to(device)
+    compiled = torch.compile(module, fullgraph=True)
+    y = compiled(x, mask, ts)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    y_eager = module(x, mask, ts)
+    y_eager.square().sum().backward()
+    assert_close_verbose(y, y_eager, atol=1e-5, rtol=1e-5, name="compiled out")
+    for (name, p), gc in zip(module.named_parameters(), grads):
+        assert_close_verbose(gc, p.grad, atol=1e-5, rtol=1e-5, name=name)
+    assert module.time_bias.grad.abs().sum() > 0
+
+
+_COMPILE_SCRIPT = """
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import spnn_fast.kernels.attention as ka
+
+def build(fn, types, constexprs, options):
+    sig = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+for dt, D, L, flags in [("bf16", 64, 200, True), ("fp16", 128, 50, True), ("fp32", 16, 20, False)]:
+    prec = "ieee" if dt == "fp32" else "tf32"
+    common = dict(HAS_MASK=flags, HAS_BIAS=flags, CAUSAL=flags, D=D, DOT_PRECISION=prec)
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[dt]
+    fwd = dict(ka.fwd_config(L, D, dtype))
+    opts = dict(num_warps=fwd.pop("num_warps"), num_stages=fwd.pop("num_stages"))
+    types = dict(Q="*" + dt, K="*" + dt, V="*" + dt, O="*" + dt, LSE="*fp32", T="*i64",
+                 MASK="*u8", BIAS="*fp32", L="i32", H="i32", NB="i32", qk_scale="fp32")
+    build(ka._semantic_attention_fwd_kernel, types, {**common, **fwd}, opts)
+    bwd = dict(ka.bwd_config(L, D, dtype))
+    opts = dict(num_warps=bwd.pop("num_warps"), num_stages=bwd.pop("num_stages"))
+    types.update(DO="*" + dt, DQ="*" + dt, DK="*" + dt, DV="*" + dt, DELTA="*fp32",
+                 DBIAS_PART="*fp32", num_blocks="i32", scale="fp32")
+    cx = {**common, **bwd, "BIAS_GRAD": flags, "NB_PAD": ka.nb_pad(32)}
+    build(ka._semantic_attention_bwd_kernel, types, cx, opts)
+    build(ka._semantic_attention_bwd_preprocess_kernel, types,
+          dict(D=D, BLOCK_M=bwd["BLOCK"]), dict(num_warps=4))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Compile fwd/bwd to sm90 cubins (ptxas ships with Triton): catches what the interpreter
+    cannot, such as type changes of loop-carried values or dot shapes the hardware lacks."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"this Triton has no ahead-of-time compile API: {e}")
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this Triton's ASTSource takes other arguments")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------
+# The module
+# ------------------------------------------------------------------------------------------
+
+
+def test_module_matches_reference_composition():
+    torch.manual_seed(0)
+    module = SemanticAttention(24, 3, num_time_buckets=8, backend="torch").double()
+    with torch.no_grad():
+        module.time_bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 24, generator=g, dtype=torch.float64)
+    ts = make_timestamps(2, 9, g)
+    mask = make_mask("right", 2, 9, g)
+    q, k, v = module.qkv(x).view(2, 9, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    o = semantic_attention_math(q, k, v, mask, True, ts, module.time_bias)
+    expected = module.out_proj(o.transpose(1, 2).reshape(2, 9, 24))
+    assert_close_verbose(module(x, mask, ts), expected, atol=1e-12, rtol=1e-10, name="module")
+    # Without timestamps the time bias is not used (and gets no gradient).
+    o = semantic_attention_math(q, k, v, mask, True)
+    expected = module.out_proj(o.transpose(1, 2).reshape(2, 9, 24))
+    y = module(x, mask)
+    assert_close_verbose(y, expected, atol=1e-12, rtol=1e-10, name="module without timestamps")
+    y.sum().backward()
+    assert module.time_bias.grad is None
+    assert "n_heads=3" in repr(module) and "num_time_buckets=8" in repr(module)
+
+
+def test_module_dropout_and_bad_config():
+    module = SemanticAttention(16, 2, dropout=0.5, backend="torch")
+    x = torch.randn(2, 5, 16)
+    module.eval()
+    assert torch.equal(module(x), module(x))
+    module.train()
+    assert not torch.equal(module(x), module(x))
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        SemanticAttention(10, 3)
+    with pytest.raises(ValueError, match="num_time_buckets"):
+        SemanticAttention(16, 2, num_time_buckets=65)
+    with pytest.raises(ValueError, match=r"x must be \[B, L, 16\]"):
+        module(torch.randn(2, 5, 8))
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------
+
+
+def _bad(**changes):
+    inputs = make_inputs(2, 3, 7, 16, "right", True)
+    inputs.update(changes)
+    return inputs
+
+
+BAD_INPUTS = [
+    (dict(q=torch.randn(3, 7, 16)), r"q must be \[B, H, L, D\].*\(3, 7, 16\)"),
+    (dict(k=torch.randn(2, 3, 8, 16)), r"same shape.*k \(2, 3, 8, 16\)"),
+    (dict(v=torch.randn(2, 3, 7, 32)), r"same shape.*v \(2, 3, 7, 32\)"),
+    (dict(v=torch.randn(2, 3, 7, 16, dtype=torch.float64)), "share a dtype"),
+    (
+        dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool)),
+        r"key_padding_mask must be \[B, L\]",
+    ),
+    (dict(key_padding_mask=torch.ones(2, 7)), "key_padding_mask must be bool"),
+    (dict(timestamps=torch.zeros(2, 6, dtype=torch.int64)), r"timestamps must be \[B, L\]"),
+    (dict(timestamps=torch.zeros(2, 7)), "timestamps must be integer"),
+    (dict(timestamps=None), "timestamps .* required"),
+    (dict(time_bias=torch.zeros(2, 32)), r"time_bias must be \[H, NB\] with H = 3.*\(2, 32\)"),
+    (dict(time_bias=torch.zeros(3)), r"time_bias must be \[H, NB\]"),
+    (dict(time_bias=torch.zeros(3, 65)), "1 <= NB <= 64"),
+    (dict(time_bias=torch.zeros(3, 0)), "1 <= NB <= 64"),
+    (dict(time_bias=torch.zeros(3, 4, dtype=torch.int64)), "time_bias must be floating"),
+    (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")), "is on meta"),
+]
+
+
+@pytest.mark.parametrize("changes, match", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_raises_value_error(changes, match):
+    with pytest.raises(ValueError, match=match):
+        semantic_attention(**_bad(**changes), backend="torch")
+
+
+@pytest.mark.skipif(not backends.status()["triton"], reason="Triton cannot run here")
+def test_triton_rejects_unsupported_head_dim_and_dtype():
+    device = "cuda" if CUDA else "cpu"
+    inputs = make_inputs(1, 2, 5, 24, "none", False, device=device)
+    with pytest.raises(ValueError, match=r"head dims.*\(1, 2, 5, 24\)"):
+        semantic_attention(**inputs, backend="triton")
+    # "auto" falls back to the PyTorch path instead.
+    semantic_attention(**inputs, backend="auto")
+    inputs = make_inputs(1, 2, 5, 16, "none", False, device=device, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        semantic_attention(**inputs, backend="triton")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="valid"):
+        semantic_attention(**_bad(), backend="cuda-graphs")
