@@ -97,7 +97,7 @@ class InteractionLog:
         item_ids: np.ndarray,
         *,
         validate: bool = True,
-    ) -> "InteractionLog":
+    ) -> InteractionLog:
         """Wrap CSR arrays that already follow the layout (no copy)."""
         log = cls.__new__(cls)
         log._set(offsets, items, timestamps, user_ids, item_ids)
@@ -189,7 +189,7 @@ class InteractionLog:
     @classmethod
     def load(
         cls, path: Union[str, os.PathLike], *, mmap: bool = True, validate: bool = False
-    ) -> "InteractionLog":
+    ) -> InteractionLog:
         """Read a log written by :meth:`save`; with ``mmap`` the arrays stay on disk.
 
         ``validate=True`` checks the whole log (reads every page). Without it only the sizes are
