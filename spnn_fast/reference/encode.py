@@ -31,12 +31,12 @@ the same message as the C++ encoder. The O(U + B) argument checks live in ``spnn
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
 
-from spnn_fast.reference.time_bucket import bit_length_np
+from spnn_fast.reference.time_bucket import time_bucket_np
 
 __all__ = [
     "encode_batch_ref",
@@ -69,33 +69,33 @@ def mix_seed(seed: int) -> int:
     return int(splitmix64_np(np.array([int(seed) & _MASK64], dtype=np.uint64))[0])
 
 
-def negatives_ref(targets: np.ndarray, num_items: int, num_negatives: int, seed: int) -> np.ndarray:
-    """Negatives ``[B, L, K]`` for int64 ``targets [B, L]`` (see the module docstring)."""
+def negatives_ref(
+    targets: np.ndarray, num_items: int, num_negatives: int, seed_mix: int, first_row: int = 0
+) -> np.ndarray:
+    """Negatives ``[B, L, K]`` for int64 ``targets [B, L]`` whose first row is row ``first_row``
+    of the batch, from ``seed_mix = mix_seed(seed)`` (see the module docstring)."""
     bsz, length = targets.shape
     k = num_negatives
-    out = np.zeros((bsz, length, k), dtype=np.int64)
-    slots = np.flatnonzero(targets.reshape(-1))
-    if len(slots) == 0:
-        return out
-    counters = slots.astype(np.uint64)[:, None] * np.uint64(k) + np.arange(k, dtype=np.uint64)
-    counters += np.uint64(mix_seed(seed))
+    flat_targets = targets.reshape(-1)
+    # counter = (b * L + j) * K + kk: the slot's flat index in the [B, L, K] output.
+    counters = np.arange(k * bsz * length, dtype=np.uint64)
+    counters += np.uint64((seed_mix + first_row * length * k) & _MASK64)
     h = splitmix64_np(counters)
     h >>= np.uint64(11)
     u = h.astype(np.float64)
     u *= 2.0**-53
     u *= float(num_items - 1)
-    idx = u.astype(np.int64)
+    idx = u.astype(np.int64).reshape(-1, k)
     np.minimum(idx, num_items - 2, out=idx)
     idx += 1
-    idx += idx >= targets.reshape(-1)[slots][:, None]
-    out.reshape(-1, k)[slots] = idx
-    return out
+    idx += idx >= flat_targets[:, None]
+    idx *= (flat_targets != 0)[:, None]
+    return idx.reshape(bsz, length, k)
 
 
-def _first_bad(global_idx: np.ndarray, bad: np.ndarray) -> Optional[int]:
-    if not bad.any():
-        return None
-    return int(global_idx[bad].min())
+# Rows are encoded in chunks of about this many slots, so that numpy's temporaries stay in cache
+# instead of streaming [B, L] arrays through memory a dozen times.
+_CHUNK_SLOTS = 1 << 14
 
 
 def encode_batch_ref(
@@ -117,61 +117,85 @@ def encode_batch_ref(
     ``rows``/``ends`` must already satisfy ``0 <= rows < U`` and ``1 <= ends <= len(user)``
     (``spnn_fast.encode.encode_batch`` checks them); items and timestamps read are checked here.
     """
-    length = int(max_len)
-    bsz = len(rows)
+    bsz, length, k = len(rows), int(max_len), int(num_negatives)
+    out = [np.empty((bsz, length), dtype=np.int64) for _ in range(5)]
+    out[3] = np.empty((bsz, length), dtype=bool)
+    negatives = np.empty((bsz, length, k), dtype=np.int64) if k > 0 else None
+    seed_mix = mix_seed(seed)
+    bad_item = bad_time = len(items)  # smallest offending global index seen (len: none)
+    step = max(1, _CHUNK_SLOTS // length)
+    for b0 in range(0, bsz, step):
+        b1 = min(bsz, b0 + step)
+        chunk = [o[b0:b1] for o in out] + [None if negatives is None else negatives[b0:b1]]
+        i, t = _encode_rows(
+            offsets, items, timestamps, rows[b0:b1], ends[b0:b1], length, num_items,
+            num_time_buckets, pad_left, chunk, b0, seed_mix,
+        )  # fmt: skip
+        bad_item, bad_time = min(bad_item, i), min(bad_time, t)
+    if bad_item < len(items):
+        raise ValueError(f"items[{bad_item}]={int(items[bad_item])} is outside [1, {num_items}]")
+    if bad_time < len(items):
+        raise ValueError(
+            f"timestamps decrease within a user at index {bad_time}: "
+            f"{int(timestamps[bad_time])} < {int(timestamps[bad_time - 1])}"
+        )
+    return (*out, negatives)
+
+
+def _encode_rows(
+    offsets, items, timestamps, rows, ends, length, num_items, num_buckets, pad_left, out, b0,
+    seed_mix,
+) -> Tuple[int, int]:  # fmt: skip
+    """Fills ``out`` (views of rows ``b0 ..``) and returns the smallest bad item and bad time
+    indices (``len(items)`` when none)."""
+    out_items, out_times, buckets, mask, targets, negatives = out
     start_user = offsets[rows]
     len_user = offsets[rows + 1] - start_user
     s = np.maximum(ends - length, 0)
     n = ends - s
-    cols = np.arange(length, dtype=np.int64)
-    # p: the user position shown in column j (outside [s, e) at padding, masked below).
-    if pad_left:
-        pos = (s - (length - n))[:, None] + cols
-    else:
-        pos = s[:, None] + cols
-    mask = (pos >= s[:, None]) & (pos < ends[:, None])
-    gidx = np.where(mask, start_user[:, None] + pos, 0)
-
-    out_items = np.take(items, gidx) if bsz else np.zeros((0, length), np.int64)
-    out_items[~mask] = 0
-    out_ts = np.take(timestamps, gidx) if bsz else np.zeros((0, length), np.int64)
-    out_ts[~mask] = 0
-
+    # pos[b, j]: the user position shown in column j; outside [s, e) at padding.
+    first = s - (length - n) if pad_left else s
+    pos = first[:, None] + np.arange(length, dtype=np.int64)
+    np.greater_equal(pos, s[:, None], out=mask)
+    mask &= pos < ends[:, None]
     has_next = mask & (pos + 1 < len_user[:, None])
-    tidx = np.where(has_next, gidx + 1, 0)
-    targets = np.take(items, tidx) if bsz else np.zeros((0, length), np.int64)
-    targets[~has_next] = 0
-
     has_prev = mask & (pos > 0)
-    pidx = np.where(has_prev, gidx - 1, 0)
-    prev_ts = np.take(timestamps, pidx) if bsz else np.zeros((0, length), np.int64)
+    # Global event index, 0 at padding; +1 / -1 only where a next / previous event exists, so
+    # every gather stays in bounds and the gap where there is no previous event is 0.
+    gidx = pos
+    gidx += start_user[:, None]
+    gidx *= mask
+    np.take(items, gidx, out=out_items)
+    np.take(timestamps, gidx, out=out_times)
+    np.take(items, gidx + has_next, out=targets)
+    prev = np.take(timestamps, gidx - has_prev)
 
-    bad_item = _first_bad(gidx, mask & ((out_items < 1) | (out_items > num_items)))
-    bad_target = _first_bad(tidx, has_next & ((targets < 1) | (targets > num_items)))
-    bad = [i for i in (bad_item, bad_target) if i is not None]
-    if bad:
-        i = min(bad)
-        raise ValueError(f"items[{i}]={int(items[i])} is outside [1, {num_items}]")
-    i = _first_bad(gidx, has_prev & (out_ts < prev_ts))
-    if i is not None:
-        raise ValueError(
-            f"timestamps decrease within a user at index {i}: "
-            f"{int(timestamps[i])} < {int(timestamps[i - 1])}"
+    # Items read (window and next events) must lie in [1, V]: x - 1 < V as unsigned.
+    none = len(items)
+    bad_item = bad_time = none
+    bad = ((out_items - 1).view(np.uint64) >= num_items) & mask
+    if bad.any():
+        bad_item = int(gidx[bad].min())
+    bad = ((targets - 1).view(np.uint64) >= num_items) & has_next
+    if bad.any():
+        bad_item = min(bad_item, int(gidx[bad].min()) + 1)
+    bad = out_times < prev  # equal where there is no previous event
+    if bad.any():
+        bad_time = int(gidx[bad].min())
+
+    gaps = out_times - prev  # wraps to < 0 for true gaps >= 2**63, whose bit_length is 64
+    buckets[...] = time_bucket_np(gaps, num_buckets)
+    huge = gaps < 0
+    if huge.any():
+        buckets[huge] = min(64, num_buckets - 1)
+    out_items *= mask
+    out_times *= mask
+    targets *= has_next
+    if negatives is not None:
+        negatives[...] = negatives_ref(
+            targets, num_items, negatives.shape[2], seed_mix, first_row=b0
         )
-
-    # Non-decreasing pairs give a true gap in [0, 2**64): unsigned arithmetic keeps it exact.
-    gaps = out_ts.view(np.uint64) - prev_ts.view(np.uint64)
-    buckets = np.zeros((bsz, length), dtype=np.int64)
-    small = gaps < np.uint64(1 << 63)
-    buckets[small] = bit_length_np(gaps[small].view(np.int64))
-    buckets[~small] = 64
-    np.minimum(buckets, num_time_buckets - 1, out=buckets)
-    buckets[~has_prev] = 0
-
-    negatives = None
-    if num_negatives > 0:
-        negatives = negatives_ref(targets, num_items, num_negatives, seed)
-    return out_items, out_ts, buckets, mask, targets, negatives
+    return bad_item, bad_time
 
 
 def window_slices(
