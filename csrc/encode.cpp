@@ -34,7 +34,24 @@ using InArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
-inline uint64_t splitmix64(uint64_t x) {
+#if defined(__GNUC__)
+#define SPNN_FAST_INLINE inline __attribute__((always_inline))
+#else
+#define SPNN_FAST_INLINE inline
+#endif
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+// The row loop is compiled for AVX-512 and AVX2 as well as the x86-64 baseline, picked at load
+// time: the baseline (SSE2) has no 64-bit compares, multiplies or int64 <-> double conversions,
+// so the checks, buckets and sampling would not vectorize. Every version computes the same
+// integer and IEEE double operations, so results are identical on any CPU.
+#define SPNN_FAST_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SPNN_FAST_CLONES
+#endif
+
+SPNN_FAST_INLINE uint64_t splitmix64(uint64_t x) {
   uint64_t z = x + kGolden;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -42,7 +59,7 @@ inline uint64_t splitmix64(uint64_t x) {
 }
 
 // bit_length(g) for g >= 0 (as unsigned), without a branch: bit_length(0) = 0.
-inline int64_t bit_length(uint64_t g) {
+SPNN_FAST_INLINE int64_t bit_length(uint64_t g) {
   return 63 - __builtin_clzll(g | 1) + (g != 0);
 }
 
@@ -75,18 +92,11 @@ struct Errors {
   }
 };
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-// The sampling loop vectorizes with AVX-512DQ (64-bit multiply, int64 <-> double conversions);
-// every path computes the same IEEE operations, so the results are identical on any CPU.
-#define SPNN_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPNN_FAST_CLONES
-#endif
 
 // Negatives of n consecutive columns (K slots each, counters base, base + 1, ...): for a
 // nonzero target T, idx = min(V - 2, int64(double(h >> 11) * 2^-53 * double(V - 1))) with
 // h = splitmix64(counter), item = idx + 1 + (idx + 1 >= T); for T = 0 the slots are 0.
-SPNN_FAST_CLONES void sample_negatives(int64_t* out, const int64_t* targets, int64_t n, int64_t K,
+SPNN_FAST_INLINE void sample_negatives(int64_t* out, const int64_t* targets, int64_t n, int64_t K,
                                        uint64_t base, int64_t V) {
   const double scale = static_cast<double>(V - 1);
   const int64_t top = V - 2;
@@ -112,7 +122,7 @@ struct Window {
   int64_t start, length, s, n;
 };
 
-inline bool row_window(const Problem& P, int64_t b, Window* w) {
+SPNN_FAST_INLINE bool row_window(const Problem& P, int64_t b, Window* w) {
   const int64_t u = P.rows[b], e = P.ends[b];
   if (u < 0 || u >= P.num_users) return false;
   const int64_t lo = P.offsets[u], hi = P.offsets[u + 1];
@@ -136,12 +146,18 @@ void zero_row(const Problem& P, int64_t b) {
 }
 
 // Zeroes columns [0, c0) and [c1, L) of an int64 row.
-inline void zero_pad(int64_t* row, int64_t c0, int64_t c1, int64_t L) {
+SPNN_FAST_INLINE void zero_pad(int64_t* row, int64_t c0, int64_t c1, int64_t L) {
   if (c0 > 0) std::memset(row, 0, c0 * sizeof(int64_t));
   if (c1 < L) std::memset(row + c1, 0, (L - c1) * sizeof(int64_t));
 }
 
-inline void prefetch_window(const Problem& P, int64_t b) {
+// Rows are random users: fetch the offsets two rows ahead and the window runs one row ahead.
+SPNN_FAST_INLINE void prefetch_offsets(const Problem& P, int64_t b) {
+  const int64_t u = P.rows[b];
+  if (u >= 0 && u < P.num_users) __builtin_prefetch(P.offsets + u);
+}
+
+SPNN_FAST_INLINE void prefetch_window(const Problem& P, int64_t b) {
   const int64_t u = P.rows[b], e = P.ends[b];
   if (u < 0 || u >= P.num_users) return;
   const int64_t lo = P.offsets[u], s = lo + std::max<int64_t>(0, e - P.max_len);
@@ -153,7 +169,7 @@ inline void prefetch_window(const Problem& P, int64_t b) {
   }
 }
 
-void encode_row(const Problem& P, int64_t b, const Window& w, Errors* err) {
+SPNN_FAST_INLINE void encode_row(const Problem& P, int64_t b, const Window& w, Errors* err) {
   const int64_t L = P.max_len, K = P.num_negatives, V = P.num_items;
   const int64_t s = w.s, n = w.n, e = s + n;
   const int64_t c0 = P.pad_left ? L - n : 0, c1 = c0 + n;
@@ -182,7 +198,7 @@ void encode_row(const Problem& P, int64_t b, const Window& w, Errors* err) {
 
   // Items read: [s, read_end). One vectorizable pass; the slow scan only runs on a bad row.
   const uint64_t uv = static_cast<uint64_t>(V);
-  bool bad_item = false;
+  uint64_t bad_item = 0;
   for (int64_t p = s; p < read_end; ++p) bad_item |= static_cast<uint64_t>(it[p]) - 1 >= uv;
   if (bad_item) {
     for (int64_t p = s; p < read_end; ++p) {
@@ -197,7 +213,7 @@ void encode_row(const Problem& P, int64_t b, const Window& w, Errors* err) {
   const int64_t top = P.num_buckets - 1;
   const int64_t p0 = std::max<int64_t>(s, 1);
   if (s == 0) ob[c0] = 0;
-  bool bad_time = false;
+  uint64_t bad_time = 0;
   for (int64_t p = p0; p < e; ++p) {
     bad_time |= tt[p] < tt[p - 1];
     const uint64_t g = static_cast<uint64_t>(tt[p]) - static_cast<uint64_t>(tt[p - 1]);
@@ -221,8 +237,9 @@ void encode_row(const Problem& P, int64_t b, const Window& w, Errors* err) {
   }
 }
 
-void encode_rows(const Problem& P, int64_t b0, int64_t b1, Errors* err) {
+SPNN_FAST_CLONES void encode_rows(const Problem& P, int64_t b0, int64_t b1, Errors* err) {
   for (int64_t b = b0; b < b1; ++b) {
+    if (b + 2 < b1) prefetch_offsets(P, b + 2);
     if (b + 1 < b1) prefetch_window(P, b + 1);
     Window w;
     if (!row_window(P, b, &w)) {
