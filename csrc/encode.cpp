@@ -96,8 +96,8 @@ struct Errors {
 // Negatives of n consecutive columns (K slots each, counters base, base + 1, ...): for a
 // nonzero target T, idx = min(V - 2, int64(double(h >> 11) * 2^-53 * double(V - 1))) with
 // h = splitmix64(counter), item = idx + 1 + (idx + 1 >= T); for T = 0 the slots are 0.
-SPNN_FAST_INLINE void sample_negatives(int64_t* out, const int64_t* targets, int64_t n, int64_t K,
-                                       uint64_t base, int64_t V) {
+SPNN_FAST_INLINE void sample_negatives(int64_t* out, const int64_t* targets, int64_t n,
+                                       int64_t K, uint64_t base, int64_t V) {
   const double scale = static_cast<double>(V - 1);
   const int64_t top = V - 2;
   for (int64_t j = 0; j < n; ++j) {
@@ -287,7 +287,8 @@ std::string row_error(const Problem& P, int64_t b) {
   const int64_t u = P.rows[b], e = P.ends[b];
   const std::string at = "[" + std::to_string(b) + "]=";
   if (u < 0 || u >= P.num_users)
-    return "rows" + at + std::to_string(u) + " is outside [0, " + std::to_string(P.num_users) + ")";
+    return "rows" + at + std::to_string(u) + " is outside [0, " + std::to_string(P.num_users) +
+           ")";
   const int64_t lo = P.offsets[u], hi = P.offsets[u + 1];
   if (lo < 0 || lo > hi || hi > P.num_events)
     return "offsets[" + std::to_string(u) + ":" + std::to_string(u + 2) + "]=[" +
@@ -328,18 +329,33 @@ py::tuple encode_batch(const InArray& offsets, const InArray& items, const InArr
 
   const int64_t B = rows.shape(0), L = max_len, K = num_negatives;
   // One pooled block holds every output: four int64 [B, L], the negatives, then the bool mask.
-  const std::size_t slots = static_cast<std::size_t>(B) * static_cast<std::size_t>(L);
-  const std::size_t plane = (slots * sizeof(int64_t) + 63) / 64 * 64;
-  const std::size_t neg_bytes = (slots * static_cast<std::size_t>(K) * sizeof(int64_t) + 63) / 64 * 64;
+  // Sizes are checked for overflow before anything is allocated or written.
+  std::size_t slots = 0, neg_slots = 0, plane = 0, neg_bytes = 0, total = 0;
+  const auto round64 = [](std::size_t n, std::size_t* out) {
+    return !__builtin_add_overflow(n, std::size_t(63), out) && ((*out = *out / 64 * 64), true);
+  };
+  const bool too_large =
+      __builtin_mul_overflow(static_cast<std::size_t>(B), static_cast<std::size_t>(L), &slots) ||
+      __builtin_mul_overflow(slots, static_cast<std::size_t>(K), &neg_slots) ||
+      __builtin_mul_overflow(slots, sizeof(int64_t), &plane) || !round64(plane, &plane) ||
+      __builtin_mul_overflow(neg_slots, sizeof(int64_t), &neg_bytes) ||
+      !round64(neg_bytes, &neg_bytes) || __builtin_mul_overflow(plane, std::size_t(4), &total) ||
+      __builtin_add_overflow(total, neg_bytes, &total) ||
+      __builtin_add_overflow(total, slots, &total) ||
+      total > static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max());
+  if (too_large)
+    fail("the outputs for B=" + std::to_string(B) + ", max_len=" + std::to_string(L) +
+         ", num_negatives=" + std::to_string(K) + " do not fit in memory");
   void* block = nullptr;
-  py::capsule owner = spnn_fast::BufferPool::instance().acquire(4 * plane + neg_bytes + slots, &block);
+  py::capsule owner = spnn_fast::BufferPool::instance().acquire(total, &block);
   char* base = static_cast<char*>(block);
   auto plane_at = [&](std::size_t i) {
     return py::array_t<int64_t>({B, L}, reinterpret_cast<int64_t*>(base + i * plane), owner);
   };
-  py::array_t<int64_t> out_items = plane_at(0), out_times = plane_at(1), out_buckets = plane_at(2),
-                       out_targets = plane_at(3);
-  py::array_t<bool> out_mask({B, L}, reinterpret_cast<bool*>(base + 4 * plane + neg_bytes), owner);
+  py::array_t<int64_t> out_items = plane_at(0), out_times = plane_at(1),
+                       out_buckets = plane_at(2), out_targets = plane_at(3);
+  py::array_t<bool> out_mask({B, L}, reinterpret_cast<bool*>(base + 4 * plane + neg_bytes),
+                             owner);
   py::object negatives = py::none();
   int64_t* neg_ptr = nullptr;
   if (K > 0) {

@@ -456,6 +456,7 @@ def test_bad_array_types(backend, name, value, error, match):
         ({"max_len": 0}, r"max_len must be >= 1"),
         ({"num_negatives": 1, "num_items": 1}, r"num_items must be >= 2 to sample negatives"),
         ({"num_threads": 0}, r"num_threads must be >= 1"),
+        ({"max_len": 2**62, "num_negatives": 4}, r"max_len=4611686018427387904, .* do not fit"),
     ],
 )
 def test_cpp_direct_call_checks_what_it_reads(change, match):
