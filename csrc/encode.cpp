@@ -93,27 +93,28 @@ struct Errors {
 };
 
 
-// Negatives of n consecutive columns (K slots each, counters base, base + 1, ...): for a
-// nonzero target T, idx = min(V - 2, int64(double(h >> 11) * 2^-53 * double(V - 1))) with
+// Negatives of n consecutive columns, K slots each, whose counters run base, base + 1, ...:
+// for a nonzero target T, idx = min(V - 2, int64(double(h >> 11) * 2^-53 * double(V - 1))) with
 // h = splitmix64(counter), item = idx + 1 + (idx + 1 >= T); for T = 0 the slots are 0.
+// Two passes: the draws over all n * K slots in one flat loop (full vectors whatever K is), then
+// the target exclusion per column.
 SPNN_FAST_INLINE void sample_negatives(int64_t* out, const int64_t* targets, int64_t n,
                                        int64_t K, uint64_t base, int64_t V) {
   const double scale = static_cast<double>(V - 1);
   const int64_t top = V - 2;
+  const int64_t count = n * K;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint64_t h = splitmix64(base + static_cast<uint64_t>(i));
+    // h >> 11 < 2^53: exact as a double, and int64 -> double converts in one instruction.
+    const double x = static_cast<double>(static_cast<int64_t>(h >> 11)) * 0x1.0p-53 * scale;
+    const int64_t idx = static_cast<int64_t>(x);
+    out[i] = (idx < top ? idx : top) + 1;
+  }
   for (int64_t j = 0; j < n; ++j) {
     const int64_t target = targets[j];
+    const int64_t keep = target != 0 ? -1 : 0;  // a zero target zeroes the slots
     int64_t* slot = out + j * K;
-    const uint64_t first = base + static_cast<uint64_t>(j * K);
-    // Branch-free over the slots: a zero target zeroes them through `keep`.
-    const int64_t keep = target != 0 ? -1 : 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const uint64_t h = splitmix64(first + static_cast<uint64_t>(k));
-      // h >> 11 < 2^53: exact as a double, and int64 -> double converts in one instruction.
-      const double x = static_cast<double>(static_cast<int64_t>(h >> 11)) * 0x1.0p-53 * scale;
-      const int64_t idx = static_cast<int64_t>(x);
-      const int64_t item = (idx < top ? idx : top) + 1;
-      slot[k] = (item + (item >= target)) & keep;
-    }
+    for (int64_t k = 0; k < K; ++k) slot[k] = (slot[k] + (slot[k] >= target)) & keep;
   }
 }
 
