@@ -4,6 +4,7 @@ thread-count independence, negatives statistics, every bad input on both backend
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import pytest
@@ -544,6 +545,41 @@ def test_pool_reuses_only_released_blocks():
     del keep, c
     assert backends._C.release_cached_buffers() > 0
     assert backends._C.cached_buffers() == (0, 0)
+
+
+@needs_cpp
+def test_gil_released_while_encoding(monkeypatch):
+    # While the extension runs, another Python thread must be able to run: count its steps
+    # between the start and the end of each extension call (0 for all calls if the GIL is held).
+    real = backends._C.encode_batch
+    ticks, during = [0], []
+
+    def spy(*args):
+        before = ticks[0]
+        out = real(*args)
+        during.append(ticks[0] - before)
+        return out
+
+    monkeypatch.setattr(backends._C, "encode_batch", spy)
+    rng = np.random.default_rng(6)
+    offsets, items, times, lengths = _random_log(rng, 400, 400, 1000)
+    rows, ends = _random_rows(rng, lengths, 2048)
+    done = threading.Event()
+
+    def work():
+        try:
+            for _ in range(5):
+                encode_batch(offsets, items, times, rows, ends, 200, num_items=1000,
+                             num_negatives=8, num_threads=1, backend="cpp")  # fmt: skip
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while not done.is_set():
+        ticks[0] += 1
+    worker.join()
+    assert len(during) == 5 and max(during) > 0, during
 
 
 # ----------------------------------------------------------------------------- conveniences
