@@ -7,8 +7,11 @@
 
 namespace py = pybind11;
 
+void register_encode(py::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "spnn_fast C++ extension (batch encoder)";
   m.def("hardware_threads", []() { return std::thread::hardware_concurrency(); },
         "Threads the hardware reports (0 when unknown).");
+  register_encode(m);
 }

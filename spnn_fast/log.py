@@ -29,6 +29,8 @@ def _as_numpy(name: str, x: ArrayLike) -> np.ndarray:
             raise ValueError(f"{name} must be on the CPU, got device {x.device}")
         x = x.detach().numpy()
     x = np.asarray(x)
+    if x.size == 0 and x.dtype.kind == "f":  # np.asarray([]) is float64: an empty log
+        x = x.astype(np.int64)
     if x.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
     return x
@@ -36,6 +38,8 @@ def _as_numpy(name: str, x: ArrayLike) -> np.ndarray:
 
 def _raw_ids(name: str, x: np.ndarray) -> np.ndarray:
     """Raw ids as a dtype that .npy stores without pickle (integers or fixed-width strings)."""
+    if x.dtype == np.uint64:  # int64 would wrap ids >= 2**63
+        return x
     if x.dtype.kind in "iub":
         return x.astype(np.int64, copy=False)
     if x.dtype.kind in "US":
@@ -97,7 +101,7 @@ class InteractionLog:
         item_ids: np.ndarray,
         *,
         validate: bool = True,
-    ) -> "InteractionLog":
+    ) -> InteractionLog:
         """Wrap CSR arrays that already follow the layout (no copy)."""
         log = cls.__new__(cls)
         log._set(offsets, items, timestamps, user_ids, item_ids)
@@ -144,6 +148,12 @@ class InteractionLog:
     def validate(self) -> None:
         """Check the CSR invariants over the whole log; ValueError names the first violation."""
         off, items, ts = self.offsets, self.items, self.timestamps
+        for name, a in (("offsets", off), ("items", items), ("timestamps", ts)):
+            if a.dtype.kind not in "iu":
+                raise TypeError(f"{name} must have an integer dtype, got {a.dtype}")
+        for name, a in (("items", items), ("timestamps", ts)):
+            if a.ndim != 1:
+                raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
         if off.ndim != 1 or len(off) < 1:
             raise ValueError(f"offsets must be 1-D with at least one entry, got shape {off.shape}")
         if off[0] != 0:
@@ -152,17 +162,21 @@ class InteractionLog:
             raise ValueError(f"offsets[-1]={int(off[-1])} must equal len(items)={len(items)}")
         if len(ts) != len(items):
             raise ValueError(f"timestamps has {len(ts)} entries, items has {len(items)}")
-        bad = np.flatnonzero(np.diff(off) < 0)
+        bad = np.flatnonzero(off[1:] < off[:-1])  # no np.diff: it wraps on unsigned
         if len(bad):
             i = int(bad[0]) + 1
             raise ValueError(f"offsets decrease at index {i}: {int(off[i])} < {int(off[i - 1])}")
+        if len(self.user_ids) != self.num_users:
+            raise ValueError(
+                f"user_ids has {len(self.user_ids)} entries for {self.num_users} users (offsets)"
+            )
         bad = np.flatnonzero((items < 1) | (items > self.num_items))
         if len(bad):
             i = int(bad[0])
             raise ValueError(f"items[{i}]={int(items[i])} is outside [1, {self.num_items}]")
         starts = np.zeros(len(items), dtype=bool)
         starts[off[:-1][off[:-1] < len(items)]] = True
-        bad = np.flatnonzero((np.diff(ts) < 0) & ~starts[1:])
+        bad = np.flatnonzero((ts[1:] < ts[:-1]) & ~starts[1:])
         if len(bad):
             i = int(bad[0]) + 1
             raise ValueError(
@@ -189,7 +203,7 @@ class InteractionLog:
     @classmethod
     def load(
         cls, path: Union[str, os.PathLike], *, mmap: bool = True, validate: bool = False
-    ) -> "InteractionLog":
+    ) -> InteractionLog:
         """Read a log written by :meth:`save`; with ``mmap`` the arrays stay on disk.
 
         ``validate=True`` checks the whole log (reads every page). Without it only the sizes are

@@ -1,0 +1,232 @@
+"""``encode_batch``: windows of a CSR interaction log -> a padded :class:`SequenceBatch`.
+
+Two backends give bit-identical outputs, negatives included: ``"cpp"`` (``spnn_fast._C``,
+multi-threaded, GIL released, outputs handed to torch without a copy) and ``"torch"`` (the
+vectorized numpy definition in :mod:`spnn_fast.reference.encode`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from spnn_fast import backends
+from spnn_fast.reference.encode import encode_batch_ref
+
+__all__ = ["SequenceBatch", "default_num_threads", "encode_batch"]
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+# Below this many output slots per thread, extra threads cost more to start than they save
+# (only used when num_threads is left to its default).
+_SLOTS_PER_THREAD = 16384
+
+
+@dataclasses.dataclass
+class SequenceBatch:
+    """A padded batch of ``B`` windows of length ``L`` (CPU tensors unless moved with ``to``).
+
+    ``items``, ``timestamps``, ``time_buckets``, ``targets``: int64 ``[B, L]``; ``mask``: bool
+    ``[B, L]``, True at events; ``negatives``: int64 ``[B, L, K]`` or None when ``K = 0``.
+    """
+
+    items: torch.Tensor
+    timestamps: torch.Tensor
+    time_buckets: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+    negatives: Optional[torch.Tensor] = None
+
+    def _map(self, fn) -> SequenceBatch:
+        return SequenceBatch(
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> SequenceBatch:
+        """Every tensor moved to ``device`` (``non_blocking`` as in ``Tensor.to``)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SequenceBatch:
+        """Every tensor in page-locked memory (``DataLoader(pin_memory=True)`` calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+    @property
+    def batch_size(self) -> int:
+        return self.items.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.items.shape[1]
+
+
+def default_num_threads() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``), else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _as_int64(name: str, x: ArrayLike) -> np.ndarray:
+    """A 1-D C-contiguous int64 view of ``x`` (copied only when its dtype or layout differ)."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, got a tensor on {x.device}")
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+        x = x.detach().numpy()
+    elif not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or a CPU tensor, got {type(x).__name__}")
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
+    # np.ascontiguousarray would also do, but returns a base-class view of an np.memmap; keeping
+    # the object as it is makes "no copy" easy to see.
+    if x.dtype == np.int64 and x.flags.c_contiguous:
+        return x
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def _check_int(name: str, value: object, minimum: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {value}")
+    return int(value)
+
+
+def _check_log(offsets: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -> None:
+    if len(offsets) < 1:
+        raise ValueError("offsets must have at least one entry (U + 1 for U users), got 0")
+    if offsets[0] != 0:
+        raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
+    bad = np.flatnonzero(offsets[1:] < offsets[:-1])
+    if len(bad):
+        i = int(bad[0]) + 1
+        raise ValueError(
+            f"offsets decrease at index {i}: {int(offsets[i])} < {int(offsets[i - 1])}"
+        )
+    if offsets[-1] != len(items):
+        raise ValueError(f"offsets[-1]={int(offsets[-1])} must equal len(items)={len(items)}")
+    if len(timestamps) != len(items):
+        raise ValueError(f"timestamps has {len(timestamps)} entries, items has {len(items)}")
+
+
+def _check_rows(offsets: np.ndarray, rows: np.ndarray, ends: np.ndarray) -> None:
+    if len(rows) != len(ends):
+        raise ValueError(f"rows and ends must have equal lengths, got {len(rows)} and {len(ends)}")
+    num_users = len(offsets) - 1
+    bad = np.flatnonzero((rows < 0) | (rows >= num_users))
+    if len(bad):
+        b = int(bad[0])
+        raise ValueError(f"rows[{b}]={int(rows[b])} is outside [0, {num_users})")
+    lengths = offsets[rows + 1] - offsets[rows]
+    bad = np.flatnonzero((ends < 1) | (ends > lengths))
+    if len(bad):
+        b = int(bad[0])
+        raise ValueError(
+            f"ends[{b}]={int(ends[b])} is outside [1, {int(lengths[b])}] "
+            f"(the length of user {int(rows[b])} at rows[{b}])"
+        )
+
+
+def encode_batch(
+    offsets: ArrayLike,
+    items: ArrayLike,
+    timestamps: ArrayLike,
+    rows: ArrayLike,
+    ends: ArrayLike,
+    max_len: int,
+    *,
+    num_items: int,
+    num_time_buckets: int = 32,
+    num_negatives: int = 0,
+    seed: int = 0,
+    pad_side: str = "left",
+    num_threads: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> SequenceBatch:
+    """Encode ``B`` windows of a CSR interaction log into padded ``[B, L]`` tensors.
+
+    Args:
+        offsets: int ``[U + 1]``, ``offsets[0] = 0``, non-decreasing, ``offsets[U] = len(items)``;
+            user ``u``'s events are positions ``offsets[u]:offsets[u + 1]``.
+        items: int ``[N]``, item ids in ``[1, num_items]``.
+        timestamps: int ``[N]`` seconds, non-decreasing within each user.
+        rows: int ``[B]``, the user of each row, in ``[0, U)``.
+        ends: int ``[B]``, ``1 <= ends[b] <= len(user rows[b])``: the row's window is the user's
+            events at positions ``[max(0, e - L), e)``.
+        max_len: ``L >= 1``.
+        num_items: ``V``; items are ``1..V`` (0 is padding). ``V >= 2`` when sampling negatives.
+        num_time_buckets: ``NB >= 1``; ``time_buckets`` lie in ``[0, NB)``.
+        num_negatives: ``K >= 0`` negatives per position with a nonzero target.
+        seed: any int (taken mod 2**64); the same inputs and seed give the same negatives with any
+            thread count and either backend.
+        pad_side: ``"left"`` (events fill the last columns) or ``"right"``.
+        num_threads: C++ worker threads; default: the CPUs this process may use (fewer for small
+            batches). Outputs do not depend on it.
+        backend: ``"cpp"``, ``"torch"``, ``"auto"`` or None (``SPNN_FAST_BACKEND``, else auto).
+
+    Inputs are numpy arrays (``np.memmap`` included, read in place) or CPU tensors of any integer
+    dtype; other integer dtypes and non-contiguous arrays are converted to contiguous int64.
+
+    Returns:
+        :class:`SequenceBatch` with, for the event at user position ``p`` in column ``j``:
+        ``items [B, L]``, ``timestamps [B, L]``, ``mask [B, L]`` (True at events),
+        ``time_buckets [B, L]`` = 0 if ``p == 0`` else
+        ``min(NB - 1, bit_length(t[p] - t[p - 1]))`` (the gap may reach before the window),
+        ``targets [B, L]`` = the user's item at ``p + 1`` (0 after the last event), and
+        ``negatives [B, L, K]`` (None when ``K = 0``): items uniform on ``[1, V]`` without the
+        target, at positions whose target is nonzero. All are 0 at padding. The sampling formula
+        is in :mod:`spnn_fast.reference.encode`.
+
+    Raises:
+        TypeError: a non-integer array or argument. ValueError: a bad argument, naming it, the
+        first offending index and its value. The offsets, ``rows`` and ``ends`` are checked in
+        O(U + B); items and timestamps only where this call reads them (the window and the
+        target after it), so a bad event elsewhere goes unnoticed: ``InteractionLog.validate()``
+        checks a whole log once.
+    """
+    max_len = _check_int("max_len", max_len, 1)
+    num_time_buckets = _check_int("num_time_buckets", num_time_buckets, 1)
+    num_negatives = _check_int("num_negatives", num_negatives, 0)
+    num_items = _check_int(
+        "num_items",
+        num_items,
+        2 if num_negatives > 0 else 1,
+        f" to sample negatives (num_negatives={num_negatives})" if num_negatives > 0 else "",
+    )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed) & ((1 << 64) - 1)
+    if pad_side not in ("left", "right"):
+        raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
+    threads_given = num_threads is not None
+    if threads_given:
+        num_threads = _check_int("num_threads", num_threads, 1)
+
+    offsets = _as_int64("offsets", offsets)
+    items = _as_int64("items", items)
+    timestamps = _as_int64("timestamps", timestamps)
+    rows = _as_int64("rows", rows)
+    ends = _as_int64("ends", ends)
+    _check_log(offsets, items, timestamps)
+    _check_rows(offsets, rows, ends)
+
+    name = backends.select("encode_batch", backend, ("cpp", "torch"), "cpu")
+    args = (offsets, items, timestamps, rows, ends, max_len, num_items, num_time_buckets)
+    if name == "cpp":
+        if not threads_given:
+            slots = len(rows) * max_len * (1 + num_negatives)
+            num_threads = max(1, min(default_num_threads(), slots // _SLOTS_PER_THREAD))
+        out = backends._C.encode_batch(*args, num_negatives, seed, pad_side == "left", num_threads)
+    else:
+        out = encode_batch_ref(*args, num_negatives, seed, pad_side == "left")
+    return SequenceBatch(*(None if a is None else torch.from_numpy(a) for a in out))

@@ -1,0 +1,192 @@
+"""InteractionLog: grouping, stable time order, id maps, validation, memory-mapped round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from spnn_fast import InteractionLog, backends
+from spnn_fast.encode import encode_batch
+
+
+def _events(log: InteractionLog, u: int) -> list[tuple]:
+    """User u's events as (raw item id, timestamp) pairs in log order."""
+    items, times = log.user_events(u)
+    return [(log.item_ids[i - 1].item(), int(t)) for i, t in zip(items, times)]
+
+
+def test_hand_case():
+    users = [20, 10, 20, 30, 10, 20]
+    items = [7, 5, 5, 9, 7, 8]
+    times = [50, 40, 10, 5, 30, 20]
+    log = InteractionLog(users, items, times)
+    assert log.user_ids.tolist() == [10, 20, 30] and log.item_ids.tolist() == [5, 7, 8, 9]
+    assert (log.num_users, log.num_items, log.num_events, len(log)) == (3, 4, 6, 6)
+    assert log.offsets.tolist() == [0, 2, 5, 6]
+    assert log.lengths.tolist() == [2, 3, 1]
+    assert log.items.tolist() == [2, 1, 1, 3, 2, 4]  # 7 5 | 5 8 7 | 9 remapped to 1..4
+    assert log.timestamps.tolist() == [30, 40, 10, 20, 50, 5]
+    assert _events(log, 1) == [(5, 10), (8, 20), (7, 50)]
+    for a in (log.offsets, log.items, log.timestamps):
+        assert a.dtype == np.int64
+    assert repr(log) == "InteractionLog(users=3, items=4, events=6)"
+    log.validate()
+    with pytest.raises(ValueError, match=r"u=3 is outside \[0, 3\)"):
+        log.user_events(3)
+
+
+def test_ties_keep_input_order():
+    # Equal timestamps within a user keep their input order (a stable sort), whatever the
+    # interleaving with other users and with earlier/later events.
+    users = np.array([1, 0, 1, 1, 0, 1, 1])
+    items = np.array([10, 11, 12, 13, 14, 15, 16])
+    times = np.array([5, 3, 5, 1, 3, 5, 9])
+    log = InteractionLog(users, items, times)
+    assert _events(log, 0) == [(11, 3), (14, 3)]
+    assert _events(log, 1) == [(13, 1), (10, 5), (12, 5), (15, 5), (16, 9)]
+
+
+def test_random_log_matches_a_python_sort():
+    rng = np.random.default_rng(0)
+    n = 2000
+    users = rng.integers(0, 40, n) * 7 - 100
+    items = rng.integers(0, 300, n) + 10**12
+    times = rng.integers(0, 50, n)  # many ties
+    log = InteractionLog(users, items, times)
+    log.validate()
+    for u, raw in enumerate(log.user_ids.tolist()):
+        want = sorted(
+            [
+                (int(t), k, int(i))
+                for k, (r, i, t) in enumerate(zip(users, items, times))
+                if r == raw
+            ]
+        )
+        assert _events(log, u) == [(i, t) for t, _, i in want]
+
+
+def test_string_and_other_ids():
+    log = InteractionLog(["bob", "amy", "bob"], np.array(["x", "y", "x"]), np.array([2, 1, 1]))
+    assert log.user_ids.tolist() == ["amy", "bob"] and log.item_ids.tolist() == ["x", "y"]
+    assert _events(log, 1) == [("x", 1), ("x", 2)]
+    log = InteractionLog(np.array(["a", 3], dtype=object), [1, 1], [0, 0])  # mixed: as strings
+    assert log.user_ids.tolist() == ["3", "a"]
+    big = np.array([2**64 - 1, 2**63], dtype=np.uint64)  # would wrap as int64
+    log = InteractionLog(big, big, torch.tensor([1, 2]))
+    assert log.user_ids.tolist() == [2**63, 2**64 - 1]
+    assert log.items.tolist() == [1, 2]  # user 2**63 first, with item 2**63 (id 1)
+
+
+def test_empty_log():
+    log = InteractionLog([], [], [])
+    assert (log.num_users, log.num_items, log.num_events) == (0, 0, 0)
+    assert log.offsets.tolist() == [0]
+    log.validate()
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (([1, 2], [1], [1, 2]), ValueError, r"equal lengths, got 2, 1 and 2"),
+        (([1], [1], [1.5]), TypeError, r"timestamps must be integers"),
+        (([1.0], [1], [1]), TypeError, r"users must hold integer or string ids, got dtype float64"),
+        (([[1]], [1], [1]), ValueError, r"users must be 1-D, got shape \(1, 1\)"),
+    ],
+)
+def test_constructor_errors(args, error, match):
+    with pytest.raises(error, match=match):
+        InteractionLog(*args)
+
+
+def _csr_parts():
+    log = InteractionLog([0, 0, 1, 1, 1], [1, 2, 3, 1, 2], [1, 2, 3, 4, 5])
+    return {n: getattr(log, n).copy() for n in ("offsets", "items", "timestamps", "user_ids", "item_ids")}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"offsets": np.array([1, 2, 5])}, ValueError, r"offsets\[0\] must be 0, got 1"),
+        ({"offsets": np.array([0, 2, 4])}, ValueError, r"offsets\[-1\]=4 must equal len\(items\)=5"),
+        ({"offsets": np.array([0, 3, 2, 5])}, ValueError, r"offsets decrease at index 2: 2 < 3"),
+        ({"offsets": np.array([0.0, 2, 5])}, TypeError, r"offsets must have an integer dtype"),
+        ({"timestamps": np.arange(4)}, ValueError, r"timestamps has 4 entries, items has 5"),
+        ({"items": np.array([1, 2, 3, 0, 2])}, ValueError, r"items\[3\]=0 is outside \[1, 3\]"),
+        ({"items": np.array([1, 2, 4, 1, 2])}, ValueError, r"items\[2\]=4 is outside \[1, 3\]"),
+        ({"timestamps": np.array([1, 2, 3, 5, 4])}, ValueError,
+         r"timestamps decrease within a user at index 4: 4 < 5"),
+        ({"user_ids": np.array([7])}, ValueError, r"user_ids has 1 entries for 2 users"),
+    ],
+)  # fmt: skip
+def test_validate_names_the_first_violation(change, error, match):
+    parts = {**_csr_parts(), **change}
+    with pytest.raises(error, match=match):
+        InteractionLog.from_csr(**parts)
+    InteractionLog.from_csr(**parts, validate=False)  # wraps as is when asked not to check
+
+
+def test_validate_allows_time_to_go_back_between_users():
+    parts = _csr_parts()
+    parts["timestamps"] = np.array([10, 20, 3, 4, 5])
+    InteractionLog.from_csr(**parts).validate()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.skipif(backends._C is None, reason="no _C")), "torch"])  # fmt: skip
+def test_memmap_round_trip_feeds_encode_batch(tmp_path, monkeypatch, backend):
+    rng = np.random.default_rng(1)
+    n = 500
+    log = InteractionLog(rng.integers(0, 20, n), rng.integers(0, 60, n), rng.integers(0, 10**9, n))
+    log.save(tmp_path / "log")
+    assert sorted(os.listdir(tmp_path / "log")) == sorted(
+        ["meta.json"] + [f"{a}.npy" for a in ("offsets", "items", "timestamps", "user_ids", "item_ids")]
+    )  # fmt: skip
+    loaded = InteractionLog.load(tmp_path / "log")
+    for name in ("offsets", "items", "timestamps", "user_ids", "item_ids"):
+        a = getattr(loaded, name)
+        assert isinstance(a, np.memmap), name
+        assert np.array_equal(a, getattr(log, name)), name
+    loaded.validate()
+    assert not isinstance(InteractionLog.load(tmp_path / "log", mmap=False).items, np.memmap)
+
+    rows = rng.integers(0, loaded.num_users, 16)
+    ends = rng.integers(1, loaded.lengths[rows] + 1)
+    kw = dict(num_items=loaded.num_items, num_negatives=2, backend=backend)
+    if backend == "cpp":  # the mapped arrays reach the extension without a copy
+        seen = []
+        real = backends._C.encode_batch
+        monkeypatch.setattr(backends._C, "encode_batch", lambda *a: seen.append(a) or real(*a))
+    got = encode_batch(loaded.offsets, loaded.items, loaded.timestamps, rows, ends, 32, **kw)
+    want = encode_batch(log.offsets, log.items, log.timestamps, rows, ends, 32, **kw)
+    for f in ("items", "timestamps", "time_buckets", "mask", "targets", "negatives"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    if backend == "cpp":
+        args = seen[0]
+        assert args[1] is loaded.items and args[2] is loaded.timestamps
+
+
+def test_string_ids_round_trip(tmp_path):
+    log = InteractionLog(["u2", "u1", "u2"], ["b", "a", "c"], [3, 2, 1])
+    log.save(tmp_path)
+    loaded = InteractionLog.load(tmp_path, validate=True)
+    assert loaded.user_ids.tolist() == ["u1", "u2"] and loaded.item_ids.tolist() == ["a", "b", "c"]
+    assert loaded.items.tolist() == log.items.tolist()
+    log.save(tmp_path)  # overwriting a folder that is memory-mapped right now is fine
+    assert InteractionLog.load(tmp_path).items.tolist() == log.items.tolist()
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        InteractionLog.load(tmp_path)
+    log = InteractionLog([0, 1], [1, 2], [0, 0])
+    log.save(tmp_path)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "num_events": 3}))
+    with pytest.raises(ValueError, match="do not match meta.json sizes"):
+        InteractionLog.load(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "format": "other/9"}))
+    with pytest.raises(ValueError, match="unknown format 'other/9'"):
+        InteractionLog.load(tmp_path)
