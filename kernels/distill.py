@@ -375,7 +375,9 @@ def _prepare(hs, ws, ht, wt, y, alpha):
         raise ValueError(f"the Triton distillation kernels take fp32/fp16/bf16, got {hs.dtype}")
     for name, t in (("student_hidden", hs), ("teacher_hidden", ht)):
         if t is not None and t.shape[1] > MAX_DIM:
-            raise ValueError(f"{name} has {t.shape[1]} features; the Triton kernels take <= {MAX_DIM}")
+            raise ValueError(
+                f"{name} has {t.shape[1]} features; the Triton kernels take <= {MAX_DIM}"
+            )
     hs, ws = hs.contiguous(), ws.contiguous()
     if has_kd:
         ht, wt = ht.contiguous(), wt.contiguous()

@@ -81,7 +81,9 @@ def _config(k: int):
 
 def _check(s: torch.Tensor) -> None:
     if s.shape[1] > MAX_K:
-        raise ValueError(f"student_emb has K={s.shape[1]} features; the Triton kernel takes <= {MAX_K}")
+        raise ValueError(
+            f"student_emb has K={s.shape[1]} features; the Triton kernel takes <= {MAX_K}"
+        )
 
 
 def feature_distill_fwd(

@@ -33,7 +33,9 @@ def _check_matrix(name: str, t: object) -> Tensor:
 
 def _check_same(name_a: str, a: Tensor, name_b: str, b: Tensor, dtype: bool = True) -> None:
     if a.device != b.device:
-        raise ValueError(f"{name_a} ({_describe(a)}) and {name_b} ({_describe(b)}) are on different devices")
+        raise ValueError(
+            f"{name_a} ({_describe(a)}) and {name_b} ({_describe(b)}) are on different devices"
+        )
     if dtype and a.dtype != b.dtype:
         raise ValueError(f"{name_a} ({_describe(a)}) and {name_b} ({_describe(b)}) differ in dtype")
 
@@ -196,7 +198,9 @@ def feature_distillation_loss(
     _check_same("student_emb", student_emb, "weights", weights, dtype=False)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a number > 0, got {eps!r}")
-    name = backends.select("feature_distillation_loss", backend, ("triton", "torch"), student_emb.device)
+    name = backends.select(
+        "feature_distillation_loss", backend, ("triton", "torch"), student_emb.device
+    )
     if name == "triton":
         why = None
         if student_emb.dtype == torch.float64:
@@ -204,7 +208,9 @@ def feature_distillation_loss(
         elif student_emb.shape[1] > 8192:
             why = f"the kernel takes K <= 8192, got {student_emb.shape[1]}"
         if why is not None and backend == "triton":
-            raise ValueError(f"feature_distillation_loss: backend='triton' cannot run this call: {why}")
+            raise ValueError(
+                f"feature_distillation_loss: backend='triton' cannot run this call: {why}"
+            )
         if why is None:
             return feature_distill_rows(student_emb, teacher_emb, weights, float(eps)).sum()
     return feature_distillation_loss_reference(student_emb, teacher_emb, weights, float(eps))

@@ -64,7 +64,9 @@ def _check_feats(name: str, feats: Tensor, dim: int, mask: Optional[Tensor] = No
     if mask is not None and (
         not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != feats.shape[:2]
     ):
-        got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        got = (
+            f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        )
         raise ValueError(f"mask must be a bool tensor [B, L] = {tuple(feats.shape[:2])}, got {got}")
 
 
@@ -179,7 +181,7 @@ class FeatureDistiller(nn.Module):
 
         _check_feats("student_feats", student_feats, self.d_student, mask)
         _check_feats("teacher_feats", teacher_feats, self.d_teacher, mask)
-        b, l = mask.shape
+        b, seq_len = mask.shape
         with torch.no_grad():
             teacher_feats = teacher_feats.detach()
             weights = self.detector.weights(teacher_feats, mask) / b
@@ -187,7 +189,7 @@ class FeatureDistiller(nn.Module):
         e_s = self.student_proj(student_feats)
         k = self.d_knowledge
         return feature_distillation_loss(
-            e_s.reshape(b * l, k), e_t.reshape(b * l, k), weights.reshape(b * l),
+            e_s.reshape(b * seq_len, k), e_t.reshape(b * seq_len, k), weights.reshape(-1),
             eps=self.eps, backend=self.backend,
         )  # fmt: skip
 

@@ -19,7 +19,9 @@ def _kernels():
 
 
 @torch.library.custom_op("spnn_fast::feature_distill_rows", mutates_args=())
-def feature_distill_rows(student_emb: Tensor, teacher_emb: Tensor, weights: Tensor, eps: float) -> Tensor:
+def feature_distill_rows(
+    student_emb: Tensor, teacher_emb: Tensor, weights: Tensor, eps: float
+) -> Tensor:
     return _kernels().feature_distill_fwd(student_emb, teacher_emb, weights, eps)
 
 

@@ -45,9 +45,9 @@ LOGIT_BUDGET_BYTES = 64 * 2**20
 # Rows per chunk below which the catalogue is split instead: thin row chunks turn the matmuls into
 # matrix-vector products that re-read all of Ws for every few rows.
 MIN_CHUNK_ROWS = 256
-# How many chunk-sized temporaries the forward/backward hold at the same time (logits of both
-# models, probabilities, and logsumexp's own buffer).
-_N_TEMPS = 4
+# The chunk-sized buffers the forward/backward hold: allocated once per call and reused for every
+# chunk (fresh temporaries per chunk fragment the CPU heap and cost page faults).
+_N_TEMPS = 3
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -104,8 +104,14 @@ def distillation_loss_reference(
     return reduce_rows(loss, target, ignore_index, reduction)
 
 
-def chunk_plan(n: int, v: int, elem_size: int, budget: int = LOGIT_BUDGET_BYTES) -> Tuple[int, int]:
-    """``(rows, cols)`` of one logits chunk so that the temporaries stay within ``budget`` bytes."""
+def chunk_plan(n: int, v: int, elem_size: int, budget: Optional[int] = None) -> Tuple[int, int]:
+    """``(rows, cols)`` of one logits chunk so that the temporaries stay within ``budget`` bytes.
+
+    ``budget`` defaults to :data:`LOGIT_BUDGET_BYTES` (read at call time). Whole catalogue rows
+    while at least ``min(n, MIN_CHUNK_ROWS)`` of them fit, else ``MIN_CHUNK_ROWS`` rows and as many
+    columns as fit (at least one).
+    """
+    budget = LOGIT_BUDGET_BYTES if budget is None else budget
     elems = max(1, budget // (elem_size * _N_TEMPS))
     if n * v <= elems:
         return max(n, 1), v
@@ -124,11 +130,30 @@ def _flags(alpha: float) -> Tuple[bool, bool]:
     return alpha < 1, alpha > 0  # (has_ce, has_kd)
 
 
-def _logits(h: Tensor, w: Tensor, cdt: torch.dtype) -> Tensor:
-    if h.dtype in (torch.float16, torch.bfloat16) and h.device.type == "cpu":
-        # Half matmuls are slow on the CPU; the product is accumulated in fp32 either way.
-        return h.to(cdt) @ w.to(cdt).T
-    return (h @ w.T).to(cdt)
+class _Workspace:
+    """``_N_TEMPS`` flat buffers of ``rows * cols`` elements; ``take(i, r, c)`` views one."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.bufs = [torch.empty(rows * cols, dtype=dtype, device=device) for _ in range(_N_TEMPS)]
+
+    def take(self, i: int, r: int, c: int) -> Tensor:
+        return self.bufs[i][: r * c].view(r, c)
+
+
+def _logits_into(out: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """``out = h @ w.T`` in ``out``'s dtype (the matmul runs in the input dtype, as eager's)."""
+    if h.dtype == out.dtype:
+        return torch.matmul(h, w.T, out=out)
+    if h.device.type == "cpu":  # half matmuls are slow on the CPU; accumulate in fp32 either way
+        return torch.matmul(h.to(out.dtype), w.to(out.dtype).T, out=out)
+    return out.copy_(h @ w.T)
+
+
+def _max_sumexp(z: Tensor, tmp: Tensor) -> Tuple[Tensor, Tensor]:
+    """Row max ``m`` and ``sum(exp(z - m))``; leaves ``exp(z - m)`` in ``tmp``."""
+    m = z.amax(dim=1)
+    torch.sub(z, m[:, None], out=tmp).exp_()
+    return m, tmp.sum(dim=1)
 
 
 @torch.no_grad()
@@ -153,35 +178,35 @@ def distill_rows_chunked(
     has_ce, has_kd = _flags(alpha)
     inv_t = 1.0 / temperature
     rows, cols = chunk or chunk_plan(n, v, torch.finfo(cdt).bits // 8)
+    work = _Workspace(rows, cols, cdt, hs.device)
     neg_inf = torch.full((n,), float("-inf"), dtype=cdt, device=hs.device)
     lse_s, lse_st, lse_tt = neg_inf.clone(), neg_inf.clone(), neg_inf.clone()
     z_y = hs.new_zeros(n, dtype=cdt)  # target logit
     kd_mean = hs.new_zeros(n, dtype=cdt)  # E_{p_t}[z_t/T - z_s/T], combined across column chunks
     for r0, r1 in _spans(n, rows):
-        hs_r = hs[r0:r1]
-        ht_r = ht[r0:r1] if has_kd else None
-        y_r = target[r0:r1] if has_ce else None
         for c0, c1 in _spans(v, cols):
-            zs = _logits(hs_r, ws[c0:c1], cdt)
+            zs = _logits_into(work.take(0, r1 - r0, c1 - c0), hs[r0:r1], ws[c0:c1])
+            tmp = work.take(1, r1 - r0, c1 - c0)
             if has_ce:
-                lse_s[r0:r1] = torch.logaddexp(lse_s[r0:r1], torch.logsumexp(zs, dim=1))
-                local = y_r - c0
+                m, s = _max_sumexp(zs, tmp)
+                lse_s[r0:r1] = torch.logaddexp(lse_s[r0:r1], m + s.log())
+                local = target[r0:r1] - c0
                 inside = (local >= 0) & (local < c1 - c0)
                 picked = zs.gather(1, local.clamp(0, c1 - c0 - 1)[:, None])[:, 0]
                 z_y[r0:r1] += torch.where(inside, picked, torch.zeros_like(picked))
             if has_kd:
                 zs.mul_(inv_t)
-                lse_st[r0:r1] = torch.logaddexp(lse_st[r0:r1], torch.logsumexp(zs, dim=1))
-                zt = _logits(ht_r, wt[c0:c1], cdt).mul_(inv_t)
-                lse_c = torch.logsumexp(zt, dim=1)
-                zs.sub_(zt).neg_()  # z_t/T - z_s/T
-                mean_c = zt.sub_(lse_c[:, None]).exp_().mul_(zs).sum(1)
+                m, s = _max_sumexp(zs, tmp)
+                lse_st[r0:r1] = torch.logaddexp(lse_st[r0:r1], m + s.log())
+                zt = _logits_into(work.take(2, r1 - r0, c1 - c0), ht[r0:r1], wt[c0:c1])
+                zt.mul_(inv_t)
+                m, s = _max_sumexp(zt, tmp)  # tmp = exp(z_t/T - m)
+                lse_c = m + s.log()
+                mean_c = tmp.mul_(zt.sub_(zs)).sum(dim=1) / s  # E_chunk[z_t/T - z_s/T]
                 new = torch.logaddexp(lse_tt[r0:r1], lse_c)
-                kd_mean[r0:r1] = kd_mean[r0:r1] * torch.exp(lse_tt[r0:r1] - new) + mean_c * torch.exp(
-                    lse_c - new
-                )
+                old_w, new_w = torch.exp(lse_tt[r0:r1] - new), torch.exp(lse_c - new)
+                kd_mean[r0:r1] = kd_mean[r0:r1] * old_w + mean_c * new_w
                 lse_tt[r0:r1] = new
-            del zs
     loss = hs.new_zeros(n, dtype=cdt)
     if has_ce:
         loss += (1.0 - alpha) * (lse_s - z_y)
@@ -220,6 +245,7 @@ def distill_rows_chunked_backward(
     has_ce, has_kd = _flags(alpha)
     inv_t = 1.0 / temperature
     rows, cols = chunk or chunk_plan(n, v, torch.finfo(cdt).bits // 8)
+    work = _Workspace(rows, cols, cdt, hs.device)
     g = grad_rows.to(cdt)
     if target is not None:
         g = torch.where(target != ignore_index, g, torch.zeros_like(g))
@@ -227,26 +253,25 @@ def distill_rows_chunked_backward(
     d_ws = torch.zeros(ws.shape, dtype=cdt, device=ws.device)
     for r0, r1 in _spans(n, rows):
         hs_r = hs[r0:r1].to(cdt)
-        g_r = g[r0:r1, None]
         for c0, c1 in _spans(v, cols):
+            r, c = r1 - r0, c1 - c0
             ws_c = ws[c0:c1].to(cdt)
-            zs = hs_r @ ws_c.T if hs.dtype == cdt else _logits(hs[r0:r1], ws[c0:c1], cdt)
+            zs = _logits_into(work.take(0, r, c), hs[r0:r1], ws[c0:c1])
             dz = None
             if has_kd:
-                pt = _logits(ht[r0:r1], wt[c0:c1], cdt).mul_(inv_t)
-                pt.sub_(lse_tt[r0:r1, None]).exp_()
-                dz = torch.mul(zs, inv_t).sub_(lse_st[r0:r1, None]).exp_().sub_(pt)
-                del pt
-                dz.mul_(alpha * temperature)
+                pt = _logits_into(work.take(1, r, c), ht[r0:r1], wt[c0:c1])
+                pt.mul_(inv_t).sub_(lse_tt[r0:r1, None]).exp_()
+                dz = torch.mul(zs, inv_t, out=work.take(2, r, c))
+                dz.sub_(lse_st[r0:r1, None]).exp_().sub_(pt).mul_(alpha * temperature)
             if has_ce:
                 ps = zs.sub_(lse_s[r0:r1, None]).exp_().mul_(1.0 - alpha)
                 local = target[r0:r1] - c0
-                hit = torch.nonzero((local >= 0) & (local < c1 - c0)).flatten()
-                ps.index_put_((hit, local[hit]), ps.new_full(hit.shape, alpha - 1.0), accumulate=True)
+                hit = torch.nonzero((local >= 0) & (local < c)).flatten()
+                ps.index_put_(
+                    (hit, local[hit]), ps.new_full(hit.shape, alpha - 1.0), accumulate=True
+                )
                 dz = ps if dz is None else dz.add_(ps)
-            del zs
-            dz.mul_(g_r)
+            dz.mul_(g[r0:r1, None])
             d_hs[r0:r1].addmm_(dz, ws_c)
             d_ws[c0:c1].addmm_(dz.T, hs_r)
-            del dz
     return d_hs.to(hs.dtype), d_ws.to(ws.dtype)
