@@ -179,8 +179,14 @@ class FeatureDistiller(nn.Module):
     def forward(self, student_feats: Tensor, teacher_feats: Tensor, mask: Tensor) -> Tensor:
         from spnn_fast.functional import feature_distillation_loss
 
+        _check_feats("student_feats", student_feats, self.d_student)
+        _check_feats("teacher_feats", teacher_feats, self.d_teacher)
+        if student_feats.shape[:2] != teacher_feats.shape[:2]:
+            raise ValueError(
+                f"student_feats {tuple(student_feats.shape)} and teacher_feats "
+                f"{tuple(teacher_feats.shape)} must share [B, L]"
+            )
         _check_feats("student_feats", student_feats, self.d_student, mask)
-        _check_feats("teacher_feats", teacher_feats, self.d_teacher, mask)
         b, seq_len = mask.shape
         with torch.no_grad():
             teacher_feats = teacher_feats.detach()
