@@ -147,7 +147,7 @@ def test_triton_tile_edges(block):
     )
     for name, a, e in zip(("loss", "lse_s", "lse_sT", "lse_tT"), (loss, *stats), want):
         assert_close(a, e, name)
-    g = torch.rand(37, dtype=torch.float32)
+    g = torch.rand(37, dtype=torch.float32, device=DEVICE)
     d_hs, d_ws = K.distill_bwd(g, *args[:5], *stats, *args[5:], block=block)
     w64 = [t.double() if t.is_floating_point() else t for t in args[:5]]
     e_hs, e_ws = ref.distill_rows_chunked_backward(g.double(), *w64, *want[1:], *args[5:])
@@ -188,7 +188,7 @@ def test_chunked_matches_reference(chunk, alpha):
         *args[:5], temperature=3.0, alpha=alpha, reduction="none"
     )
     assert_close(loss, want, "loss", rtol=1e-10, atol=1e-12)
-    g = torch.rand(n, dtype=torch.float64)
+    g = torch.rand(n, dtype=torch.float64, device=DEVICE)
     d_hs, d_ws = ref.distill_rows_chunked_backward(g, *args[:5], *stats, *args[5:], chunk=chunk)
     hs = inp["hs"].clone().requires_grad_()
     ws = inp["ws"].clone().requires_grad_()
@@ -451,3 +451,50 @@ def test_torch_path_memory_is_bounded():
     peak = int(proc.stdout.strip().splitlines()[-1])
     print(f"peak extra RSS of the chunked path: {peak / 2**20:.0f} MiB")
     assert peak < 0.5e9, f"peak extra RSS {peak / 2**20:.0f} MiB >= 0.5 GB"
+
+
+# --- GPU only: half precision in the kernels, and no N x V allocation ---------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_triton_low_precision_within_reference_error(dtype, alpha):
+    """The kernels' error at a dtype stays within a small multiple of the naive version's own
+    error at that dtype (both against the float64 reference)."""
+    inp = make_inputs(257, 4097, ds=64, dt=128, dtype=dtype)
+    kw = dict(alpha=alpha, temperature=2.0, reduction="sum")
+    got = run_loss(SF.distillation_loss, inp, backend="triton", **kw)
+    naive = run_loss(ref.distillation_loss_reference, inp, **kw)
+    want = reference64(inp, **kw)
+    for name, a, b, e in zip(("loss", "d_student_hidden", "d_student_items"), got, naive, want):
+        err, base = (a - e).abs().max().item(), (b - e).abs().max().item()
+        floor = 1e-6 * (1 + e.abs().max().item())
+        assert err <= 3 * base + floor, (
+            f"{dtype} {name}: kernel err {err:.3e}, naive err {base:.3e}"
+        )
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_triton_memory_is_bounded_on_gpu(alpha):
+    n, v = 4096, 200_000
+    inp = make_inputs(n, v, ds=64, dt=64, ignore_frac=0.1)
+    hs = inp["hs"].clone().requires_grad_()
+    ws = inp["ws"].clone().requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    SF.distillation_loss(
+        hs, ws, inp["ht"], inp["wt"], inp["y"], alpha=alpha, backend="triton"
+    ).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # gradients (N x D + V x D, fp32) plus O(N) statistics; one N x V fp32 copy would be 3.3 GB
+    assert extra < 4 * (n + v) * 64 * 4 + 2**20, f"peak extra {extra / 2**20:.0f} MiB"

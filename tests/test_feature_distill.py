@@ -205,13 +205,13 @@ def _distiller_inputs(b=3, seq_len=7, ds=10, dt=14, seed=0):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(b, seq_len, ds, generator=g)
     t = torch.randn(b, seq_len, dt, generator=g)
-    return s, t, _mask(b, seq_len, [seq_len, 4, 1][:b])
+    return s.to(DEVICE), t.to(DEVICE), _mask(b, seq_len, [seq_len, 4, 1][:b]).to(DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_distiller_matches_plain_torch(backend):
     torch.manual_seed(0)
-    dist = snn.FeatureDistiller(10, 14, d_knowledge=16, backend=backend)
+    dist = snn.FeatureDistiller(10, 14, d_knowledge=16, backend=backend).to(DEVICE)
     s, t, mask = _distiller_inputs()
     got = dist(s, t, mask)
     a = dist.detector.weights(t, mask)
@@ -224,7 +224,7 @@ def test_distiller_matches_plain_torch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_distiller_gradients_reach_only_the_student(backend):
     det = snn.KnowledgeDetector(14)
-    dist = snn.FeatureDistiller(10, 14, d_knowledge=16, detector=det, backend=backend)
+    dist = snn.FeatureDistiller(10, 14, d_knowledge=16, detector=det, backend=backend).to(DEVICE)
     assert dist.detector is det and not any(p.requires_grad for p in det.parameters())
     s, t, mask = _distiller_inputs()
     s.requires_grad_()
@@ -241,7 +241,7 @@ def test_distiller_gradients_reach_only_the_student(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_distiller_ignores_padding(backend):
-    dist = snn.FeatureDistiller(10, 14, d_knowledge=16, backend=backend)
+    dist = snn.FeatureDistiller(10, 14, d_knowledge=16, backend=backend).to(DEVICE)
     s, t, mask = _distiller_inputs()
     base = dist(s, t, mask)
     s2, t2 = s.clone(), t.clone()
@@ -260,7 +260,7 @@ def test_distiller_teacher_projection_is_orthogonal():
 
 
 def test_distiller_bad_input():
-    dist = snn.FeatureDistiller(10, 14, d_knowledge=16)
+    dist = snn.FeatureDistiller(10, 14, d_knowledge=16).to(DEVICE)
     s, t, mask = _distiller_inputs()
     with pytest.raises(ValueError, match="student_feats"):
         dist(s[..., :9], t, mask)
