@@ -154,7 +154,6 @@ def _dlogits(
     ht,
     wt,
     y,
-    g,
     lse_s,
     lse_st,
     lse_tt,
@@ -167,7 +166,8 @@ def _dlogits(
     HAS_KD: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dloss/dz_s for one [rows, cols] tile, recomputed from the saved statistics (fp32)."""
+    """dloss_n/dz_s for one [rows, cols] tile before the row's incoming gradient g_n (fp32, in
+    [-1, 1] up to the weights): recomputed from the saved statistics."""
     zs = tl.dot(hs, tl.trans(ws), input_precision=PRECISION)
     dz = tl.zeros(zs.shape, dtype=tl.float32)
     if HAS_CE:
@@ -179,7 +179,7 @@ def _dlogits(
         pst = tl.exp(zs * inv_t - lse_st[:, None])
         ptt = tl.exp(zt * inv_t - lse_tt[:, None])
         dz += kd_gw * (pst - ptt)
-    return tl.where(col_ok[None, :], dz * g[:, None], 0.0)
+    return tl.where(col_ok[None, :], dz, 0.0)
 
 
 @triton.jit(do_not_specialize=["N", "V"])
@@ -254,10 +254,12 @@ def _distill_bwd_dh_kernel(
                 other=0.0,
             )
         dz = _dlogits(
-            hs, ws, ht, wt, y, g, lse_s, lse_st, lse_tt, cols, col_ok, inv_t, ce_w, kd_gw,
+            hs, ws, ht, wt, y, lse_s, lse_st, lse_tt, cols, col_ok, inv_t, ce_w, kd_gw,
             HAS_CE, HAS_KD, PRECISION,
         )  # fmt: skip
         d_hs += tl.dot(dz.to(ws.dtype), ws, input_precision=PRECISION)
+    # g_n scales whole rows: applied after the products, so fp16 never holds g * dz (underflow).
+    d_hs = d_hs * g[:, None]
     tl.store(
         DHS + rows[:, None] * DS + offs_ds[None, :],
         d_hs.to(DHS.dtype.element_ty),
@@ -277,6 +279,7 @@ def _distill_bwd_dw_kernel(
     LSE_ST,
     LSE_TT,
     DWS,
+    GMAX,
     N,
     V,
     DS,
@@ -311,6 +314,8 @@ def _distill_bwd_dw_kernel(
             mask=col_ok[:, None] & (offs_dt[None, :] < DT),
             other=0.0,
         )
+    gmax = tl.load(GMAX)
+    inv_gmax = 1.0 / gmax
     d_ws = tl.zeros([BLOCK_V, BLOCK_DS], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -337,10 +342,13 @@ def _distill_bwd_dw_kernel(
         lse_st = tl.load(LSE_ST + rows, mask=row_ok, other=0.0)
         lse_tt = tl.load(LSE_TT + rows, mask=row_ok, other=0.0)
         dz = _dlogits(
-            hs, ws, ht, wt, y, g, lse_s, lse_st, lse_tt, cols, col_ok, inv_t, ce_w, kd_gw,
+            hs, ws, ht, wt, y, lse_s, lse_st, lse_tt, cols, col_ok, inv_t, ce_w, kd_gw,
             HAS_CE, HAS_KD, PRECISION,
         )  # fmt: skip
-        d_ws += tl.dot(tl.trans(dz.to(hs.dtype)), hs, input_precision=PRECISION)
+        # Rows scaled by g_n / max|g| (in [-1, 1]) so that fp16 operands keep their range.
+        hs_g = (hs.to(tl.float32) * (g * inv_gmax)[:, None]).to(hs.dtype)
+        d_ws += tl.dot(tl.trans(dz.to(hs.dtype)), hs_g, input_precision=PRECISION)
+    d_ws = d_ws * gmax
     tl.store(
         DWS + cols[:, None] * DS + offs_ds[None, :],
         d_ws.to(DWS.dtype.element_ty),
@@ -352,14 +360,19 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _config(block_ds: int, block_dt: int, has_kd: bool) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_V, num_warps): tiles shrink as the rows held in registers widen."""
+def _config(block_ds: int, block_dt: int, has_kd: bool, elem: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, num_warps, num_stages): tiles shrink as the rows held in registers
+    widen; pipeline stages are limited so the staged operand tiles fit in shared memory."""
     width = block_ds + (block_dt if has_kd else 0)
     if width <= 128:
-        return 64, 128, 4
-    if width <= 256:
-        return 64, 64, 4
-    return 32, 64, 8
+        block_n, block_v = 64, 128
+    elif width <= 256:
+        block_n, block_v = 64, 64
+    else:
+        block_n, block_v = 32, 64
+    per_stage = max(block_n, block_v) * width * elem
+    stages = max(1, min(3, (128 * 1024) // per_stage))
+    return block_n, block_v, 8, stages
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -411,7 +424,7 @@ def distill_fwd(
     if n == 0:
         return tuple(out)
     bds, bdt = _block_d(ds), _block_d(dt)
-    block_n, block_v, warps = _config(bds, bdt, has_kd)
+    block_n, block_v, warps, stages = _config(bds, bdt, has_kd, hs.element_size())
     if block is not None:
         block_n, block_v = block
     _distill_fwd_kernel[(triton.cdiv(n, block_n),)](
@@ -419,7 +432,7 @@ def distill_fwd(
         1.0 / temperature, 1.0 - alpha, alpha * temperature**2, ignore_index,
         HAS_CE=has_ce, HAS_KD=has_kd, HAS_TARGET=target is not None,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_DS=bds, BLOCK_DT=bdt,
-        PRECISION=_precision(hs.dtype), num_warps=warps,
+        PRECISION=_precision(hs.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return tuple(out)
 
@@ -451,19 +464,20 @@ def distill_bwd(
     g = grad_rows.to(torch.float32).contiguous()  # may arrive expanded with stride 0
     stats = [t.contiguous() for t in (lse_s, lse_st, lse_tt)]
     bds, bdt = _block_d(ds), _block_d(dt)
-    block_n, block_v, warps = _config(bds, bdt, has_kd)
+    block_n, block_v, warps, stages = _config(bds, bdt, has_kd, hs.element_size())
     if block is not None:
         block_n, block_v = block
     common = dict(
         HAS_CE=has_ce, HAS_KD=has_kd, HAS_TARGET=target is not None,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_DS=bds, BLOCK_DT=bdt,
-        PRECISION=_precision(hs.dtype), num_warps=warps,
+        PRECISION=_precision(hs.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     scalars = (n, v, ds, dt, 1.0 / temperature, 1.0 - alpha, alpha * temperature, ignore_index)
     _distill_bwd_dh_kernel[(triton.cdiv(n, block_n),)](
         g, hs, ws, ht, wt, y, *stats, d_hs, *scalars, **common
     )
+    gmax = g.abs().amax().clamp_min(1e-30).reshape(1)  # on the device: no host sync
     _distill_bwd_dw_kernel[(triton.cdiv(v, block_v),)](
-        g, hs, ws, ht, wt, y, *stats, d_ws, *scalars, **common
+        g, hs, ws, ht, wt, y, *stats, d_ws, gmax, *scalars, **common
     )
     return d_hs, d_ws
