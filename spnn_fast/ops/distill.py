@@ -1,0 +1,116 @@
+"""``spnn_fast::distill_rows``: fused linear distillation + CE, per row, with its backward.
+
+The forward returns the row losses [N] (0 at ignored rows) and the three per-row statistics the
+backward recomputes the logits from; ``backend`` is ``"triton"`` (kernels/distill.py) or
+``"torch"`` (the chunked path in spnn_fast/reference/distill.py). The teacher gets no gradient.
+"""
+
+# No ``from __future__ import annotations``: torch.library reads the annotations as types.
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from spnn_fast.reference import distill as _ref
+
+__all__ = ["distill_rows"]
+
+
+def _kernels():
+    from spnn_fast.kernels import distill  # lazy: Triton is imported on the first Triton call
+
+    return distill
+
+
+def _check_target(target: Optional[Tensor], v: int, ignore_index: int) -> None:
+    if target is None or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= v))
+    if bool(bad.any()):
+        first = int(target[bad][0])
+        raise ValueError(
+            f"target holds {first}, outside [0, V={v}) and not ignore_index={ignore_index} "
+            f"({int(bad.sum())} such rows)"
+        )
+
+
+@torch.library.custom_op("spnn_fast::distill_rows", mutates_args=())
+def distill_rows(
+    student_hidden: Tensor,
+    student_items: Tensor,
+    teacher_hidden: Optional[Tensor],
+    teacher_items: Optional[Tensor],
+    target: Optional[Tensor],
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss [N], lse_s [N], lse_sT [N], lse_tT [N]) in the accumulation dtype."""
+    _check_target(target, student_items.shape[0], ignore_index)
+    args = (student_hidden, student_items, teacher_hidden, teacher_items, target)
+    if backend == "triton":
+        return _kernels().distill_fwd(*args, temperature, alpha, ignore_index)
+    return _ref.distill_rows_chunked(*args, temperature, alpha, ignore_index)
+
+
+@distill_rows.register_fake
+def _(student_hidden, student_items, teacher_hidden, teacher_items, target, temperature, alpha,
+      ignore_index, backend):  # fmt: skip
+    n = student_hidden.shape[0]
+    cdt = _ref.compute_dtype(student_hidden.dtype)
+    return tuple(student_hidden.new_empty(n, dtype=cdt) for _ in range(4))
+
+
+@torch.library.custom_op("spnn_fast::distill_rows_backward", mutates_args=())
+def distill_rows_backward(
+    grad_rows: Tensor,
+    student_hidden: Tensor,
+    student_items: Tensor,
+    teacher_hidden: Optional[Tensor],
+    teacher_items: Optional[Tensor],
+    target: Optional[Tensor],
+    lse_s: Tensor,
+    lse_st: Tensor,
+    lse_tt: Tensor,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """(d_student_hidden, d_student_items) for ``grad_rows`` [N] on the row losses."""
+    args = (grad_rows, student_hidden, student_items, teacher_hidden, teacher_items, target)
+    stats = (lse_s, lse_st, lse_tt, temperature, alpha, ignore_index)
+    if backend == "triton":
+        return _kernels().distill_bwd(*args, *stats)
+    return _ref.distill_rows_chunked_backward(*args, *stats)
+
+
+@distill_rows_backward.register_fake
+def _(grad_rows, student_hidden, student_items, teacher_hidden, teacher_items, target, lse_s,
+      lse_st, lse_tt, temperature, alpha, ignore_index, backend):  # fmt: skip
+    return torch.empty_like(student_hidden), torch.empty_like(student_items)
+
+
+def _setup_context(ctx, inputs, output):
+    hs, ws, ht, wt, target, temperature, alpha, ignore_index, backend = inputs
+    _, lse_s, lse_st, lse_tt = output
+    ctx.mark_non_differentiable(lse_s, lse_st, lse_tt)
+    ctx.save_for_backward(hs, ws, ht, wt, target, lse_s, lse_st, lse_tt)
+    ctx.params = (temperature, alpha, ignore_index, backend)
+
+
+def _backward(ctx, grad_loss, *_stat_grads):
+    hs, ws, ht, wt, target, lse_s, lse_st, lse_tt = ctx.saved_tensors
+    temperature, alpha, ignore_index, backend = ctx.params
+    d_hs = d_ws = None
+    if grad_loss is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        d_hs, d_ws = distill_rows_backward(
+            grad_loss, hs, ws, ht, wt, target, lse_s, lse_st, lse_tt,
+            temperature, alpha, ignore_index, backend,
+        )  # fmt: skip
+    # The teacher (and the target) never receive a gradient.
+    return d_hs, d_ws, None, None, None, None, None, None, None
+
+
+distill_rows.register_autograd(_backward, setup_context=_setup_context)

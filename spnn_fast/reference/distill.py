@@ -1,0 +1,277 @@
+"""Logit distillation + cross-entropy over an item catalogue, in plain PyTorch.
+
+Shapes: student_hidden ``hs [N, Ds]``, student_items ``Ws [V, Ds]``, teacher_hidden ``ht [N, Dt]``,
+teacher_items ``Wt [V, Dt]``, target ``y [N]`` (int64). With ``z_s = hs @ Ws.T`` and
+``z_t = ht @ Wt.T`` (``[N, V]``), for every row whose target is not ``ignore_index``::
+
+    loss_row = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+Two implementations live here:
+
+* :func:`distillation_loss_reference` forms the ``N x V`` logits: the test oracle (run it in
+  float64) and the "naive eager" benchmark baseline.
+* :func:`distill_rows_chunked` / :func:`distill_rows_chunked_backward`: the ``backend="torch"``
+  fallback. It visits the logits in ``rows x cols`` chunks sized from a byte budget, combines the
+  chunks with log-sum-exp algebra, keeps three ``[N]`` statistics per row and recomputes the logits
+  in backward, so its extra memory is ``O(budget + V * Ds)``, never ``O(N * V)``.
+
+Per-row statistics (also what the Triton kernels save): ``lse_s = logsumexp(z_s)``,
+``lse_sT = logsumexp(z_s / T)``, ``lse_tT = logsumexp(z_t / T)``; a statistic that the call does
+not need (``lse_s`` when alpha = 1, the other two when alpha = 0) is returned as zeros. With them
+the gradient of ``loss_row`` with respect to the student logits is::
+
+    dz_s = (1 - alpha) * (softmax(z_s) - onehot(y)) + alpha * T * (softmax(z_s/T) - softmax(z_t/T))
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "LOGIT_BUDGET_BYTES",
+    "chunk_plan",
+    "distill_rows_chunked",
+    "distill_rows_chunked_backward",
+    "distillation_loss_reference",
+    "reduce_rows",
+]
+
+# Bytes of N_chunk x V_chunk temporaries the chunked path may hold at once (all of them together).
+LOGIT_BUDGET_BYTES = 64 * 2**20
+# Rows per chunk below which the catalogue is split instead: thin row chunks turn the matmuls into
+# matrix-vector products that re-read all of Ws for every few rows.
+MIN_CHUNK_ROWS = 256
+# The chunk-sized buffers the forward/backward hold: allocated once per call and reused for every
+# chunk (fresh temporaries per chunk fragment the CPU heap and cost page faults).
+_N_TEMPS = 3
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_rows(loss_rows: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str):
+    """``mean`` over counted rows (0 when none counts), ``sum``, or ``none`` (the rows as given)."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    if target is None:
+        return total / max(loss_rows.shape[0], 1)
+    count = (target != ignore_index).sum().clamp(min=1).to(loss_rows.dtype)
+    return total / count
+
+
+def distillation_loss_reference(
+    student_hidden: Tensor,
+    student_items: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_items: Optional[Tensor] = None,
+    target: Optional[Tensor] = None,
+    *,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """The naive definition: forms the full ``[N, V]`` logits (fp32, or fp64 for fp64 inputs).
+
+    The matmul runs in the input dtype (as model code writes it), softmax and the loss in the
+    accumulation dtype. The teacher is detached. Arguments as in
+    :func:`spnn_fast.functional.distillation_loss`; no input validation.
+    """
+    cdt = compute_dtype(student_hidden.dtype)
+    n = student_hidden.shape[0]
+    zs = (student_hidden @ student_items.T).to(cdt)
+    loss = zs.new_zeros(n)
+    if alpha < 1:
+        ce = F.cross_entropy(zs, target, ignore_index=ignore_index, reduction="none")
+        loss = loss + (1.0 - alpha) * ce
+    if alpha > 0:
+        zt = (teacher_hidden.detach() @ teacher_items.detach().T).to(cdt)
+        log_ps = torch.log_softmax(zs / temperature, dim=-1)
+        log_pt = torch.log_softmax(zt / temperature, dim=-1)
+        kl = F.kl_div(log_ps, log_pt, log_target=True, reduction="none").sum(-1)
+        loss = loss + (alpha * temperature**2) * kl
+    if target is not None:
+        loss = torch.where(target != ignore_index, loss, torch.zeros_like(loss))
+    return reduce_rows(loss, target, ignore_index, reduction)
+
+
+def chunk_plan(n: int, v: int, elem_size: int, budget: Optional[int] = None) -> Tuple[int, int]:
+    """``(rows, cols)`` of one logits chunk so that the temporaries stay within ``budget`` bytes.
+
+    ``budget`` defaults to :data:`LOGIT_BUDGET_BYTES` (read at call time). Whole catalogue rows
+    while at least ``min(n, MIN_CHUNK_ROWS)`` of them fit, else ``MIN_CHUNK_ROWS`` rows and as many
+    columns as fit (at least one).
+    """
+    budget = LOGIT_BUDGET_BYTES if budget is None else budget
+    elems = max(1, budget // (elem_size * _N_TEMPS))
+    if n * v <= elems:
+        return max(n, 1), v
+    rows = elems // v
+    if rows >= min(n, MIN_CHUNK_ROWS):
+        return min(rows, n), v
+    rows = min(n, MIN_CHUNK_ROWS)
+    return rows, min(v, max(1, elems // rows))
+
+
+def _spans(total: int, step: int):
+    return [(a, min(a + step, total)) for a in range(0, total, step)]
+
+
+def _flags(alpha: float) -> Tuple[bool, bool]:
+    return alpha < 1, alpha > 0  # (has_ce, has_kd)
+
+
+class _Workspace:
+    """``_N_TEMPS`` flat buffers of ``rows * cols`` elements; ``take(i, r, c)`` views one."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.bufs = [torch.empty(rows * cols, dtype=dtype, device=device) for _ in range(_N_TEMPS)]
+
+    def take(self, i: int, r: int, c: int) -> Tensor:
+        return self.bufs[i][: r * c].view(r, c)
+
+
+def _logits_into(out: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """``out = h @ w.T`` in ``out``'s dtype (the matmul runs in the input dtype, as eager's)."""
+    if h.dtype == out.dtype:
+        return torch.matmul(h, w.T, out=out)
+    if h.device.type == "cpu":  # half matmuls are slow on the CPU; accumulate in fp32 either way
+        return torch.matmul(h.to(out.dtype), w.to(out.dtype).T, out=out)
+    return out.copy_(h @ w.T)
+
+
+def _max_sumexp(z: Tensor, tmp: Tensor) -> Tuple[Tensor, Tensor]:
+    """Row max ``m`` and ``sum(exp(z - m))``; leaves ``exp(z - m)`` in ``tmp``."""
+    m = z.amax(dim=1)
+    torch.sub(z, m[:, None], out=tmp).exp_()
+    return m, tmp.sum(dim=1)
+
+
+@torch.no_grad()
+def distill_rows_chunked(
+    student_hidden: Tensor,
+    student_items: Tensor,
+    teacher_hidden: Optional[Tensor],
+    teacher_items: Optional[Tensor],
+    target: Optional[Tensor],
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    chunk: Optional[Tuple[int, int]] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row losses ``[N]`` (0 at ignored rows) and the statistics ``lse_s, lse_sT, lse_tT``.
+
+    ``chunk=(rows, cols)`` overrides :func:`chunk_plan`. Inputs are assumed validated.
+    """
+    hs, ws, ht, wt = student_hidden, student_items, teacher_hidden, teacher_items
+    n, v = hs.shape[0], ws.shape[0]
+    cdt = compute_dtype(hs.dtype)
+    has_ce, has_kd = _flags(alpha)
+    inv_t = 1.0 / temperature
+    rows, cols = chunk or chunk_plan(n, v, torch.finfo(cdt).bits // 8)
+    work = _Workspace(rows, cols, cdt, hs.device)
+    neg_inf = torch.full((n,), float("-inf"), dtype=cdt, device=hs.device)
+    lse_s, lse_st, lse_tt = neg_inf.clone(), neg_inf.clone(), neg_inf.clone()
+    z_y = hs.new_zeros(n, dtype=cdt)  # target logit
+    kd_mean = hs.new_zeros(n, dtype=cdt)  # E_{p_t}[z_t/T - z_s/T], combined across column chunks
+    for r0, r1 in _spans(n, rows):
+        for c0, c1 in _spans(v, cols):
+            zs = _logits_into(work.take(0, r1 - r0, c1 - c0), hs[r0:r1], ws[c0:c1])
+            tmp = work.take(1, r1 - r0, c1 - c0)
+            if has_ce:
+                m, s = _max_sumexp(zs, tmp)
+                lse_s[r0:r1] = torch.logaddexp(lse_s[r0:r1], m + s.log())
+                local = target[r0:r1] - c0
+                inside = (local >= 0) & (local < c1 - c0)
+                picked = zs.gather(1, local.clamp(0, c1 - c0 - 1)[:, None])[:, 0]
+                z_y[r0:r1] += torch.where(inside, picked, torch.zeros_like(picked))
+            if has_kd:
+                zs.mul_(inv_t)
+                m, s = _max_sumexp(zs, tmp)
+                lse_st[r0:r1] = torch.logaddexp(lse_st[r0:r1], m + s.log())
+                zt = _logits_into(work.take(2, r1 - r0, c1 - c0), ht[r0:r1], wt[c0:c1])
+                zt.mul_(inv_t)
+                m, s = _max_sumexp(zt, tmp)  # tmp = exp(z_t/T - m)
+                lse_c = m + s.log()
+                mean_c = tmp.mul_(zt.sub_(zs)).sum(dim=1) / s  # E_chunk[z_t/T - z_s/T]
+                new = torch.logaddexp(lse_tt[r0:r1], lse_c)
+                old_w, new_w = torch.exp(lse_tt[r0:r1] - new), torch.exp(lse_c - new)
+                kd_mean[r0:r1] = kd_mean[r0:r1] * old_w + mean_c * new_w
+                lse_tt[r0:r1] = new
+    loss = hs.new_zeros(n, dtype=cdt)
+    if has_ce:
+        loss += (1.0 - alpha) * (lse_s - z_y)
+    else:
+        lse_s.zero_()
+    if has_kd:
+        loss += (alpha * temperature**2) * (kd_mean - lse_tt + lse_st)
+    else:
+        lse_st.zero_()
+        lse_tt.zero_()
+    if target is not None:
+        loss = torch.where(target != ignore_index, loss, torch.zeros_like(loss))
+    return loss, lse_s, lse_st, lse_tt
+
+
+@torch.no_grad()
+def distill_rows_chunked_backward(
+    grad_rows: Tensor,
+    student_hidden: Tensor,
+    student_items: Tensor,
+    teacher_hidden: Optional[Tensor],
+    teacher_items: Optional[Tensor],
+    target: Optional[Tensor],
+    lse_s: Tensor,
+    lse_st: Tensor,
+    lse_tt: Tensor,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    chunk: Optional[Tuple[int, int]] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Gradients ``(d_student_hidden, d_student_items)`` for ``grad_rows [N]`` on the row losses."""
+    hs, ws, ht, wt = student_hidden, student_items, teacher_hidden, teacher_items
+    n, v = hs.shape[0], ws.shape[0]
+    cdt = compute_dtype(hs.dtype)
+    has_ce, has_kd = _flags(alpha)
+    inv_t = 1.0 / temperature
+    rows, cols = chunk or chunk_plan(n, v, torch.finfo(cdt).bits // 8)
+    work = _Workspace(rows, cols, cdt, hs.device)
+    g = grad_rows.to(cdt)
+    if target is not None:
+        g = torch.where(target != ignore_index, g, torch.zeros_like(g))
+    d_hs = torch.zeros(hs.shape, dtype=cdt, device=hs.device)
+    d_ws = torch.zeros(ws.shape, dtype=cdt, device=ws.device)
+    for r0, r1 in _spans(n, rows):
+        hs_r = hs[r0:r1].to(cdt)
+        for c0, c1 in _spans(v, cols):
+            r, c = r1 - r0, c1 - c0
+            ws_c = ws[c0:c1].to(cdt)
+            zs = _logits_into(work.take(0, r, c), hs[r0:r1], ws[c0:c1])
+            dz = None
+            if has_kd:
+                pt = _logits_into(work.take(1, r, c), ht[r0:r1], wt[c0:c1])
+                pt.mul_(inv_t).sub_(lse_tt[r0:r1, None]).exp_()
+                dz = torch.mul(zs, inv_t, out=work.take(2, r, c))
+                dz.sub_(lse_st[r0:r1, None]).exp_().sub_(pt).mul_(alpha * temperature)
+            if has_ce:
+                ps = zs.sub_(lse_s[r0:r1, None]).exp_().mul_(1.0 - alpha)
+                local = target[r0:r1] - c0
+                hit = torch.nonzero((local >= 0) & (local < c)).flatten()
+                ps.index_put_(
+                    (hit, local[hit]), ps.new_full(hit.shape, alpha - 1.0), accumulate=True
+                )
+                dz = ps if dz is None else dz.add_(ps)
+            dz.mul_(g[r0:r1, None])
+            d_hs[r0:r1].addmm_(dz, ws_c)
+            d_ws[c0:c1].addmm_(dz.T, hs_r)
+    return d_hs.to(hs.dtype), d_ws.to(ws.dtype)
