@@ -17,7 +17,7 @@ import torch
 from spnn_fast import backends
 from spnn_fast.reference.encode import encode_batch_ref
 
-__all__ = ["SequenceBatch", "default_num_threads", "encode_batch"]
+__all__ = ["SequenceBatch", "default_num_threads", "encode_batch", "release_cached_buffers"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -71,6 +71,15 @@ def default_num_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def release_cached_buffers() -> int:
+    """Free the output blocks the C++ encoder keeps for reuse; returns the bytes freed.
+
+    Blocks come back to a small cache (at most 4 blocks, 1 GiB) when the last tensor of a batch
+    dies, so that the next batch of the same shape writes into memory that is already mapped.
+    """
+    return 0 if backends._C is None else int(backends._C.release_cached_buffers())
 
 
 def _as_int64(name: str, x: ArrayLike) -> np.ndarray:
