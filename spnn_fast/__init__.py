@@ -4,12 +4,21 @@ Fused Triton kernels on a GPU, a C++ batch encoder on the CPU, pure-PyTorch fall
 else; ``spnn_fast.backends.status()`` says what runs here.
 """
 
-from spnn_fast import backends
+from spnn_fast import backends, functional, nn  # noqa: I001  (after the ops they register)
 from spnn_fast.backends import _warn_missing_once
+from spnn_fast.encode import SequenceBatch, encode_batch
 from spnn_fast.log import InteractionLog
 
 __version__ = "0.1.0"
 
-__all__ = ["InteractionLog", "backends", "__version__"]
+__all__ = [
+    "InteractionLog",
+    "SequenceBatch",
+    "__version__",
+    "backends",
+    "encode_batch",
+    "functional",
+    "nn",
+]
 
 _warn_missing_once()
