@@ -95,11 +95,11 @@ class SPNNOutput:
 
 
 class _FeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+    # Dropout sits on the block's output (the residual branch), not on the wide inner activation:
+    # on the CPU the dropout mask of the 4x-wide tensor costs as much as the block's matmuls.
+    def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
-        )
+        self.net = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -121,7 +121,7 @@ class SemanticPerceptionLayer(nn.Module):
             backend=cfg.backend,
         )
         self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.ff = _FeedForward(cfg.d_model, d_ff, cfg.dropout)
+        self.ff = _FeedForward(cfg.d_model, d_ff)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor, timestamps: Tensor) -> Tensor:
