@@ -271,6 +271,15 @@ def test_no_teacher_no_target(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_empty_batch(backend):
+    inp = make_inputs(0, 11)
+    for reduction in ("mean", "sum", "none"):
+        loss, d_hs, d_ws = run_loss(SF.distillation_loss, inp, backend=backend, reduction=reduction)
+        assert loss.numel() in (0, 1) and torch.all(loss == 0)
+        assert d_hs.shape == (0, 24) and torch.equal(d_ws, torch.zeros_like(d_ws))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_teacher_gets_no_gradient(backend):
     inp = make_inputs(9, 20)
     ht = inp["ht"].clone().requires_grad_()
