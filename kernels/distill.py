@@ -368,10 +368,10 @@ def _config(block_ds: int, block_dt: int, has_kd: bool, elem: int) -> Tuple[int,
         block_n, block_v = 64, 128
     elif width <= 256:
         block_n, block_v = 64, 64
-    else:
-        block_n, block_v = 32, 64
+    else:  # fp32 operands this wide need narrower item tiles to fit shared memory (sm_90)
+        block_n, block_v = (32, 64) if elem < 4 else (32, 32)
     per_stage = max(block_n, block_v) * width * elem
-    stages = max(1, min(3, (128 * 1024) // per_stage))
+    stages = max(1, min(3, (96 * 1024) // per_stage))
     return block_n, block_v, 8, stages
 
 
@@ -388,9 +388,11 @@ def _fill_gpu(count: int, block: int, device: torch.device) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow PyTorch's matmul setting, so the kernel and eager agree on TF32.
+    """tl.dot precision for fp32 inputs (half inputs ignore it). TF32 where PyTorch allows it for
+    its own matmuls; otherwise "tf32x3" (three TF32 products, about fp32 accuracy, on tensor
+    cores): "ieee" lowers to FMA loops that spill registers heavily at these tile sizes."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 

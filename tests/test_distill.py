@@ -507,3 +507,60 @@ def test_triton_memory_is_bounded_on_gpu(alpha):
     extra = torch.cuda.max_memory_allocated() - base
     # gradients (N x D + V x D, fp32) plus O(N) statistics; one N x V fp32 copy would be 3.3 GB
     assert extra < 4 * (n + v) * 64 * 4 + 2**20, f"peak extra {extra / 2**20:.0f} MiB"
+
+
+# --- without a GPU: compile the kernels for sm_90 (catches what the interpreter does not) -------
+
+_AOT_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from spnn_fast.kernels import distill as K
+
+    ptr = {"Y": "i64", "LOSS": "fp32", "LSE_S": "fp32", "LSE_ST": "fp32", "LSE_TT": "fp32",
+           "G": "fp32", "GMAX": "fp32"}
+    ints = {"N", "V", "DS", "DT", "ignore_index"}
+    out = []
+    for dtype, elem, prec, bds, bdt in (("bf16", 2, "tf32", 64, 64), ("fp32", 4, "tf32x3", 256, 256)):
+        bn, bv, warps, stages = K._config(bds, bdt, True, elem)
+        consts = dict(HAS_CE=True, HAS_KD=True, HAS_TARGET=True, BLOCK_N=bn, BLOCK_V=bv,
+                      BLOCK_DS=bds, BLOCK_DT=bdt, PRECISION=prec)
+        for fn in (K._distill_fwd_kernel, K._distill_bwd_dh_kernel, K._distill_bwd_dw_kernel):
+            sig = {}
+            for name in fn.arg_names:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name in ints:
+                    sig[name] = "i32"
+                elif name[0].islower():
+                    sig[name] = "fp32"
+                else:
+                    sig[name] = "*" + ptr.get(name, dtype)
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                               target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps, "num_stages": stages})
+            out.append([fn.__name__, dtype, k.metadata.shared])
+    print(json.dumps(out))
+    """
+)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real")
+def test_kernels_compile_for_sm90():
+    """Real (not interpreted) compilation to sm_90 cubins: code generation, ptxas, and the shared
+    memory each kernel needs against the 227 KiB an H100/H200 block may use."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(compiled) == 6
+    for name, dtype, shared in compiled:
+        assert shared <= 227 * 1024, f"{name} ({dtype}) needs {shared} B of shared memory"
