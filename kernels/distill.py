@@ -368,17 +368,31 @@ def _config(block_ds: int, block_dt: int, has_kd: bool, elem: int) -> Tuple[int,
         block_n, block_v = 64, 128
     elif width <= 256:
         block_n, block_v = 64, 64
-    else:
-        block_n, block_v = 32, 64
+    else:  # fp32 operands this wide need narrower item tiles to fit shared memory (sm_90)
+        block_n, block_v = (32, 64) if elem < 4 else (32, 32)
     per_stage = max(block_n, block_v) * width * elem
-    stages = max(1, min(3, (128 * 1024) // per_stage))
+    stages = max(1, min(3, (96 * 1024) // per_stage))
     return block_n, block_v, 8, stages
 
 
+def _fill_gpu(count: int, block: int, device: torch.device) -> int:
+    """Halve a tile (down to 16) until its grid gives every SM two programs: a grid over row
+    (or item) blocks alone leaves most of the GPU idle at N = 4096. Bucketed: at most three
+    values per configuration, so N and V still do not drive recompilation."""
+    if device.type != "cuda":
+        return block
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    while block > 16 and triton.cdiv(count, block) < 2 * sms:
+        block //= 2
+    return block
+
+
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow PyTorch's matmul setting, so the kernel and eager agree on TF32.
+    """tl.dot precision for fp32 inputs (half inputs ignore it). TF32 where PyTorch allows it for
+    its own matmuls; otherwise "tf32x3" (three TF32 products, about fp32 accuracy, on tensor
+    cores): "ieee" lowers to FMA loops that spill registers heavily at these tile sizes."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
@@ -425,6 +439,7 @@ def distill_fwd(
         return tuple(out)
     bds, bdt = _block_d(ds), _block_d(dt)
     block_n, block_v, warps, stages = _config(bds, bdt, has_kd, hs.element_size())
+    block_n = _fill_gpu(n, block_n, hs.device)
     if block is not None:
         block_n, block_v = block
     _distill_fwd_kernel[(triton.cdiv(n, block_n),)](
@@ -465,19 +480,24 @@ def distill_bwd(
     stats = [t.contiguous() for t in (lse_s, lse_st, lse_tt)]
     bds, bdt = _block_d(ds), _block_d(dt)
     block_n, block_v, warps, stages = _config(bds, bdt, has_kd, hs.element_size())
+    # d_hs: a grid over row blocks; d_ws: a grid over item blocks. Each fills the GPU alone.
+    dh_blocks = (_fill_gpu(n, block_n, hs.device), block_v)
+    dw_blocks = (block_n, _fill_gpu(v, block_v, hs.device))
     if block is not None:
-        block_n, block_v = block
+        dh_blocks = dw_blocks = block
     common = dict(
         HAS_CE=has_ce, HAS_KD=has_kd, HAS_TARGET=target is not None,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_DS=bds, BLOCK_DT=bdt,
+        BLOCK_DS=bds, BLOCK_DT=bdt,
         PRECISION=_precision(hs.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     scalars = (n, v, ds, dt, 1.0 / temperature, 1.0 - alpha, alpha * temperature, ignore_index)
-    _distill_bwd_dh_kernel[(triton.cdiv(n, block_n),)](
-        g, hs, ws, ht, wt, y, *stats, d_hs, *scalars, **common
-    )
+    _distill_bwd_dh_kernel[(triton.cdiv(n, dh_blocks[0]),)](
+        g, hs, ws, ht, wt, y, *stats, d_hs, *scalars,
+        BLOCK_N=dh_blocks[0], BLOCK_V=dh_blocks[1], **common,
+    )  # fmt: skip
     gmax = g.abs().amax().clamp_min(1e-30).reshape(1)  # on the device: no host sync
-    _distill_bwd_dw_kernel[(triton.cdiv(v, block_v),)](
-        g, hs, ws, ht, wt, y, *stats, d_ws, gmax, *scalars, **common
-    )
+    _distill_bwd_dw_kernel[(triton.cdiv(v, dw_blocks[1]),)](
+        g, hs, ws, ht, wt, y, *stats, d_ws, gmax, *scalars,
+        BLOCK_N=dw_blocks[0], BLOCK_V=dw_blocks[1], **common,
+    )  # fmt: skip
     return d_hs, d_ws

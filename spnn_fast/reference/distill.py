@@ -140,20 +140,19 @@ class _Workspace:
         return self.bufs[i][: r * c].view(r, c)
 
 
-def _logits_into(out: Tensor, h: Tensor, w: Tensor) -> Tensor:
-    """``out = h @ w.T`` in ``out``'s dtype (the matmul runs in the input dtype, as eager's)."""
-    if h.dtype == out.dtype:
-        return torch.matmul(h, w.T, out=out)
-    if h.device.type == "cpu":  # half matmuls are slow on the CPU; accumulate in fp32 either way
-        return torch.matmul(h.to(out.dtype), w.to(out.dtype).T, out=out)
-    return out.copy_(h @ w.T)
-
-
 def _max_sumexp(z: Tensor, tmp: Tensor) -> Tuple[Tensor, Tensor]:
     """Row max ``m`` and ``sum(exp(z - m))``; leaves ``exp(z - m)`` in ``tmp``."""
     m = z.amax(dim=1)
     torch.sub(z, m[:, None], out=tmp).exp_()
     return m, tmp.sum(dim=1)
+
+
+def _combine(lse: Tensor, lse_c: Tensor, first: bool) -> Tensor:
+    return lse_c if first else torch.logaddexp(lse, lse_c)
+
+
+def _safe_target(target: Tensor, ignore_index: int) -> Tensor:
+    return torch.where(target != ignore_index, target, torch.zeros_like(target))
 
 
 @torch.no_grad()
@@ -170,53 +169,52 @@ def distill_rows_chunked(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row losses ``[N]`` (0 at ignored rows) and the statistics ``lse_s, lse_sT, lse_tT``.
 
+    Logits are formed in the accumulation dtype (fp32 for half inputs), chunk by chunk.
     ``chunk=(rows, cols)`` overrides :func:`chunk_plan`. Inputs are assumed validated.
     """
-    hs, ws, ht, wt = student_hidden, student_items, teacher_hidden, teacher_items
-    n, v = hs.shape[0], ws.shape[0]
-    cdt = compute_dtype(hs.dtype)
+    n, v = student_hidden.shape[0], student_items.shape[0]
+    cdt = compute_dtype(student_hidden.dtype)
+    hs, ws = student_hidden.to(cdt), student_items.to(cdt)
     has_ce, has_kd = _flags(alpha)
+    if has_kd:
+        ht, wt = teacher_hidden.to(cdt), teacher_items.to(cdt)
     inv_t = 1.0 / temperature
     rows, cols = chunk or chunk_plan(n, v, torch.finfo(cdt).bits // 8)
     work = _Workspace(rows, cols, cdt, hs.device)
-    neg_inf = torch.full((n,), float("-inf"), dtype=cdt, device=hs.device)
-    lse_s, lse_st, lse_tt = neg_inf.clone(), neg_inf.clone(), neg_inf.clone()
-    z_y = hs.new_zeros(n, dtype=cdt)  # target logit
-    kd_mean = hs.new_zeros(n, dtype=cdt)  # E_{p_t}[z_t/T - z_s/T], combined across column chunks
+    lse_s, lse_st, lse_tt = (hs.new_zeros(n) for _ in range(3))
+    kd_mean = hs.new_zeros(n)  # E_{p_t}[z_t/T - z_s/T], combined across column chunks
     for r0, r1 in _spans(n, rows):
+        sl = slice(r0, r1)
         for c0, c1 in _spans(v, cols):
-            zs = _logits_into(work.take(0, r1 - r0, c1 - c0), hs[r0:r1], ws[c0:c1])
+            first = c0 == 0
+            zs = torch.matmul(hs[sl], ws[c0:c1].T, out=work.take(0, r1 - r0, c1 - c0))
             tmp = work.take(1, r1 - r0, c1 - c0)
             if has_ce:
                 m, s = _max_sumexp(zs, tmp)
-                lse_s[r0:r1] = torch.logaddexp(lse_s[r0:r1], m + s.log())
-                local = target[r0:r1] - c0
-                inside = (local >= 0) & (local < c1 - c0)
-                picked = zs.gather(1, local.clamp(0, c1 - c0 - 1)[:, None])[:, 0]
-                z_y[r0:r1] += torch.where(inside, picked, torch.zeros_like(picked))
+                lse_s[sl] = _combine(lse_s[sl], m + s.log(), first)
             if has_kd:
                 zs.mul_(inv_t)
                 m, s = _max_sumexp(zs, tmp)
-                lse_st[r0:r1] = torch.logaddexp(lse_st[r0:r1], m + s.log())
-                zt = _logits_into(work.take(2, r1 - r0, c1 - c0), ht[r0:r1], wt[c0:c1])
+                lse_st[sl] = _combine(lse_st[sl], m + s.log(), first)
+                zt = torch.matmul(ht[sl], wt[c0:c1].T, out=work.take(2, r1 - r0, c1 - c0))
                 zt.mul_(inv_t)
                 m, s = _max_sumexp(zt, tmp)  # tmp = exp(z_t/T - m)
                 lse_c = m + s.log()
-                mean_c = tmp.mul_(zt.sub_(zs)).sum(dim=1) / s  # E_chunk[z_t/T - z_s/T]
-                new = torch.logaddexp(lse_tt[r0:r1], lse_c)
-                old_w, new_w = torch.exp(lse_tt[r0:r1] - new), torch.exp(lse_c - new)
-                kd_mean[r0:r1] = kd_mean[r0:r1] * old_w + mean_c * new_w
-                lse_tt[r0:r1] = new
-    loss = hs.new_zeros(n, dtype=cdt)
+                mean_c = tmp.mul_(zt.sub_(zs)).sum(dim=1).div_(s)  # E_chunk[z_t/T - z_s/T]
+                if first:
+                    kd_mean[sl], lse_tt[sl] = mean_c, lse_c
+                else:
+                    new = torch.logaddexp(lse_tt[sl], lse_c)
+                    old_w, new_w = torch.exp(lse_tt[sl] - new), torch.exp(lse_c - new)
+                    kd_mean[sl] = kd_mean[sl] * old_w + mean_c * new_w
+                    lse_tt[sl] = new
+    loss = hs.new_zeros(n)
     if has_ce:
+        y = _safe_target(target, ignore_index)
+        z_y = (hs * ws[y]).sum(dim=1)  # the target logit, O(N D) outside the chunks
         loss += (1.0 - alpha) * (lse_s - z_y)
-    else:
-        lse_s.zero_()
     if has_kd:
         loss += (alpha * temperature**2) * (kd_mean - lse_tt + lse_st)
-    else:
-        lse_st.zero_()
-        lse_tt.zero_()
     if target is not None:
         loss = torch.where(target != ignore_index, loss, torch.zeros_like(loss))
     return loss, lse_s, lse_st, lse_tt
@@ -239,39 +237,40 @@ def distill_rows_chunked_backward(
     chunk: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Gradients ``(d_student_hidden, d_student_items)`` for ``grad_rows [N]`` on the row losses."""
-    hs, ws, ht, wt = student_hidden, student_items, teacher_hidden, teacher_items
-    n, v = hs.shape[0], ws.shape[0]
-    cdt = compute_dtype(hs.dtype)
+    n, v = student_hidden.shape[0], student_items.shape[0]
+    cdt = compute_dtype(student_hidden.dtype)
+    hs, ws = student_hidden.to(cdt), student_items.to(cdt)
     has_ce, has_kd = _flags(alpha)
+    if has_kd:
+        ht, wt = teacher_hidden.to(cdt), teacher_items.to(cdt)
     inv_t = 1.0 / temperature
     rows, cols = chunk or chunk_plan(n, v, torch.finfo(cdt).bits // 8)
     work = _Workspace(rows, cols, cdt, hs.device)
     g = grad_rows.to(cdt)
     if target is not None:
         g = torch.where(target != ignore_index, g, torch.zeros_like(g))
-    d_hs = torch.zeros(hs.shape, dtype=cdt, device=hs.device)
-    d_ws = torch.zeros(ws.shape, dtype=cdt, device=ws.device)
+    d_hs = torch.zeros_like(hs)
+    d_ws = torch.zeros_like(ws)
     for r0, r1 in _spans(n, rows):
-        hs_r = hs[r0:r1].to(cdt)
+        sl = slice(r0, r1)
         for c0, c1 in _spans(v, cols):
             r, c = r1 - r0, c1 - c0
-            ws_c = ws[c0:c1].to(cdt)
-            zs = _logits_into(work.take(0, r, c), hs[r0:r1], ws[c0:c1])
+            zs = torch.matmul(hs[sl], ws[c0:c1].T, out=work.take(0, r, c))
             dz = None
             if has_kd:
-                pt = _logits_into(work.take(1, r, c), ht[r0:r1], wt[c0:c1])
-                pt.mul_(inv_t).sub_(lse_tt[r0:r1, None]).exp_()
+                pt = torch.matmul(ht[sl], wt[c0:c1].T, out=work.take(1, r, c))
+                pt.mul_(inv_t).sub_(lse_tt[sl, None]).exp_()
                 dz = torch.mul(zs, inv_t, out=work.take(2, r, c))
-                dz.sub_(lse_st[r0:r1, None]).exp_().sub_(pt).mul_(alpha * temperature)
-            if has_ce:
-                ps = zs.sub_(lse_s[r0:r1, None]).exp_().mul_(1.0 - alpha)
-                local = target[r0:r1] - c0
-                hit = torch.nonzero((local >= 0) & (local < c)).flatten()
-                ps.index_put_(
-                    (hit, local[hit]), ps.new_full(hit.shape, alpha - 1.0), accumulate=True
-                )
+                dz.sub_(lse_st[sl, None]).exp_().sub_(pt).mul_(alpha * temperature)
+            if has_ce:  # the softmax part; the one-hot part is added below, outside the chunks
+                ps = zs.sub_(lse_s[sl, None]).exp_().mul_(1.0 - alpha)
                 dz = ps if dz is None else dz.add_(ps)
-            dz.mul_(g[r0:r1, None])
-            d_hs[r0:r1].addmm_(dz, ws_c)
-            d_ws[c0:c1].addmm_(dz.T, hs_r)
-    return d_hs.to(hs.dtype), d_ws.to(ws.dtype)
+            dz.mul_(g[sl, None])
+            d_hs[sl].addmm_(dz, ws[c0:c1])
+            d_ws[c0:c1].addmm_(dz.T, hs[sl])
+    if has_ce:
+        y = _safe_target(target, ignore_index)
+        coef = g.mul(alpha - 1.0)[:, None]  # d loss / d z_s[n, y_n] from the one-hot term
+        d_hs.add_(coef * ws[y])
+        d_ws.index_add_(0, y, coef * hs)
+    return d_hs.to(student_hidden.dtype), d_ws.to(student_items.dtype)
