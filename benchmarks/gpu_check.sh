@@ -21,8 +21,9 @@ mkdir -p "$OUT_DIR"
 STEPS=(
   "install|\$PY -m pip install -q --no-build-isolation --no-deps -e ."
   "gpu-info|gpu_info"
-  "tests|\$PY -m pytest tests -x -q -p no:cacheprovider"
+  "tests|\$PY -m pytest tests -q -rs -p no:cacheprovider --junitxml=\"\$OUT_DIR/tests.xml\""
   "bench-attention|\$PY -m pytest benchmarks/bench_attention.py -q -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_attention.json\""
+  "bench-distill|\$PY -m pytest benchmarks/bench_distill.py -q -rs -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_distill.json\""
 )
 
 gpu_info() {  # the card's name as nvidia-smi gives it, and the versions that ran
