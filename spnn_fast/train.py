@@ -114,6 +114,13 @@ class Batch:
     def to(self, device) -> Batch:
         return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
+    def tail(self, n: int) -> Batch:
+        """The last ``n`` columns (windows are left-padded: the newest events)."""
+        if n >= self.items.shape[1]:
+            return self
+        return Batch(*(t[:, -n:] for t in (self.items, self.timestamps, self.time_buckets,
+                                           self.mask, self.targets)), self.users)  # fmt: skip
+
     def cut(self, keep: Tensor) -> Batch:
         """The batch with only the last ``keep[b]`` columns of each row (cold-start inputs)."""
         L = self.items.shape[1]
@@ -201,6 +208,11 @@ class _Objective(nn.Module):
         self.model, self.tcfg = model, tcfg
         self._teacher = [teacher] if teacher is not None else []
         self.distillers = nn.ModuleDict()
+        if teacher is not None and teacher.config.num_time_buckets != model.config.num_time_buckets:
+            raise ValueError(
+                f"teacher and student must share num_time_buckets, got "
+                f"{teacher.config.num_time_buckets} and {model.config.num_time_buckets}"
+            )
         if teacher is not None:
             for s_layer, t_layer in tcfg.layer_pairs:
                 detector = teacher.detectors[t_layer.replace(".", "_")] if (
@@ -220,6 +232,8 @@ class _Objective(nn.Module):
         return self._teacher[0] if self._teacher else None
 
     def forward(self, b: Batch, b_full: Batch, norm: Dict[str, float]) -> Tuple[Tensor, Dict]:
+        """Loss of the student batch ``b``; ``b_full`` is the teacher's view of the same windows
+        (uncut, and as long as the teacher's ``max_len``: its last columns line up with ``b``)."""
         tcfg, model, teacher = self.tcfg, self.model, self.teacher
         s_layers = tuple({p[0] for p in tcfg.layer_pairs}) if teacher is not None else ()
         det_layers = tuple(model.config.detector_layers)
@@ -237,8 +251,10 @@ class _Objective(nn.Module):
                 t_out = teacher(b_full.items, b_full.timestamps, b_full.time_buckets,
                                 b_full.mask, b_full.users,
                                 return_layers=tuple({p[1] for p in tcfg.layer_pairs}))  # fmt: skip
+            L = b.items.shape[1]  # the student's columns are the teacher's last L
+            t_layers = {k: v[:, -L:] for k, v in t_out.layers.items()}
             loss = distillation_loss(
-                h, model.item_table(), t_out.hidden[sel], teacher.item_table(), y,
+                h, model.item_table(), t_out.hidden[:, -L:][sel], teacher.item_table(), y,
                 temperature=tcfg.temperature, alpha=tcfg.alpha, reduction="sum",
                 backend=model.config.backend,
             )  # fmt: skip
@@ -248,7 +264,7 @@ class _Objective(nn.Module):
             s_layer, t_layer = next(p for p in tcfg.layer_pairs
                                     if f"{p[0]}->{p[1]}".replace(".", "_") == name)  # fmt: skip
             # FeatureDistiller averages over its local rows; rescale to the global batch.
-            fd = distiller(out.layers[s_layer], t_out.layers[t_layer], b.mask)
+            fd = distiller(out.layers[s_layer], t_layers[t_layer], b.mask)
             fd = fd * b.mask.shape[0] / norm["rows"]
             stats[f"feat:{name}"] = fd.detach()
             loss = loss + tcfg.feature_weight * fd
@@ -356,10 +372,13 @@ class Trainer:
     def step(self, rows: np.ndarray, ends: np.ndarray, keep: np.ndarray) -> Dict[str, float]:
         """One optimizer step on a global batch (this rank takes its share)."""
         cfg = self.model.config
+        teacher = self.objective.teacher
+        # The teacher (when there is one) sees up to its own max_len events before each window end.
+        max_len = max(cfg.max_len, teacher.config.max_len if teacher is not None else 0)
         local = slice(self.rank, None, self.size)
-        full = make_batch(self.log, rows[local], ends[local], cfg.max_len, cfg.num_time_buckets)
+        full = make_batch(self.log, rows[local], ends[local], max_len, cfg.num_time_buckets)
         full = full.to(self.device)
-        b = full.cut(torch.as_tensor(keep[local], device=self.device))
+        b = full.tail(cfg.max_len).cut(torch.as_tensor(keep[local], device=self.device))
         norm = self._norm(b)
         loss, stats = self.step_module(b, full, norm)
         self.optimizer.zero_grad(set_to_none=True)
