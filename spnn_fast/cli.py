@@ -32,6 +32,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--max-len", type=int, default=d.max_len)
+    p.add_argument("--teacher-max-len", type=int, default=d.teacher_max_len,
+                   help="events the teacher sees (default: --max-len)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--patience", type=int, default=d.patience)
@@ -55,6 +57,7 @@ def _config_from_args(args):
     return ExperimentConfig(
         dataset=args.data or args.dataset or ExperimentConfig.dataset,
         seeds=args.seeds, epochs=args.epochs, device=args.device, max_len=args.max_len,
+        teacher_max_len=args.teacher_max_len,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience,
         teacher_d=args.teacher_d, teacher_layers=args.teacher_layers,
         student_d=args.student_d, student_layers=args.student_layers,

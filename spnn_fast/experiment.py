@@ -42,7 +42,8 @@ class ExperimentConfig:
     seeds: int = 3
     epochs: int = 30
     device: str = "cpu"
-    max_len: int = 50
+    max_len: int = 50  # students' window (and evaluation input) length
+    teacher_max_len: Optional[int] = None  # the teacher's, default max_len: it may see more
     teacher_d: int = 96
     teacher_layers: int = 2
     teacher_heads: int = 2
@@ -71,13 +72,14 @@ def model_configs(cfg: ExperimentConfig, ds: Dataset) -> Dict[str, SPNNConfig]:
     side = cfg.use_side_features
     item_vocab = {n: ds.feature_vocab[n] for n in ds.item_features} if side else {}
     user_vocab = {n: ds.feature_vocab[n] for n in ds.user_features} if side else {}
-    common = dict(num_items=ds.log.num_items, max_len=cfg.max_len, dropout=cfg.dropout,
+    common = dict(num_items=ds.log.num_items, dropout=cfg.dropout,
                   item_feature_vocab=item_vocab, user_feature_vocab=user_vocab,
                   backend=cfg.backend)  # fmt: skip
     teacher = SPNNConfig(d_model=cfg.teacher_d, n_layers=cfg.teacher_layers,
+                         max_len=cfg.teacher_max_len or cfg.max_len,
                          n_heads=cfg.teacher_heads,
                          detector_layers=[f"layers.{cfg.teacher_layers - 1}"], **common)  # fmt: skip
-    student = SPNNConfig(d_model=cfg.student_d, n_layers=cfg.student_layers,
+    student = SPNNConfig(d_model=cfg.student_d, n_layers=cfg.student_layers, max_len=cfg.max_len,
                          n_heads=cfg.student_heads, **common)  # fmt: skip
     return {"teacher": teacher, "student": student, "student_kd": student}
 

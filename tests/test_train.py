@@ -195,7 +195,8 @@ def _tiny_experiment(data_path, **kw):
 
 def test_pipeline_report_and_resume(tmp_path, monkeypatch):
     data = _write_cycle_csv(tmp_path / "cycle.csv")
-    full = run(_tiny_experiment(data), str(tmp_path / "full"), log=lambda *a: None)
+    full = run(_tiny_experiment(data, teacher_max_len=11), str(tmp_path / "full"),
+               log=lambda *a: None)  # fmt: skip
     report = json.loads((tmp_path / "full" / "report.json").read_text())
     assert set(report["models"]) == set(MODELS)
     for name in MODELS:
@@ -222,9 +223,10 @@ def test_pipeline_report_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_epoch", dying)
     with pytest.raises(KeyboardInterrupt):
-        run(_tiny_experiment(data), str(tmp_path / "cut"), log=lambda *a: None)
+        run(_tiny_experiment(data, teacher_max_len=11), str(tmp_path / "cut"), log=lambda *a: None)
     monkeypatch.setattr(Trainer, "train_epoch", original)
-    resumed = run(_tiny_experiment(data), str(tmp_path / "cut"), log=lambda *a: None)
+    resumed = run(_tiny_experiment(data, teacher_max_len=11), str(tmp_path / "cut"),
+                  log=lambda *a: None)  # fmt: skip
     for name in MODELS:
         assert resumed["models"][name]["metrics"] == full["models"][name]["metrics"]
         assert resumed["models"][name]["history"] == full["models"][name]["history"]
