@@ -11,36 +11,14 @@ import textwrap
 
 import pytest
 import torch
+from _utils import DEVICE, assert_close, needs_triton, run_without_interpreter
 
 import spnn_fast.functional as SF
 import spnn_fast.nn as snn
 from spnn_fast import backends
 from spnn_fast.reference import distill as ref
 
-TRITON_OK = backends.status()["triton"]
-needs_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="Triton cannot run here (no GPU and no TRITON_INTERPRET=1)"
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IGNORE = -100
-
-
-def assert_close(actual, expected, name, rtol=1e-4, atol=1e-5):
-    """|a - e| <= atol * (1 + max|e|) + rtol * |e| elementwise; says where it fails."""
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual}"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    tol = atol * (1 + scale) + rtol * expected.abs()
-    err = (actual - expected).abs()
-    bad = err > tol
-    if bad.any():
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ; max abs err {err.max():.3e} "
-            f"(scale {scale:.3e}); first at {idx}: {actual[idx].item():.8g} vs {expected[idx].item():.8g}"
-        )
 
 
 def make_inputs(
@@ -555,11 +533,7 @@ _AOT_SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90():
     """Real (not interpreted) compilation to sm_90 cubins: code generation, ptxas, and the shared
     memory each kernel needs against the 227 KiB an H100/H200 block may use."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
+    proc = run_without_interpreter(_AOT_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 

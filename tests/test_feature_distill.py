@@ -5,34 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _utils import DEVICE, assert_close, needs_triton
 
 import spnn_fast.functional as SF
 import spnn_fast.nn as snn
-from spnn_fast import backends
 from spnn_fast.reference.feature_distill import feature_distillation_loss_reference
 
-TRITON_OK = backends.status()["triton"]
-needs_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="Triton cannot run here (no GPU and no TRITON_INTERPRET=1)"
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
-
-
-def assert_close(actual, expected, name, rtol=1e-4, atol=1e-5):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual - expected).abs()
-    bad = err > atol * (1 + scale) + rtol * expected.abs()
-    if bad.any():
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} differ; max abs err {err.max():.3e} "
-            f"(scale {scale:.3e}); first at {idx}: {actual[idx].item():.8g} vs {expected[idx].item():.8g}"
-        )
 
 
 def make_emb(n, k, dtype=torch.float32, seed=0):
