@@ -504,9 +504,13 @@ _AOT_SCRIPT = textwrap.dedent(
            "G": "fp32", "GMAX": "fp32"}
     ints = {"N", "V", "DS", "DT", "ignore_index"}
     out = []
-    for dtype, elem, prec, bds, bdt in (("bf16", 2, "tf32", 64, 64), ("fp32", 4, "tf32x3", 256, 256)):
-        bn, bv, warps, stages = K._config(bds, bdt, True, elem)
-        consts = dict(HAS_CE=True, HAS_KD=True, HAS_TARGET=True, BLOCK_N=bn, BLOCK_V=bv,
+    # (dtype, elem, precision, BLOCK_DS, BLOCK_DT, teacher): the widest fp32 tiles with and
+    # without a teacher (alpha = 0 compiles the teacher away), and a half-precision case.
+    for dtype, elem, prec, bds, bdt, kd in (("bf16", 2, "tf32", 64, 64, True),
+                                            ("fp32", 4, "tf32x3", 256, 256, True),
+                                            ("fp32", 4, "tf32x3", 256, 256, False)):
+        bn, bv, warps, stages = K._config(bds, bdt, kd, elem)
+        consts = dict(HAS_CE=True, HAS_KD=kd, HAS_TARGET=True, BLOCK_N=bn, BLOCK_V=bv,
                       BLOCK_DS=bds, BLOCK_DT=bdt, PRECISION=prec)
         for fn in (K._distill_fwd_kernel, K._distill_bwd_dh_kernel, K._distill_bwd_dw_kernel):
             sig = {}
@@ -522,7 +526,7 @@ _AOT_SCRIPT = textwrap.dedent(
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": warps, "num_stages": stages})
-            out.append([fn.__name__, dtype, k.metadata.shared])
+            out.append([fn.__name__, dtype, kd, k.metadata.shared])
     print(json.dumps(out))
     """
 )
@@ -538,6 +542,8 @@ def test_kernels_compile_for_sm90():
     import json
 
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 6
-    for name, dtype, shared in compiled:
-        assert shared <= 227 * 1024, f"{name} ({dtype}) needs {shared} B of shared memory"
+    assert len(compiled) == 9
+    for name, dtype, teacher, shared in compiled:
+        assert shared <= 227 * 1024, (
+            f"{name} ({dtype}, teacher={teacher}) needs {shared} B of shared memory"
+        )
