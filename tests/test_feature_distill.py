@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _utils import DEVICE, assert_close, needs_triton
+from _utils import DEVICE, assert_close, needs_triton, run_without_interpreter
 
 import spnn_fast.functional as SF
 import spnn_fast.nn as snn
@@ -249,3 +249,35 @@ def test_distiller_bad_input():
         dist(s, t, mask.float())
     with pytest.raises(ValueError, match="detector"):
         snn.FeatureDistiller(10, 14, detector=snn.KnowledgeDetector(13))
+
+
+# --- without a GPU: compile the kernels for sm_90 (catches what the interpreter does not) -------
+
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from spnn_fast.kernels import feature_distill as K
+
+out = []
+for dtype, k in (("bf16", 8192),):
+    block_n, block_k, warps = K._config(k)
+    for fn in (K._feature_distill_fwd_kernel, K._feature_distill_bwd_kernel):
+        sig = {n: "i32" if n in ("N", "K") else "fp32" if n == "eps" else
+               "*fp32" if n in ("LOSS", "G", "W") else "*" + dtype for n in fn.arg_names}
+        consts = dict(BLOCK_N=block_n, BLOCK_K=block_k)
+        sig.update({n: "constexpr" for n in consts})
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        out.append(compiled.metadata.shared)
+print(len(out), max(out))
+"""
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real")
+def test_kernels_compile_for_sm90():
+    proc = run_without_interpreter(_AOT_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, shared = map(int, proc.stdout.split()[-2:])
+    assert count == 2 and shared <= 227 * 1024
