@@ -540,6 +540,11 @@ BAD_INPUTS = [
     (dict(time_bias=torch.zeros(3, 0)), "1 <= NB <= 64"),
     (dict(time_bias=torch.zeros(3, 4, dtype=torch.int64)), "time_bias must be floating"),
     (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")), "is on meta"),
+    (dict(key_padding_mask=[[True] * 7] * 2), "key_padding_mask must be a tensor or None"),
+    (dict(time_bias=[[0.0] * 32] * 3), "time_bias must be a tensor or None"),
+    ({n: torch.randn(2, 3, 7, 0) for n in "qkv"}, r"head dim D >= 1.*\(2, 3, 7, 0\)"),
+    (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(scale="0.5"), "scale must be a finite number"),
 ]
 
 
@@ -554,12 +559,25 @@ def test_triton_rejects_unsupported_head_dim_and_dtype():
     device = "cuda" if CUDA else "cpu"
     inputs = make_inputs(1, 2, 5, 24, "none", False, device=device)
     with pytest.raises(ValueError, match=r"head dims.*\(1, 2, 5, 24\)"):
-        semantic_attention(**inputs, backend="triton")
+        semantic_attention(**inputs, backend="TRITON")  # backend names are case-insensitive
     # "auto" falls back to the PyTorch path instead.
     semantic_attention(**inputs, backend="auto")
     inputs = make_inputs(1, 2, 5, 16, "none", False, device=device, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
         semantic_attention(**inputs, backend="triton")
+
+
+def test_functional_limits_match_the_kernels():
+    """spnn_fast.functional repeats the kernels' limits so that validation never imports Triton."""
+    pytest.importorskip("triton")
+    from spnn_fast.kernels import attention, distill, feature_distill
+
+    from spnn_fast import functional
+
+    assert functional._ATTN_HEAD_DIMS_TRITON == attention.SUPPORTED_HEAD_DIMS
+    assert functional._ATTN_DTYPES_TRITON == attention.SUPPORTED_DTYPES
+    assert functional._DISTILL_MAX_DIM_TRITON == distill.MAX_DIM
+    assert functional._FEATURE_MAX_K_TRITON == feature_distill.MAX_K
 
 
 def test_unknown_backend():

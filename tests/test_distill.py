@@ -357,8 +357,8 @@ def test_triton_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="<= 256"):
         SF.distillation_loss(inp["hs"], inp["ws"], inp["ht"], inp["wt"], inp["y"], backend="triton")
     inp = make_inputs(3, 5, dtype=torch.float64)
-    with pytest.raises(ValueError, match="float64"):
-        SF.distillation_loss(inp["hs"], inp["ws"], inp["ht"], inp["wt"], inp["y"], backend="triton")
+    with pytest.raises(ValueError, match="float64"):  # backend names are case-insensitive
+        SF.distillation_loss(inp["hs"], inp["ws"], inp["ht"], inp["wt"], inp["y"], backend="TRITON")
 
 
 # --- the registered op: opcheck and torch.compile ---------------------------------------------

@@ -115,6 +115,14 @@ def test_bad_input_raises(case):
         SF.feature_distillation_loss(*args, backend="torch")
 
 
+@needs_triton
+def test_triton_rejects_what_it_cannot_run():
+    s, t, w = make_emb(4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):  # backend names are case-insensitive
+        SF.feature_distillation_loss(s, t, w, backend="Triton")
+    SF.feature_distillation_loss(s, t, w, backend="auto")  # falls back to torch
+
+
 def test_bad_eps_and_backend():
     s, t, w = make_emb(4, 8)
     with pytest.raises(ValueError, match="eps"):
