@@ -18,7 +18,10 @@ Ds, Dt <= 256 (padded to a power of two >= 16 in registers). N and V are runtime
 * ``_distill_bwd_dw_kernel``: grid over V blocks, loop over row blocks: the same dz, accumulates
   d_Ws = dz.T @ hs. Each program owns its output rows: deterministic, no atomics.
 
-No N x V buffer of any dtype exists; accumulation is fp32. Checked against
+No N x V buffer of any dtype exists; accumulation is fp32. fp32 inputs use "tf32x3" dots (about
+fp32 accuracy on tensor cores; "tf32" where torch allows TF32 matmuls). Tile shapes depend on Ds,
+Dt and the dtype only (:func:`_config`), sized so that every variant fits sm_90 shared memory (the
+tests compile them to sm_90 cubins without a GPU). Checked against
 ``spnn_fast.reference.distill.distillation_loss_reference`` (float64) in tests/test_distill.py.
 """
 
