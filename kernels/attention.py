@@ -196,6 +196,26 @@ def _semantic_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _load_query_rows(
+    Q, DO, LSE, DELTA, T, bh, b, offs_m, L,
+    D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """What the backward reads of query rows ``offs_m``: q, grad_out, lse in log2 units (0 for an
+    empty row, whose p is 0 anyway), delta and the timestamps."""
+    m_ok = offs_m < L
+    row_off = bh * L * D + offs_m[:, None] * D + tl.arange(0, D)[None, :]
+    q = tl.load(Q + row_off, mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + row_off, mask=m_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
+    t_i = tl.zeros([BLOCK], tl.int64)
+    if HAS_BIAS:
+        t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
+    return q, do, lse, delta, t_i, row_off, m_ok
+
+
+@triton.jit
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, T, MASK, BIAS, bh, b, h, start, L, NB, scale, qk_scale,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
@@ -216,16 +236,9 @@ def _bwd_dkdv(
         lo = start  # query tiles before the key block see none of it
     for start_m in range(lo, L, BLOCK_ITER):
         offs_m = start_m + tl.arange(0, BLOCK_ITER)
-        m_ok = offs_m < L
-        row_off = base + offs_m[:, None] * D + offs_d[None, :]
-        q = tl.load(Q + row_off, mask=m_ok[:, None], other=0.0)
-        do = tl.load(DO + row_off, mask=m_ok[:, None], other=0.0)
-        lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0)
-        lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-        delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
-        t_i = tl.zeros([BLOCK_ITER], tl.int64)
-        if HAS_BIAS:
-            t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
+        q, do, lse, delta, t_i, _, _ = _load_query_rows(
+            Q, DO, LSE, DELTA, T, bh, b, offs_m, L, D, HAS_BIAS, BLOCK_ITER
+        )
         s, valid, _ = _scores(
             q, k, offs_m, offs_n, t_i, T, MASK, BIAS, b, h, L, NB, qk_scale,
             HAS_MASK, HAS_BIAS, CAUSAL, DOT_PRECISION,
@@ -250,16 +263,9 @@ def _bwd_dq(
     base = bh * L * D
     offs_d = tl.arange(0, D)
     offs_m = start + tl.arange(0, BLOCK)
-    m_ok = offs_m < L
-    row_off = base + offs_m[:, None] * D + offs_d[None, :]
-    q = tl.load(Q + row_off, mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO + row_off, mask=m_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
-    t_i = tl.zeros([BLOCK], tl.int64)
-    if HAS_BIAS:
-        t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
+    q, do, lse, delta, t_i, row_off, m_ok = _load_query_rows(
+        Q, DO, LSE, DELTA, T, bh, b, offs_m, L, D, HAS_BIAS, BLOCK
+    )
     dq = tl.zeros([BLOCK, D], tl.float32)
     offs_nb = tl.arange(0, NB_PAD)
     hist = tl.zeros([NB_PAD], tl.float32)

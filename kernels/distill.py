@@ -18,7 +18,10 @@ Ds, Dt <= 256 (padded to a power of two >= 16 in registers). N and V are runtime
 * ``_distill_bwd_dw_kernel``: grid over V blocks, loop over row blocks: the same dz, accumulates
   d_Ws = dz.T @ hs. Each program owns its output rows: deterministic, no atomics.
 
-No N x V buffer of any dtype exists; accumulation is fp32. Checked against
+No N x V buffer of any dtype exists; accumulation is fp32. fp32 inputs use "tf32x3" dots (about
+fp32 accuracy on tensor cores; "tf32" where torch allows TF32 matmuls). Tile shapes depend on Ds,
+Dt and the dtype only (:func:`_config`), sized so that every variant fits sm_90 shared memory (the
+tests compile them to sm_90 cubins without a GPU). Checked against
 ``spnn_fast.reference.distill.distillation_loss_reference`` (float64) in tests/test_distill.py.
 """
 
@@ -33,6 +36,46 @@ import triton.language as tl
 __all__ = ["MAX_DIM", "distill_bwd", "distill_fwd"]
 
 MAX_DIM = 256
+
+
+@triton.jit
+def _load_rows(PTR, idx, idx_ok, offs, D):
+    """Rows ``idx`` (masked by ``idx_ok``) of a row-major ``[*, D]`` matrix at columns ``offs``;
+    0 outside, so padded rows and columns add nothing to a dot product."""
+    mask = idx_ok[:, None] & (offs[None, :] < D)
+    return tl.load(PTR + idx[:, None] * D + offs[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, val, idx, idx_ok, offs, D):
+    mask = idx_ok[:, None] & (offs[None, :] < D)
+    tl.store(PTR + idx[:, None] * D + offs[None, :], val.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_targets(Y, rows, row_ok, ignore_index, HAS_TARGET: tl.constexpr, BLOCK_N: tl.constexpr):
+    if HAS_TARGET:
+        y = tl.load(Y + rows, mask=row_ok, other=ignore_index)
+    else:
+        y = tl.zeros([BLOCK_N], dtype=tl.int64)
+    return y
+
+
+@triton.jit
+def _load_row_grads(
+    G, Y, LSE_S, LSE_ST, LSE_TT, rows, row_ok, ignore_index,
+    HAS_TARGET: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The per-row inputs of the backward: incoming gradient (0 at ignored rows), target, and the
+    three saved log-sum-exps."""
+    g = tl.load(G + rows, mask=row_ok, other=0.0)
+    y = _load_targets(Y, rows, row_ok, ignore_index, HAS_TARGET, BLOCK_N)
+    if HAS_TARGET:
+        g = tl.where(y != ignore_index, g, 0.0)
+    lse_s = tl.load(LSE_S + rows, mask=row_ok, other=0.0)
+    lse_st = tl.load(LSE_ST + rows, mask=row_ok, other=0.0)
+    lse_tt = tl.load(LSE_TT + rows, mask=row_ok, other=0.0)
+    return g, y, lse_s, lse_st, lse_tt
 
 
 @triton.jit(do_not_specialize=["N", "V"])
@@ -67,22 +110,11 @@ def _distill_fwd_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     offs_ds = tl.arange(0, BLOCK_DS)
-    hs = tl.load(
-        HS + rows[:, None] * DS + offs_ds[None, :],
-        mask=row_ok[:, None] & (offs_ds[None, :] < DS),
-        other=0.0,
-    )
+    hs = _load_rows(HS, rows, row_ok, offs_ds, DS)
     if HAS_KD:
         offs_dt = tl.arange(0, BLOCK_DT)
-        ht = tl.load(
-            HT + rows[:, None] * DT + offs_dt[None, :],
-            mask=row_ok[:, None] & (offs_dt[None, :] < DT),
-            other=0.0,
-        )
-    if HAS_TARGET:
-        y = tl.load(Y + rows, mask=row_ok, other=ignore_index)
-    else:
-        y = tl.zeros([BLOCK_N], dtype=tl.int64)
+        ht = _load_rows(HT, rows, row_ok, offs_dt, DT)
+    y = _load_targets(Y, rows, row_ok, ignore_index, HAS_TARGET, BLOCK_N)
     neg_inf = float("-inf")
     m_s = tl.full([BLOCK_N], neg_inf, tl.float32)
     l_s = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -95,11 +127,7 @@ def _distill_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
-        ws = tl.load(
-            WS + cols[:, None] * DS + offs_ds[None, :],
-            mask=col_ok[:, None] & (offs_ds[None, :] < DS),
-            other=0.0,
-        )
+        ws = _load_rows(WS, cols, col_ok, offs_ds, DS)
         # Masked columns hold logit 0 (zero rows of Ws); -inf only where they enter a max/exp.
         zs = tl.dot(hs, tl.trans(ws), input_precision=PRECISION)
         if HAS_CE:
@@ -110,11 +138,7 @@ def _distill_fwd_kernel(
             hit = (cols[None, :] == y[:, None]) & col_ok[None, :]
             z_y += tl.sum(tl.where(hit, zs, 0.0), axis=1)
         if HAS_KD:
-            wt = tl.load(
-                WT + cols[:, None] * DT + offs_dt[None, :],
-                mask=col_ok[:, None] & (offs_dt[None, :] < DT),
-                other=0.0,
-            )
+            wt = _load_rows(WT, cols, col_ok, offs_dt, DT)
             zt = tl.dot(ht, tl.trans(wt), input_precision=PRECISION) * inv_t
             zs_t = zs * inv_t
             zst_m = tl.where(col_ok[None, :], zs_t, neg_inf)
@@ -216,43 +240,21 @@ def _distill_bwd_dh_kernel(
     row_ok = rows < N
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    hs = tl.load(
-        HS + rows[:, None] * DS + offs_ds[None, :],
-        mask=row_ok[:, None] & (offs_ds[None, :] < DS),
-        other=0.0,
-    )
+    hs = _load_rows(HS, rows, row_ok, offs_ds, DS)
     ht = hs  # placeholder when there is no teacher (never read)
     if HAS_KD:
-        ht = tl.load(
-            HT + rows[:, None] * DT + offs_dt[None, :],
-            mask=row_ok[:, None] & (offs_dt[None, :] < DT),
-            other=0.0,
-        )
-    g = tl.load(G + rows, mask=row_ok, other=0.0)
-    if HAS_TARGET:
-        y = tl.load(Y + rows, mask=row_ok, other=ignore_index)
-        g = tl.where(y != ignore_index, g, 0.0)
-    else:
-        y = tl.zeros([BLOCK_N], dtype=tl.int64)
-    lse_s = tl.load(LSE_S + rows, mask=row_ok, other=0.0)
-    lse_st = tl.load(LSE_ST + rows, mask=row_ok, other=0.0)
-    lse_tt = tl.load(LSE_TT + rows, mask=row_ok, other=0.0)
+        ht = _load_rows(HT, rows, row_ok, offs_dt, DT)
+    g, y, lse_s, lse_st, lse_tt = _load_row_grads(
+        G, Y, LSE_S, LSE_ST, LSE_TT, rows, row_ok, ignore_index, HAS_TARGET, BLOCK_N
+    )
     d_hs = tl.zeros([BLOCK_N, BLOCK_DS], dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < V
-        ws = tl.load(
-            WS + cols[:, None] * DS + offs_ds[None, :],
-            mask=col_ok[:, None] & (offs_ds[None, :] < DS),
-            other=0.0,
-        )
+        ws = _load_rows(WS, cols, col_ok, offs_ds, DS)
         wt = ws
         if HAS_KD:
-            wt = tl.load(
-                WT + cols[:, None] * DT + offs_dt[None, :],
-                mask=col_ok[:, None] & (offs_dt[None, :] < DT),
-                other=0.0,
-            )
+            wt = _load_rows(WT, cols, col_ok, offs_dt, DT)
         dz = _dlogits(
             hs, ws, ht, wt, y, lse_s, lse_st, lse_tt, cols, col_ok, inv_t, ce_w, kd_gw,
             HAS_CE, HAS_KD, PRECISION,
@@ -260,11 +262,7 @@ def _distill_bwd_dh_kernel(
         d_hs += tl.dot(dz.to(ws.dtype), ws, input_precision=PRECISION)
     # g_n scales whole rows: applied after the products, so fp16 never holds g * dz (underflow).
     d_hs = d_hs * g[:, None]
-    tl.store(
-        DHS + rows[:, None] * DS + offs_ds[None, :],
-        d_hs.to(DHS.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_ds[None, :] < DS),
-    )
+    _store_rows(DHS, d_hs, rows, row_ok, offs_ds, DS)
 
 
 @triton.jit(do_not_specialize=["N", "V"])
@@ -302,45 +300,23 @@ def _distill_bwd_dw_kernel(
     col_ok = cols < V
     offs_ds = tl.arange(0, BLOCK_DS)
     offs_dt = tl.arange(0, BLOCK_DT)
-    ws = tl.load(
-        WS + cols[:, None] * DS + offs_ds[None, :],
-        mask=col_ok[:, None] & (offs_ds[None, :] < DS),
-        other=0.0,
-    )
+    ws = _load_rows(WS, cols, col_ok, offs_ds, DS)
     wt = ws  # placeholder when there is no teacher (never read)
     if HAS_KD:
-        wt = tl.load(
-            WT + cols[:, None] * DT + offs_dt[None, :],
-            mask=col_ok[:, None] & (offs_dt[None, :] < DT),
-            other=0.0,
-        )
+        wt = _load_rows(WT, cols, col_ok, offs_dt, DT)
     gmax = tl.load(GMAX)
     inv_gmax = 1.0 / gmax
     d_ws = tl.zeros([BLOCK_V, BLOCK_DS], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < N
-        hs = tl.load(
-            HS + rows[:, None] * DS + offs_ds[None, :],
-            mask=row_ok[:, None] & (offs_ds[None, :] < DS),
-            other=0.0,
-        )
+        hs = _load_rows(HS, rows, row_ok, offs_ds, DS)
         ht = hs
         if HAS_KD:
-            ht = tl.load(
-                HT + rows[:, None] * DT + offs_dt[None, :],
-                mask=row_ok[:, None] & (offs_dt[None, :] < DT),
-                other=0.0,
-            )
-        g = tl.load(G + rows, mask=row_ok, other=0.0)
-        if HAS_TARGET:
-            y = tl.load(Y + rows, mask=row_ok, other=ignore_index)
-            g = tl.where(y != ignore_index, g, 0.0)
-        else:
-            y = tl.zeros([BLOCK_N], dtype=tl.int64)
-        lse_s = tl.load(LSE_S + rows, mask=row_ok, other=0.0)
-        lse_st = tl.load(LSE_ST + rows, mask=row_ok, other=0.0)
-        lse_tt = tl.load(LSE_TT + rows, mask=row_ok, other=0.0)
+            ht = _load_rows(HT, rows, row_ok, offs_dt, DT)
+        g, y, lse_s, lse_st, lse_tt = _load_row_grads(
+            G, Y, LSE_S, LSE_ST, LSE_TT, rows, row_ok, ignore_index, HAS_TARGET, BLOCK_N
+        )
         dz = _dlogits(
             hs, ws, ht, wt, y, lse_s, lse_st, lse_tt, cols, col_ok, inv_t, ce_w, kd_gw,
             HAS_CE, HAS_KD, PRECISION,
@@ -349,11 +325,7 @@ def _distill_bwd_dw_kernel(
         hs_g = (hs.to(tl.float32) * (g * inv_gmax)[:, None]).to(hs.dtype)
         d_ws += tl.dot(tl.trans(dz.to(hs.dtype)), hs_g, input_precision=PRECISION)
     d_ws = d_ws * gmax
-    tl.store(
-        DWS + cols[:, None] * DS + offs_ds[None, :],
-        d_ws.to(DWS.dtype.element_ty),
-        mask=col_ok[:, None] & (offs_ds[None, :] < DS),
-    )
+    _store_rows(DWS, d_ws, cols, col_ok, offs_ds, DS)
 
 
 def _block_d(d: int) -> int:
@@ -364,9 +336,12 @@ def _config(block_ds: int, block_dt: int, has_kd: bool, elem: int) -> Tuple[int,
     """(BLOCK_N, BLOCK_V, num_warps, num_stages): tiles shrink as the rows held in registers
     widen; pipeline stages are limited so the staged operand tiles fit in shared memory."""
     width = block_ds + (block_dt if has_kd else 0)
-    if width <= 128:
+    # Measured on sm_90 cubins: without a teacher, fp32 kernels need the shared memory of a
+    # student + teacher pair twice as wide (with the wide tiles, 256-288 KiB > the 227 KiB limit).
+    tile_width = 2 * width if elem == 4 and not has_kd else width
+    if tile_width <= 128:
         block_n, block_v = 64, 128
-    elif width <= 256:
+    elif tile_width <= 256:
         block_n, block_v = 64, 64
     else:  # fp32 operands this wide need narrower item tiles to fit shared memory (sm_90)
         block_n, block_v = (32, 64) if elem < 4 else (32, 32)
@@ -397,6 +372,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _prepare(hs, ws, ht, wt, y, alpha):
+    """Checks, contiguous operands ``(hs, ws, ht, wt, y)``, the default ``(BLOCK_N, BLOCK_V)``
+    and the launch parameters that the forward and both backward kernels share."""
     has_ce, has_kd = alpha < 1, alpha > 0
     if hs.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the Triton distillation kernels take fp32/fp16/bf16, got {hs.dtype}")
@@ -411,7 +388,13 @@ def _prepare(hs, ws, ht, wt, y, alpha):
     else:
         ht, wt = hs, ws  # never read: HAS_KD compiles the teacher away
     y_arg = y.contiguous() if y is not None else hs
-    return hs, ws, ht, wt, y_arg, has_ce, has_kd
+    bds, bdt = _block_d(hs.shape[1]), _block_d(ht.shape[1])
+    block_n, block_v, warps, stages = _config(bds, bdt, has_kd, hs.element_size())
+    meta = dict(
+        HAS_CE=has_ce, HAS_KD=has_kd, HAS_TARGET=y is not None, BLOCK_DS=bds, BLOCK_DT=bdt,
+        PRECISION=_precision(hs.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return (hs, ws, ht, wt, y_arg), (block_n, block_v), meta
 
 
 def distill_fwd(
@@ -429,25 +412,19 @@ def distill_fwd(
 
     ``block=(BLOCK_N, BLOCK_V)`` overrides the tile shape (tests use it to cover tile edges).
     """
-    hs, ws, ht, wt, y, has_ce, has_kd = _prepare(
+    (hs, ws, ht, wt, y), (block_n, block_v), meta = _prepare(
         student_hidden, student_items, teacher_hidden, teacher_items, target, alpha
     )
     n, v = hs.shape[0], ws.shape[0]
-    ds, dt = hs.shape[1], ht.shape[1]
     out = [torch.empty(n, dtype=torch.float32, device=hs.device) for _ in range(4)]
     if n == 0:
         return tuple(out)
-    bds, bdt = _block_d(ds), _block_d(dt)
-    block_n, block_v, warps, stages = _config(bds, bdt, has_kd, hs.element_size())
-    block_n = _fill_gpu(n, block_n, hs.device)
-    if block is not None:
-        block_n, block_v = block
-    _distill_fwd_kernel[(triton.cdiv(n, block_n),)](
-        hs, ws, ht, wt, y, *out, n, v, ds, dt,
+    if block is None:
+        block = (_fill_gpu(n, block_n, hs.device), block_v)
+    _distill_fwd_kernel[(triton.cdiv(n, block[0]),)](
+        hs, ws, ht, wt, y, *out, n, v, hs.shape[1], ht.shape[1],
         1.0 / temperature, 1.0 - alpha, alpha * temperature**2, ignore_index,
-        HAS_CE=has_ce, HAS_KD=has_kd, HAS_TARGET=target is not None,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_DS=bds, BLOCK_DT=bdt,
-        PRECISION=_precision(hs.dtype), num_warps=warps, num_stages=stages,
+        BLOCK_N=block[0], BLOCK_V=block[1], **meta,
     )  # fmt: skip
     return tuple(out)
 
@@ -468,36 +445,29 @@ def distill_bwd(
     block: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(d_student_hidden, d_student_items) for ``grad_rows`` [N] on the row losses."""
-    hs, ws, ht, wt, y, has_ce, has_kd = _prepare(
+    (hs, ws, ht, wt, y), (block_n, block_v), meta = _prepare(
         student_hidden, student_items, teacher_hidden, teacher_items, target, alpha
     )
     n, v = hs.shape[0], ws.shape[0]
-    ds, dt = hs.shape[1], ht.shape[1]
     d_hs, d_ws = torch.empty_like(hs), torch.empty_like(ws)
     if n == 0:
         return d_hs, d_ws.zero_()
     g = grad_rows.to(torch.float32).contiguous()  # may arrive expanded with stride 0
     stats = [t.contiguous() for t in (lse_s, lse_st, lse_tt)]
-    bds, bdt = _block_d(ds), _block_d(dt)
-    block_n, block_v, warps, stages = _config(bds, bdt, has_kd, hs.element_size())
     # d_hs: a grid over row blocks; d_ws: a grid over item blocks. Each fills the GPU alone.
     dh_blocks = (_fill_gpu(n, block_n, hs.device), block_v)
     dw_blocks = (block_n, _fill_gpu(v, block_v, hs.device))
     if block is not None:
         dh_blocks = dw_blocks = block
-    common = dict(
-        HAS_CE=has_ce, HAS_KD=has_kd, HAS_TARGET=target is not None,
-        BLOCK_DS=bds, BLOCK_DT=bdt,
-        PRECISION=_precision(hs.dtype), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    scalars = (n, v, ds, dt, 1.0 / temperature, 1.0 - alpha, alpha * temperature, ignore_index)
+    scalars = (n, v, hs.shape[1], ht.shape[1], 1.0 / temperature, 1.0 - alpha,
+               alpha * temperature, ignore_index)  # fmt: skip
     _distill_bwd_dh_kernel[(triton.cdiv(n, dh_blocks[0]),)](
         g, hs, ws, ht, wt, y, *stats, d_hs, *scalars,
-        BLOCK_N=dh_blocks[0], BLOCK_V=dh_blocks[1], **common,
+        BLOCK_N=dh_blocks[0], BLOCK_V=dh_blocks[1], **meta,
     )  # fmt: skip
     gmax = g.abs().amax().clamp_min(1e-30).reshape(1)  # on the device: no host sync
     _distill_bwd_dw_kernel[(triton.cdiv(v, dw_blocks[1]),)](
         g, hs, ws, ht, wt, y, *stats, d_ws, gmax, *scalars,
-        BLOCK_N=dw_blocks[0], BLOCK_V=dw_blocks[1], **common,
+        BLOCK_N=dw_blocks[0], BLOCK_V=dw_blocks[1], **meta,
     )  # fmt: skip
     return d_hs, d_ws

@@ -37,17 +37,23 @@ def _layer_norm_rows(X, rows, row_ok, offs_k, K, eps):
     return xc * rstd[:, None], rstd
 
 
+@triton.jit
+def _normed_rows(S, T, W, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's rows: ln(s) and its 1/std, ln(t), and the weights (fp32)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a, rstd = _layer_norm_rows(S, rows, row_ok, offs_k, K, eps)
+    b, _ = _layer_norm_rows(T, rows, row_ok, offs_k, K, eps)
+    w = tl.load(W + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return rows, row_ok, offs_k, a, rstd, b, w
+
+
 @triton.jit(do_not_specialize=["N"])
 def _feature_distill_fwd_kernel(
     S, T, W, LOSS, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    offs_k = tl.arange(0, BLOCK_K)
-    a, _ = _layer_norm_rows(S, rows, row_ok, offs_k, K, eps)
-    b, _ = _layer_norm_rows(T, rows, row_ok, offs_k, K, eps)
-    w = tl.load(W + rows, mask=row_ok, other=0.0).to(tl.float32)
+    rows, row_ok, offs_k, a, _, b, w = _normed_rows(S, T, W, N, K, eps, BLOCK_N, BLOCK_K)
     d = a - b
     tl.store(LOSS + rows, w * tl.sum(d * d, axis=1), mask=row_ok)
 
@@ -56,13 +62,7 @@ def _feature_distill_fwd_kernel(
 def _feature_distill_bwd_kernel(
     G, S, T, W, DS, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    offs_k = tl.arange(0, BLOCK_K)
-    a, rstd = _layer_norm_rows(S, rows, row_ok, offs_k, K, eps)
-    b, _ = _layer_norm_rows(T, rows, row_ok, offs_k, K, eps)
-    w = tl.load(W + rows, mask=row_ok, other=0.0).to(tl.float32)
+    rows, row_ok, offs_k, a, rstd, b, w = _normed_rows(S, T, W, N, K, eps, BLOCK_N, BLOCK_K)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
     ga = (2.0 * g * w)[:, None] * (a - b)  # 0 at padded columns, where a = b = 0
     mean_ga = tl.sum(ga, axis=1) / K

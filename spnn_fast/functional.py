@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -11,17 +12,36 @@ from torch import Tensor
 from spnn_fast import backends
 
 # --------------------------------------------------------------------------------------------
+# Shared by every op: argument descriptions, and Triton-or-torch dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+
+
+def _triton_or_torch(op: str, backend: Optional[str], device: torch.device, why_not) -> str:
+    """:func:`backends.select` among ("triton", "torch"); when it picks Triton and ``why_not()``
+    names something the kernels cannot run, an explicit ``backend="triton"`` (any case) raises
+    ValueError with that reason and every other request falls back to "torch"."""
+    name = backends.select(op, backend, supported=("triton", "torch"), device=device)
+    why = why_not() if name == "triton" else None
+    if why is None:
+        return name
+    if isinstance(backend, str) and backend.lower() == "triton":
+        raise ValueError(f"{op}: backend='triton' cannot run this call: {why}")
+    return "torch"
+
+
+# --------------------------------------------------------------------------------------------
 # Semantic attention: semantic_attention
 # --------------------------------------------------------------------------------------------
 
+# What the Triton kernels take (kernels/attention.py), repeated so validation never imports Triton.
 _ATTN_HEAD_DIMS_TRITON = (16, 32, 64, 128)
 _ATTN_DTYPES_TRITON = (torch.float32, torch.float16, torch.bfloat16)
 _ATTN_MAX_BUCKETS = 64
 _ATTN_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
-def _attn_shape(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)} ({t.dtype}, {t.device})"
 
 
 def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
@@ -29,9 +49,9 @@ def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor [B, H, L, D], got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, L, D] (4-D), got {_attn_shape(t)}")
+            raise ValueError(f"{name} must be [B, H, L, D] (4-D), got {_describe(t)}")
         if not t.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {_attn_shape(t)}")
+            raise ValueError(f"{name} must be floating point, got {_describe(t)}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k, v must have the same shape [B, H, L, D]; got q {tuple(q.shape)}, "
@@ -39,43 +59,47 @@ def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
         )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, H, L, _ = q.shape
+    B, H, L, D = q.shape
+    if D < 1:
+        raise ValueError(f"q, k, v must have a head dim D >= 1, got {_describe(q)}")
     named = {"k": k, "v": v, "key_padding_mask": key_padding_mask, "timestamps": timestamps}
     named["time_bias"] = time_bias
     for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor or None, got {type(t).__name__}")
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (B, L):
             raise ValueError(
                 f"key_padding_mask must be [B, L] = [{B}, {L}] for q of shape {tuple(q.shape)}, "
-                f"got {_attn_shape(key_padding_mask)}"
+                f"got {_describe(key_padding_mask)}"
             )
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(
-                f"key_padding_mask must be bool (True = real key), got {_attn_shape(key_padding_mask)}"
+                f"key_padding_mask must be bool (True = real key), got {_describe(key_padding_mask)}"
             )
     if timestamps is not None:
         if tuple(timestamps.shape) != (B, L):
             raise ValueError(
                 f"timestamps must be [B, L] = [{B}, {L}] for q of shape {tuple(q.shape)}, "
-                f"got {_attn_shape(timestamps)}"
+                f"got {_describe(timestamps)}"
             )
         if timestamps.dtype not in _ATTN_INT_DTYPES:
-            raise ValueError(f"timestamps must be integer (seconds), got {_attn_shape(timestamps)}")
+            raise ValueError(f"timestamps must be integer (seconds), got {_describe(timestamps)}")
     if time_bias is not None:
         if time_bias.dim() != 2 or time_bias.shape[0] != H:
             raise ValueError(
                 f"time_bias must be [H, NB] with H = {H} (q of shape {tuple(q.shape)}), "
-                f"got {_attn_shape(time_bias)}"
+                f"got {_describe(time_bias)}"
             )
         if not 1 <= time_bias.shape[1] <= _ATTN_MAX_BUCKETS:
             raise ValueError(
                 f"time_bias must have 1 <= NB <= {_ATTN_MAX_BUCKETS} buckets, "
-                f"got {_attn_shape(time_bias)}"
+                f"got {_describe(time_bias)}"
             )
         if not time_bias.is_floating_point():
-            raise ValueError(f"time_bias must be floating point, got {_attn_shape(time_bias)}")
+            raise ValueError(f"time_bias must be floating point, got {_describe(time_bias)}")
         if timestamps is None:
             raise ValueError("timestamps [B, L] are required when time_bias is given")
 
@@ -111,23 +135,27 @@ def semantic_attention(
         gradient is deterministic.
 
     Raises:
-        ValueError: wrong ranks, shapes, dtypes or devices (the message names the argument), or
-            ``backend="triton"`` with a head dim or dtype the kernels lack (D in 16/32/64/128;
-            float32/float16/bfloat16).
+        ValueError: wrong types, ranks, shapes, dtypes or devices (the message names the
+            argument), a non-finite ``scale``, or ``backend="triton"`` with a head dim or dtype the
+            kernels lack (D in 16/32/64/128; float32/float16/bfloat16).
     """
     _attn_check(q, k, v, key_padding_mask, timestamps, time_bias)
     B, H, L, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    name = backends.select(
-        "semantic_attention", backend, supported=("triton", "torch"), device=q.device
-    )
-    if name == "triton" and (D not in _ATTN_HEAD_DIMS_TRITON or q.dtype not in _ATTN_DTYPES_TRITON):
-        if isinstance(backend, str) and backend.lower() == "triton":
-            raise ValueError(
-                f"backend='triton' supports head dims {_ATTN_HEAD_DIMS_TRITON} and dtypes "
-                f"float32/float16/bfloat16; got q of {_attn_shape(q)}"
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    scale = float(scale)
+
+    def why_not():
+        if D not in _ATTN_HEAD_DIMS_TRITON or q.dtype not in _ATTN_DTYPES_TRITON:
+            return (
+                f"the kernels support head dims {_ATTN_HEAD_DIMS_TRITON} and dtypes "
+                f"float32/float16/bfloat16; got q of {_describe(q)}"
             )
-        name = "torch"
+        return None
+
+    name = _triton_or_torch("semantic_attention", backend, q.device, why_not)
     if time_bias is None:
         timestamps = None
     elif timestamps.dtype != torch.int64:
@@ -146,10 +174,10 @@ def semantic_attention(
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+# Limits of the Triton kernels (kernels/distill.py MAX_DIM, kernels/feature_distill.py MAX_K),
+# repeated here so that validation never imports Triton.
+_DISTILL_MAX_DIM_TRITON = 256
+_FEATURE_MAX_K_TRITON = 8192
 
 
 def _check_matrix(name: str, t: object) -> Tensor:
@@ -219,20 +247,15 @@ def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index
 
 
 def _distill_backend(backend: Optional[str], hs: Tensor, ht: Optional[Tensor]) -> str:
-    name = backends.select("distillation_loss", backend, ("triton", "torch"), hs.device)
-    if name != "triton":
-        return name
-    dims = [hs.shape[1]] + ([ht.shape[1]] if ht is not None else [])
-    why = None
-    if hs.dtype == torch.float64:
-        why = "the kernels take fp32/fp16/bf16, got float64"
-    elif max(dims) > 256:
-        why = f"the kernels take hidden sizes <= 256, got {max(dims)}"
-    if why is None:
-        return name
-    if backend == "triton":
-        raise ValueError(f"distillation_loss: backend='triton' cannot run this call: {why}")
-    return "torch"
+    def why_not():
+        dims = [hs.shape[1]] + ([ht.shape[1]] if ht is not None else [])
+        if hs.dtype == torch.float64:
+            return "the kernels take fp32/fp16/bf16, got float64"
+        if max(dims) > _DISTILL_MAX_DIM_TRITON:
+            return f"the kernels take hidden sizes <= {_DISTILL_MAX_DIM_TRITON}, got {max(dims)}"
+        return None
+
+    return _triton_or_torch("distillation_loss", backend, hs.device, why_not)
 
 
 def distillation_loss(
@@ -329,19 +352,15 @@ def feature_distillation_loss(
     _check_same("student_emb", student_emb, "weights", weights, dtype=False)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a number > 0, got {eps!r}")
-    name = backends.select(
-        "feature_distillation_loss", backend, ("triton", "torch"), student_emb.device
-    )
-    if name == "triton":
-        why = None
+
+    def why_not():
         if student_emb.dtype == torch.float64:
-            why = "the kernel takes fp32/fp16/bf16, got float64"
-        elif student_emb.shape[1] > 8192:
-            why = f"the kernel takes K <= 8192, got {student_emb.shape[1]}"
-        if why is not None and backend == "triton":
-            raise ValueError(
-                f"feature_distillation_loss: backend='triton' cannot run this call: {why}"
-            )
-        if why is None:
-            return feature_distill_rows(student_emb, teacher_emb, weights, float(eps)).sum()
+            return "the kernel takes fp32/fp16/bf16, got float64"
+        if student_emb.shape[1] > _FEATURE_MAX_K_TRITON:
+            return f"the kernel takes K <= {_FEATURE_MAX_K_TRITON}, got {student_emb.shape[1]}"
+        return None
+
+    name = _triton_or_torch("feature_distillation_loss", backend, student_emb.device, why_not)
+    if name == "triton":
+        return feature_distill_rows(student_emb, teacher_emb, weights, float(eps)).sum()
     return feature_distillation_loss_reference(student_emb, teacher_emb, weights, float(eps))

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from _utils import assert_close, run_without_interpreter
 
 from spnn_fast import backends
 from spnn_fast.functional import semantic_attention
 from spnn_fast.nn import SemanticAttention
 from spnn_fast.ops.attention import semantic_attention_bwd, semantic_attention_fwd
 from spnn_fast.reference.attention import (
-    gap_buckets,
+    bias_scores,
     semantic_attention_math,
     semantic_attention_sdpa,
 )
-from spnn_fast.reference.time_bucket import time_bucket
+from spnn_fast.reference.time_bucket import time_bucket, time_bucket_np
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -40,23 +42,6 @@ def _backends(device: str):
 
 
 BACKEND_DEVICES = [p for d in DEVICES for p in _backends(d)]
-
-
-def assert_close_verbose(actual, expected, *, atol, rtol, name="tensor"):
-    """torch.allclose with a message saying where and by how much the tensors differ."""
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(a).all(), f"{name}: {(~torch.isfinite(a)).sum()} non-finite values"
-    diff = (a - e).abs()
-    bad = diff > atol + rtol * e.abs()
-    if bad.any():
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        worst = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol:.2e}, "
-            f"rtol={rtol:.2e}); first at {idx}: {a[idx].item():.8g} vs {e[idx].item():.8g}; "
-            f"max |diff| {diff.max().item():.3e} at {worst}"
-        )
 
 
 def make_timestamps(B, L, generator, huge=False):
@@ -180,9 +165,9 @@ def check_against_reference(inputs, causal, backend, atol, rtol):
     ref, ref_grads = run_op(inputs, causal, "math", grad_out, dtype=torch.float64)
     out, grads = run_op(inputs, causal, backend, grad_out)
     scale = lambda t: max(1.0, t.abs().max().item())
-    assert_close_verbose(out, ref, atol=atol, rtol=rtol, name="out")
+    assert_close(out, ref, atol=atol, rtol=rtol, name="out", scale_atol=False)
     for name, a, e in zip(GRAD_NAMES, grads, ref_grads):
-        assert_close_verbose(a, e, atol=atol * scale(e), rtol=rtol, name=name)
+        assert_close(a, e, atol=atol * scale(e), rtol=rtol, name=name, scale_atol=False)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
@@ -230,8 +215,13 @@ def test_backward_with_expanded_grad(backend, device):
     ins, leaves = _leaves(inputs)
     semantic_attention(**ins, causal=True, backend=backend).sum().backward()
     for name, leaf, e in zip(GRAD_NAMES, leaves, ref_grads):
-        assert_close_verbose(
-            leaf.grad, e, atol=2e-5 * max(1, e.abs().max().item()), rtol=1e-4, name=name
+        assert_close(
+            leaf.grad,
+            e,
+            atol=2e-5 * max(1, e.abs().max().item()),
+            rtol=1e-4,
+            name=name,
+            scale_atol=False,
         )
 
 
@@ -315,13 +305,14 @@ def test_reference_matches_brute_force(causal):
         0.5,
     )
     got = semantic_attention_math(**inputs, causal=causal, scale=0.5)
-    assert_close_verbose(got, expected, atol=1e-12, rtol=1e-10, name="math")
+    assert_close(got, expected, atol=1e-12, rtol=1e-10, name="math", scale_atol=False)
     got_sdpa = semantic_attention_sdpa(**inputs, causal=causal, scale=0.5)
-    assert_close_verbose(got_sdpa, expected, atol=1e-12, rtol=1e-10, name="sdpa baseline")
+    assert_close(got_sdpa, expected, atol=1e-12, rtol=1e-10, name="sdpa baseline", scale_atol=False)
 
 
 def _edge_gaps():
-    vals = [0, 1, 2, 3, 10**9, 2**63 - 1]
+    """Every power of two below 2**63 and its neighbours, 2**63 - 1, and random gaps."""
+    vals = [0, 1, 2, 3, 10**9, 2**63 - 2, 2**63 - 1]
     for e in range(1, 63):
         vals += [2**e - 1, 2**e, 2**e + 1]
     g = torch.Generator().manual_seed(0)
@@ -329,14 +320,19 @@ def _edge_gaps():
     return torch.cat([torch.tensor(vals, dtype=torch.int64), rand])
 
 
-@pytest.mark.parametrize("nb", [1, 2, 17, 32, 64])
-def test_gap_buckets_equal_time_bucket(nb):
+@pytest.mark.parametrize("nb", [1, 2, 17, 32, 54, 55, 64, 100])
+def test_time_bucket_is_exact(nb):
+    """torch and numpy buckets equal min(nb - 1, int.bit_length) for every int64 gap >= 0."""
     gaps = _edge_gaps()
-    expected = time_bucket(gaps, nb)
-    assert [min(nb - 1, int(x).bit_length()) for x in gaps.tolist()] == expected.tolist()
+    expected = [min(nb - 1, int(x).bit_length()) for x in gaps.tolist()]
+    assert time_bucket(gaps, nb).tolist() == expected
+    assert time_bucket_np(gaps.numpy(), nb).tolist() == expected
+    assert time_bucket_np(np.array(gaps.tolist()), nb).dtype == np.int64
     t = gaps[None, :]
-    assert torch.equal(gap_buckets(torch.zeros(1, 1, dtype=torch.int64), t, nb)[0, 0], expected)
-    assert torch.equal(gap_buckets(t, torch.zeros(1, 1, dtype=torch.int64), nb)[0, :, 0], expected)
+    zero = torch.zeros(1, 1, dtype=torch.int64)
+    tb = torch.arange(nb, dtype=torch.float64)[None, :]  # bias = bucket index
+    assert bias_scores(zero, tb)[0, 0, 0].tolist() == [0.0]
+    assert bias_scores(torch.cat([zero, t], 1), tb)[0, 0, 0, 1:].tolist() == expected
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda" or backends.interpret_mode()])
@@ -419,9 +415,9 @@ def test_compiled_module_fullgraph(backend, device):
     module.zero_grad()
     y_eager = module(x, mask, ts)
     y_eager.square().sum().backward()
-    assert_close_verbose(y, y_eager, atol=1e-5, rtol=1e-5, name="compiled out")
+    assert_close(y, y_eager, atol=1e-5, rtol=1e-5, name="compiled out", scale_atol=False)
     for (name, p), gc in zip(module.named_parameters(), grads):
-        assert_close_verbose(gc, p.grad, atol=1e-5, rtol=1e-5, name=name)
+        assert_close(gc, p.grad, atol=1e-5, rtol=1e-5, name=name, scale_atol=False)
     assert module.time_bias.grad.abs().sum() > 0
 
 
@@ -463,24 +459,7 @@ print("compiled")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """Compile fwd/bwd to sm90 cubins (ptxas ships with Triton): catches what the interpreter
     cannot, such as type changes of loop-carried values or dot shapes the hardware lacks."""
-    import inspect
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        pytest.skip(f"this Triton has no ahead-of-time compile API: {e}")
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this Triton's ASTSource takes other arguments")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True
-    )
+    proc = run_without_interpreter(_COMPILE_SCRIPT)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -501,12 +480,16 @@ def test_module_matches_reference_composition():
     q, k, v = module.qkv(x).view(2, 9, 3, 3, 8).permute(2, 0, 3, 1, 4)
     o = semantic_attention_math(q, k, v, mask, True, ts, module.time_bias)
     expected = module.out_proj(o.transpose(1, 2).reshape(2, 9, 24))
-    assert_close_verbose(module(x, mask, ts), expected, atol=1e-12, rtol=1e-10, name="module")
+    assert_close(
+        module(x, mask, ts), expected, atol=1e-12, rtol=1e-10, name="module", scale_atol=False
+    )
     # Without timestamps the time bias is not used (and gets no gradient).
     o = semantic_attention_math(q, k, v, mask, True)
     expected = module.out_proj(o.transpose(1, 2).reshape(2, 9, 24))
     y = module(x, mask)
-    assert_close_verbose(y, expected, atol=1e-12, rtol=1e-10, name="module without timestamps")
+    assert_close(
+        y, expected, atol=1e-12, rtol=1e-10, name="module without timestamps", scale_atol=False
+    )
     y.sum().backward()
     assert module.time_bias.grad is None
     assert "n_heads=3" in repr(module) and "num_time_buckets=8" in repr(module)
@@ -557,6 +540,11 @@ BAD_INPUTS = [
     (dict(time_bias=torch.zeros(3, 0)), "1 <= NB <= 64"),
     (dict(time_bias=torch.zeros(3, 4, dtype=torch.int64)), "time_bias must be floating"),
     (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")), "is on meta"),
+    (dict(key_padding_mask=[[True] * 7] * 2), "key_padding_mask must be a tensor or None"),
+    (dict(time_bias=[[0.0] * 32] * 3), "time_bias must be a tensor or None"),
+    ({n: torch.randn(2, 3, 7, 0) for n in "qkv"}, r"head dim D >= 1.*\(2, 3, 7, 0\)"),
+    (dict(scale=float("nan")), "scale must be a finite number"),
+    (dict(scale="0.5"), "scale must be a finite number"),
 ]
 
 
@@ -571,12 +559,25 @@ def test_triton_rejects_unsupported_head_dim_and_dtype():
     device = "cuda" if CUDA else "cpu"
     inputs = make_inputs(1, 2, 5, 24, "none", False, device=device)
     with pytest.raises(ValueError, match=r"head dims.*\(1, 2, 5, 24\)"):
-        semantic_attention(**inputs, backend="triton")
+        semantic_attention(**inputs, backend="TRITON")  # backend names are case-insensitive
     # "auto" falls back to the PyTorch path instead.
     semantic_attention(**inputs, backend="auto")
     inputs = make_inputs(1, 2, 5, 16, "none", False, device=device, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
         semantic_attention(**inputs, backend="triton")
+
+
+def test_functional_limits_match_the_kernels():
+    """spnn_fast.functional repeats the kernels' limits so that validation never imports Triton."""
+    pytest.importorskip("triton")
+    from spnn_fast.kernels import attention, distill, feature_distill
+
+    from spnn_fast import functional
+
+    assert functional._ATTN_HEAD_DIMS_TRITON == attention.SUPPORTED_HEAD_DIMS
+    assert functional._ATTN_DTYPES_TRITON == attention.SUPPORTED_DTYPES
+    assert functional._DISTILL_MAX_DIM_TRITON == distill.MAX_DIM
+    assert functional._FEATURE_MAX_K_TRITON == feature_distill.MAX_K
 
 
 def test_unknown_backend():

@@ -11,36 +11,14 @@ import textwrap
 
 import pytest
 import torch
+from _utils import DEVICE, assert_close, needs_triton, run_without_interpreter
 
 import spnn_fast.functional as SF
 import spnn_fast.nn as snn
 from spnn_fast import backends
 from spnn_fast.reference import distill as ref
 
-TRITON_OK = backends.status()["triton"]
-needs_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="Triton cannot run here (no GPU and no TRITON_INTERPRET=1)"
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IGNORE = -100
-
-
-def assert_close(actual, expected, name, rtol=1e-4, atol=1e-5):
-    """|a - e| <= atol * (1 + max|e|) + rtol * |e| elementwise; says where it fails."""
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual}"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    tol = atol * (1 + scale) + rtol * expected.abs()
-    err = (actual - expected).abs()
-    bad = err > tol
-    if bad.any():
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ; max abs err {err.max():.3e} "
-            f"(scale {scale:.3e}); first at {idx}: {actual[idx].item():.8g} vs {expected[idx].item():.8g}"
-        )
 
 
 def make_inputs(
@@ -379,8 +357,8 @@ def test_triton_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="<= 256"):
         SF.distillation_loss(inp["hs"], inp["ws"], inp["ht"], inp["wt"], inp["y"], backend="triton")
     inp = make_inputs(3, 5, dtype=torch.float64)
-    with pytest.raises(ValueError, match="float64"):
-        SF.distillation_loss(inp["hs"], inp["ws"], inp["ht"], inp["wt"], inp["y"], backend="triton")
+    with pytest.raises(ValueError, match="float64"):  # backend names are case-insensitive
+        SF.distillation_loss(inp["hs"], inp["ws"], inp["ht"], inp["wt"], inp["y"], backend="TRITON")
 
 
 # --- the registered op: opcheck and torch.compile ---------------------------------------------
@@ -526,9 +504,13 @@ _AOT_SCRIPT = textwrap.dedent(
            "G": "fp32", "GMAX": "fp32"}
     ints = {"N", "V", "DS", "DT", "ignore_index"}
     out = []
-    for dtype, elem, prec, bds, bdt in (("bf16", 2, "tf32", 64, 64), ("fp32", 4, "tf32x3", 256, 256)):
-        bn, bv, warps, stages = K._config(bds, bdt, True, elem)
-        consts = dict(HAS_CE=True, HAS_KD=True, HAS_TARGET=True, BLOCK_N=bn, BLOCK_V=bv,
+    # (dtype, elem, precision, BLOCK_DS, BLOCK_DT, teacher): the widest fp32 tiles with and
+    # without a teacher (alpha = 0 compiles the teacher away), and a half-precision case.
+    for dtype, elem, prec, bds, bdt, kd in (("bf16", 2, "tf32", 64, 64, True),
+                                            ("fp32", 4, "tf32x3", 256, 256, True),
+                                            ("fp32", 4, "tf32x3", 256, 256, False)):
+        bn, bv, warps, stages = K._config(bds, bdt, kd, elem)
+        consts = dict(HAS_CE=True, HAS_KD=kd, HAS_TARGET=True, BLOCK_N=bn, BLOCK_V=bv,
                       BLOCK_DS=bds, BLOCK_DT=bdt, PRECISION=prec)
         for fn in (K._distill_fwd_kernel, K._distill_bwd_dh_kernel, K._distill_bwd_dw_kernel):
             sig = {}
@@ -544,7 +526,7 @@ _AOT_SCRIPT = textwrap.dedent(
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": warps, "num_stages": stages})
-            out.append([fn.__name__, dtype, k.metadata.shared])
+            out.append([fn.__name__, dtype, kd, k.metadata.shared])
     print(json.dumps(out))
     """
 )
@@ -555,15 +537,13 @@ _AOT_SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_sm90():
     """Real (not interpreted) compilation to sm_90 cubins: code generation, ptxas, and the shared
     memory each kernel needs against the 227 KiB an H100/H200 block may use."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
+    proc = run_without_interpreter(_AOT_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 6
-    for name, dtype, shared in compiled:
-        assert shared <= 227 * 1024, f"{name} ({dtype}) needs {shared} B of shared memory"
+    assert len(compiled) == 9
+    for name, dtype, teacher, shared in compiled:
+        assert shared <= 227 * 1024, (
+            f"{name} ({dtype}, teacher={teacher}) needs {shared} B of shared memory"
+        )

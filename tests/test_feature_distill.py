@@ -5,34 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _utils import DEVICE, assert_close, needs_triton, run_without_interpreter
 
 import spnn_fast.functional as SF
 import spnn_fast.nn as snn
-from spnn_fast import backends
 from spnn_fast.reference.feature_distill import feature_distillation_loss_reference
 
-TRITON_OK = backends.status()["triton"]
-needs_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="Triton cannot run here (no GPU and no TRITON_INTERPRET=1)"
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
-
-
-def assert_close(actual, expected, name, rtol=1e-4, atol=1e-5):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual - expected).abs()
-    bad = err > atol * (1 + scale) + rtol * expected.abs()
-    if bad.any():
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} differ; max abs err {err.max():.3e} "
-            f"(scale {scale:.3e}); first at {idx}: {actual[idx].item():.8g} vs {expected[idx].item():.8g}"
-        )
 
 
 def make_emb(n, k, dtype=torch.float32, seed=0):
@@ -134,6 +113,14 @@ def test_bad_input_raises(case):
     args, match = _bad_cases()[case]
     with pytest.raises(ValueError, match=match):
         SF.feature_distillation_loss(*args, backend="torch")
+
+
+@needs_triton
+def test_triton_rejects_what_it_cannot_run():
+    s, t, w = make_emb(4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):  # backend names are case-insensitive
+        SF.feature_distillation_loss(s, t, w, backend="Triton")
+    SF.feature_distillation_loss(s, t, w, backend="auto")  # falls back to torch
 
 
 def test_bad_eps_and_backend():
@@ -270,3 +257,35 @@ def test_distiller_bad_input():
         dist(s, t, mask.float())
     with pytest.raises(ValueError, match="detector"):
         snn.FeatureDistiller(10, 14, detector=snn.KnowledgeDetector(13))
+
+
+# --- without a GPU: compile the kernels for sm_90 (catches what the interpreter does not) -------
+
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from spnn_fast.kernels import feature_distill as K
+
+out = []
+for dtype, k in (("bf16", 8192),):
+    block_n, block_k, warps = K._config(k)
+    for fn in (K._feature_distill_fwd_kernel, K._feature_distill_bwd_kernel):
+        sig = {n: "i32" if n in ("N", "K") else "fp32" if n == "eps" else
+               "*fp32" if n in ("LOSS", "G", "W") else "*" + dtype for n in fn.arg_names}
+        consts = dict(BLOCK_N=block_n, BLOCK_K=block_k)
+        sig.update({n: "constexpr" for n in consts})
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        out.append(compiled.metadata.shared)
+print(len(out), max(out))
+"""
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real")
+def test_kernels_compile_for_sm90():
+    proc = run_without_interpreter(_AOT_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, shared = map(int, proc.stdout.split()[-2:])
+    assert count == 2 and shared <= 227 * 1024

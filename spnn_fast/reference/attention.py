@@ -30,12 +30,13 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from spnn_fast.reference.time_bucket import time_bucket
+
 __all__ = [
     "MAX_TIME_BUCKETS",
     "admissible",
     "bias_scores",
     "flex_unavailable_reason",
-    "gap_buckets",
     "semantic_attention_flex",
     "semantic_attention_math",
     "semantic_attention_sdpa",
@@ -49,26 +50,15 @@ MAX_TIME_BUCKETS = 64
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def gap_buckets(t_q: torch.Tensor, t_k: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """``time_bucket(|t_q[b, i] - t_k[b, j]|, num_buckets)`` as an int64 ``[B, Lq, Lk]`` tensor.
-
-    Equal to :func:`spnn_fast.reference.time_bucket.time_bucket` for every int64 gap (tested at
-    every power of two and its neighbours up to 2**63 - 1), in a few passes instead of one
-    comparison per bucket: the exponent bits of ``float64(g)`` are ``bit_length(g)``, exactly for
-    ``g < 2**53``; above, rounding may add one, which matters only when ``num_buckets > 54``
-    (else both land in the top bucket) and is then undone by the int64 test ``2**(e-1) > g``.
-    """
+def _pair_buckets(t_q: torch.Tensor, t_k: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """``time_bucket(|t_q[b, i] - t_k[b, j]|, num_buckets)`` as an int64 ``[B, Lq, Lk]`` tensor."""
     gap = (t_q.to(torch.int64).unsqueeze(-1) - t_k.to(torch.int64).unsqueeze(-2)).abs_()
-    e = (gap.to(torch.float64).view(torch.int64) >> 52).sub_(1022)  # g == 0 gives -1022
-    if num_buckets > 54:
-        low = torch.bitwise_left_shift(torch.ones_like(e), (e - 1).clamp_(0, 62))
-        e -= (low > gap).to(torch.int64)
-    return e.clamp_(0, num_buckets - 1)
+    return time_bucket(gap, num_buckets)
 
 
 def bias_scores(timestamps: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
     """The bias term ``time_bias[h, bucket(|t_i - t_j|)]`` as ``[B, H, L, L]`` (time_bias dtype)."""
-    bucket = gap_buckets(timestamps, timestamps, time_bias.shape[1])  # [B, L, L]
+    bucket = _pair_buckets(timestamps, timestamps, time_bias.shape[1])  # [B, L, L]
     return time_bias[:, bucket].transpose(0, 1)
 
 
@@ -250,7 +240,7 @@ def _chunk_scores(qc, k, key_padding_mask, timestamps, time_bias, causal, scale,
     s = torch.matmul(qc, k[:, :, :nk].transpose(-1, -2)).mul_(scale)
     bucket = None
     if time_bias is not None:
-        bucket = gap_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
+        bucket = _pair_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
         s += time_bias.to(s.dtype)[:, bucket].transpose(0, 1)
     allowed = admissible(L, key_padding_mask, causal, qc.device, rows=(r0, r1), keys=nk)
     if allowed is not None:

@@ -126,10 +126,6 @@ def _spans(total: int, step: int):
     return [(a, min(a + step, total)) for a in range(0, total, step)]
 
 
-def _flags(alpha: float) -> Tuple[bool, bool]:
-    return alpha < 1, alpha > 0  # (has_ce, has_kd)
-
-
 class _Workspace:
     """``_N_TEMPS`` flat buffers of ``rows * cols`` elements; ``take(i, r, c)`` views one."""
 
@@ -138,6 +134,17 @@ class _Workspace:
 
     def take(self, i: int, r: int, c: int) -> Tensor:
         return self.bufs[i][: r * c].view(r, c)
+
+
+def _setup(hs, ws, ht, wt, alpha, chunk):
+    """Operands in the accumulation dtype (teacher None without distillation), the flags
+    ``(has_ce, has_kd)``, the chunk shape and the workspace, for the forward and the backward."""
+    cdt = compute_dtype(hs.dtype)
+    has_ce, has_kd = alpha < 1, alpha > 0
+    hs, ws = hs.to(cdt), ws.to(cdt)
+    ht, wt = (ht.to(cdt), wt.to(cdt)) if has_kd else (None, None)
+    rows, cols = chunk or chunk_plan(hs.shape[0], ws.shape[0], torch.finfo(cdt).bits // 8)
+    return hs, ws, ht, wt, has_ce, has_kd, rows, cols, _Workspace(rows, cols, cdt, hs.device)
 
 
 def _max_sumexp(z: Tensor, tmp: Tensor) -> Tuple[Tensor, Tensor]:
@@ -173,14 +180,10 @@ def distill_rows_chunked(
     ``chunk=(rows, cols)`` overrides :func:`chunk_plan`. Inputs are assumed validated.
     """
     n, v = student_hidden.shape[0], student_items.shape[0]
-    cdt = compute_dtype(student_hidden.dtype)
-    hs, ws = student_hidden.to(cdt), student_items.to(cdt)
-    has_ce, has_kd = _flags(alpha)
-    if has_kd:
-        ht, wt = teacher_hidden.to(cdt), teacher_items.to(cdt)
+    hs, ws, ht, wt, has_ce, has_kd, rows, cols, work = _setup(
+        student_hidden, student_items, teacher_hidden, teacher_items, alpha, chunk
+    )
     inv_t = 1.0 / temperature
-    rows, cols = chunk or chunk_plan(n, v, torch.finfo(cdt).bits // 8)
-    work = _Workspace(rows, cols, cdt, hs.device)
     lse_s, lse_st, lse_tt = (hs.new_zeros(n) for _ in range(3))
     kd_mean = hs.new_zeros(n)  # E_{p_t}[z_t/T - z_s/T], combined across column chunks
     for r0, r1 in _spans(n, rows):
@@ -238,15 +241,11 @@ def distill_rows_chunked_backward(
 ) -> Tuple[Tensor, Tensor]:
     """Gradients ``(d_student_hidden, d_student_items)`` for ``grad_rows [N]`` on the row losses."""
     n, v = student_hidden.shape[0], student_items.shape[0]
-    cdt = compute_dtype(student_hidden.dtype)
-    hs, ws = student_hidden.to(cdt), student_items.to(cdt)
-    has_ce, has_kd = _flags(alpha)
-    if has_kd:
-        ht, wt = teacher_hidden.to(cdt), teacher_items.to(cdt)
+    hs, ws, ht, wt, has_ce, has_kd, rows, cols, work = _setup(
+        student_hidden, student_items, teacher_hidden, teacher_items, alpha, chunk
+    )
     inv_t = 1.0 / temperature
-    rows, cols = chunk or chunk_plan(n, v, torch.finfo(cdt).bits // 8)
-    work = _Workspace(rows, cols, cdt, hs.device)
-    g = grad_rows.to(cdt)
+    g = grad_rows.to(hs.dtype)
     if target is not None:
         g = torch.where(target != ignore_index, g, torch.zeros_like(g))
     d_hs = torch.zeros_like(hs)
