@@ -44,17 +44,18 @@ class ExperimentConfig:
     device: str = "cpu"
     max_len: int = 50  # students' window (and evaluation input) length
     teacher_max_len: Optional[int] = None  # the teacher's, default max_len: it may see more
-    teacher_d: int = 96
+    teacher_d: int = 64
     teacher_layers: int = 2
     teacher_heads: int = 2
-    student_d: int = 32
+    student_d: int = 24
     student_layers: int = 1
     student_heads: int = 1
     dropout: float = 0.2
-    batch_size: int = 128
+    batch_size: int = 256
     lr: float = 2e-3
     patience: int = 5
-    cut_prob: float = 0.5
+    cut_prob: float = 0.5  # students: share of windows cut to a short (cold-start-like) history
+    teacher_cut_prob: float = 0.3  # the teacher: the same cut, as augmentation
     cut_min: int = 1
     cut_max: int = 10
     alpha: float = 0.5
@@ -89,7 +90,8 @@ def train_configs(cfg: ExperimentConfig) -> Dict[str, TrainConfig]:
     cold = dict(cut_prob=cfg.cut_prob, cut_min=cfg.cut_min, cut_max=cfg.cut_max)
     pairs = [(f"layers.{cfg.student_layers - 1}", f"layers.{cfg.teacher_layers - 1}")]
     return {
-        "teacher": TrainConfig(**base),
+        "teacher": TrainConfig(**base, cut_prob=cfg.teacher_cut_prob, cut_min=cfg.cut_min,
+                               cut_max=cfg.cut_max),
         "student": TrainConfig(**base, **cold),
         "student_kd": TrainConfig(**base, **cold, alpha=cfg.alpha, temperature=cfg.temperature,
                                   feature_weight=cfg.feature_weight, layer_pairs=pairs),
