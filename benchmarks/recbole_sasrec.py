@@ -1,0 +1,99 @@
+"""Reference figure: RecBole 1.2.1's SASRec on ml-100k under the protocol spnn_fast reports.
+
+Leave-one-out by time, full ranking, HR/NDCG/MRR@5/10/20, selection on validation NDCG@10 with
+early stopping; SASRec with RecBole's default hyperparameters. Needs RecBole in its own
+environment (it is no dependency of spnn_fast), e.g.::
+
+    python -m venv /tmp/rb && /tmp/rb/bin/pip install torch==2.13.0 recbole==1.2.1 \
+        'numpy<2' 'pandas<2.2' 'scipy<1.14'
+    /tmp/rb/bin/python benchmarks/recbole_sasrec.py 0 1 2      # seeds; prints one JSON per seed
+
+Two things are worked around, neither changes a number: RecBole 1.2.1 turns on
+``torch.autograd.set_detect_anomaly`` when its sequential models are imported (an epoch then
+takes many times longer), and its ``evaluate(load_best_model=True)`` calls ``torch.load`` in a way
+torch >= 2.6 refuses; the best checkpoint is loaded here the same way instead.
+"""
+
+import json
+import sys
+import tempfile
+import time
+
+CONFIG = {
+    "model": "SASRec",
+    "dataset": "ml-100k",
+    "device": "cpu",
+    "use_gpu": False,
+    "show_progress": False,
+    "reproducibility": True,
+    # model: RecBole's SASRec defaults, restated
+    "n_layers": 2,
+    "n_heads": 2,
+    "hidden_size": 64,
+    "inner_size": 256,
+    "hidden_dropout_prob": 0.5,
+    "attn_dropout_prob": 0.5,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "initializer_range": 0.02,
+    "loss_type": "CE",
+    "MAX_ITEM_LIST_LENGTH": 50,
+    "train_neg_sample_args": None,
+    # training: defaults, with early stopping ending the run
+    "epochs": 200,
+    "train_batch_size": 2048,
+    "learner": "adam",
+    "learning_rate": 0.001,
+    "weight_decay": 0.0,
+    "eval_step": 1,
+    "stopping_step": 10,
+    # evaluation: the protocol of spnn_fast.protocol
+    "eval_args": {
+        "split": {"LS": "valid_and_test"},
+        "order": "TO",
+        "mode": "full",
+        "group_by": "user",
+    },  # fmt: skip
+    "metrics": ["Hit", "NDCG", "MRR"],
+    "topk": [5, 10, 20],
+    "valid_metric": "NDCG@10",
+    "eval_batch_size": 4096,
+}
+
+
+def run(seed: int) -> dict:
+    import recbole.model.sequential_recommender  # noqa: F401  (turns anomaly detection on)
+    import torch
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, get_trainer, init_seed
+
+    torch.autograd.set_detect_anomaly(False)
+    t0 = time.time()
+    cfg = dict(CONFIG, seed=seed, checkpoint_dir=tempfile.mkdtemp(prefix="recbole-"))
+    config = Config(model="SASRec", dataset="ml-100k", config_dict=cfg)
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model("SASRec")(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], "SASRec")(config, model)
+    best_valid, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    ckpt = torch.load(trainer.saved_model_file, map_location=trainer.device, weights_only=False)
+    trainer.model.load_state_dict(ckpt["state_dict"])
+    trainer.model.load_other_parameter(ckpt.get("other_parameter"))
+    test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+    return {
+        "seed": seed,
+        "best_valid_ndcg@10": float(best_valid),
+        "test": {k: float(v) for k, v in test.items()},
+        "wall_seconds": round(time.time() - t0, 1),
+        "users": dataset.user_num - 1,
+        "items": dataset.item_num - 1,
+        "interactions": dataset.inter_num,
+    }
+
+
+if __name__ == "__main__":
+    for s in sys.argv[1:] or ["0"]:
+        print(json.dumps(run(int(s))), flush=True)
