@@ -60,6 +60,7 @@ class TrainConfig:
     grad_clip: Optional[float] = 5.0
     patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     eval_batch_size: int = 512
+    window_stride: Optional[int] = None  # None: windows of max_len do not overlap
     # cold-start-like inputs: with probability cut_prob, a window keeps only its k most recent
     # events, k uniform on [cut_min, cut_max]
     cut_prob: float = 0.0
@@ -133,15 +134,22 @@ class Batch:
         )  # fmt: skip
 
 
-def training_windows(log, max_len: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(rows, ends) of the training windows: each user's events ``[0, n-2)`` cut into windows of
-    ``max_len`` ending at ``n-2, n-2-L, ...``. Windows without a trainable target are left out."""
+def training_windows(
+    log, max_len: int, stride: Optional[int] = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(rows, ends) of the training windows over each user's events ``[0, n-2)``: windows of
+    ``max_len`` ending at ``n-2, n-2-S, n-2-2S, ...`` until one starts at the first event, with
+    stride ``S = stride or max_len`` (``S < max_len``: overlapping windows, so most targets are
+    also trained with a long context). Windows without a trainable target are left out."""
+    stride = stride or max_len
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride={stride} must be in [1, max_len={max_len}]")
     t_end = train_ends(log)
-    counts = -(-t_end // max_len)  # ceil
+    counts = 1 + -(-np.maximum(t_end - max_len, 0) // stride)  # 1 + ceil(max(T - L, 0) / S)
     rows = np.repeat(np.arange(len(t_end), dtype=np.int64), counts)
     first = np.cumsum(counts) - counts
     k = np.arange(len(rows), dtype=np.int64) - np.repeat(first, counts)
-    ends = t_end[rows] - k * max_len
+    ends = t_end[rows] - k * stride
     keep = ~((ends == t_end[rows]) & (ends == 1))  # the only target would be the valid event
     return rows[keep], ends[keep]
 
@@ -346,7 +354,7 @@ class Trainer:
             self.step_module = nn.parallel.DistributedDataParallel(self.objective)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        self.windows = training_windows(self.log, model.config.max_len)
+        self.windows = training_windows(self.log, model.config.max_len, tcfg.window_stride)
         self.splits = eval_sets(self.log)
         self.progress, self.desc = progress and rank == 0, desc
         self.history: List[Dict] = []

@@ -55,6 +55,25 @@ def test_training_windows_cover_every_training_target(cycle_ds):
         assert last_target == expect
 
 
+def test_overlapping_windows_cover_every_target_with_long_contexts(cycle_ds):
+    log = cycle_ds.log
+    n = np.diff(log.offsets)
+    rows, ends = training_windows(log, max_len=5, stride=2)
+    for u in range(log.num_users):
+        e = np.sort(ends[rows == u])[::-1]
+        t = n[u] - 2
+        assert e[0] == t and np.all(np.diff(e) == -2) and e[-1] <= 5  # reaches the first event
+    b = make_batch(log, rows, ends, 5, 32)
+    covered = set()
+    for r in range(len(rows)):
+        start = ends[r] - int(b.mask[r].sum())
+        covered |= {(int(rows[r]), start + j) for j in range(int(b.mask[r].sum()))
+                    if b.targets[r, 5 - int(b.mask[r].sum()) + j] > 0}  # fmt: skip
+    assert covered == {(u, p) for u in range(log.num_users) for p in range(n[u] - 3)}
+    with pytest.raises(ValueError, match="stride"):
+        training_windows(log, max_len=5, stride=6)
+
+
 def test_model_shapes_gate_and_padding(cycle_ds):
     torch.manual_seed(0)
     model = _tiny_model(cycle_ds).eval()
