@@ -214,6 +214,9 @@ def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if temperature < 1e-6:
+        # Logits divided by T overflow float32 long before T reaches 0.
+        raise ValueError(f"temperature must be >= 1e-6 (logits / T overflow), got {temperature}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if reduction not in _REDUCTIONS:

@@ -325,6 +325,7 @@ def _bad_cases():
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": -1.0}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e-40}, "overflow"),
         ({"alpha": 1.5}, "alpha"),
         ({"alpha": -0.1}, "alpha"),
         (
