@@ -61,6 +61,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from spnn_fast._io import atomic_write
 from spnn_fast.log import InteractionLog
 
 __all__ = [
@@ -240,16 +241,7 @@ def fetch(name: str = "ml-100k", *, download: bool = True) -> Path:
             ) from e
     folder.mkdir(parents=True, exist_ok=True)
     for fname, data in payload.items():
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{fname}.", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp_path, 0o644)
-            os.replace(tmp_path, folder / fname)
-        except BaseException:
-            if os.path.exists(tmp_path):
-                os.unlink(tmp_path)
-            raise
+        atomic_write(folder / fname, lambda f, data=data: f.write(data))
     logger.info("fetched %s into %s in %.1f s", name, folder, time.perf_counter() - start)
     return folder
 

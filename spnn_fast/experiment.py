@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from spnn_fast._io import atomic_write
 from spnn_fast.data import Dataset, load
 from spnn_fast.model import SPNN, SPNNConfig
 from spnn_fast.train import TrainConfig, Trainer, evaluate, world
@@ -104,10 +105,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _save_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), text=True)
 
 
 def _best_checkpoint(model: SPNN, ds: Dataset, cfg: ExperimentConfig, name: str, seed: int):
@@ -146,10 +144,14 @@ def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, log) -> Dict:
     trainer = Trainer(model, ds, tcfg, teacher=teacher, seed=seed, device=cfg.device,
                       progress=True, desc=f"[seed {seed}] {name}")  # fmt: skip
     result = trainer.fit(out_dir, log=log)
-    if world()[0] == 0:
+    rank, size = world()
+    if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        torch.save(_best_checkpoint(model, ds, cfg, name, seed), os.path.join(out_dir, "best.pt"))
+        best = _best_checkpoint(model, ds, cfg, name, seed)
+        atomic_write(os.path.join(out_dir, "best.pt"), lambda f: torch.save(best, f))
         _save_json(result, result_path)
+    if size > 1:  # the other ranks read best.pt next (the teacher of student_kd)
+        torch.distributed.barrier()
     return result
 
 

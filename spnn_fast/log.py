@@ -15,6 +15,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from spnn_fast._io import atomic_write
+
 __all__ = ["InteractionLog"]
 
 _ARRAYS = ("offsets", "items", "timestamps", "user_ids", "item_ids")
@@ -188,17 +190,17 @@ class InteractionLog:
         """Write the log as ``.npy`` files (plus ``meta.json``) into the folder ``path``."""
         os.makedirs(path, exist_ok=True)
         for name in _ARRAYS:
-            tmp = os.path.join(path, f".{name}.tmp.npy")
-            np.save(tmp, np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
-            os.replace(tmp, os.path.join(path, f"{name}.npy"))
+            array = np.ascontiguousarray(getattr(self, name))
+            atomic_write(os.path.join(path, f"{name}.npy"),
+                         lambda f, a=array: np.save(f, a, allow_pickle=False))  # fmt: skip
         meta = {
             "format": _FORMAT,
             "num_users": self.num_users,
             "num_items": self.num_items,
             "num_events": self.num_events,
         }
-        with open(os.path.join(path, "meta.json"), "w") as f:
-            json.dump(meta, f)
+        # Written last: a folder without meta.json is not a saved log.
+        atomic_write(os.path.join(path, "meta.json"), lambda f: json.dump(meta, f), text=True)
 
     @classmethod
     def load(

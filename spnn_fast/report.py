@@ -7,6 +7,8 @@ import logging
 import os
 from typing import Dict
 
+from spnn_fast._io import atomic_write
+
 __all__ = ["markdown", "write_report"]
 
 _LOG = logging.getLogger("spnn_fast")
@@ -102,8 +104,5 @@ def write_report(report: Dict, out_dir: str) -> None:
         ("report.json", json.dumps(report, indent=2)),
         ("report.md", markdown(report)),
     ):
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+        atomic_write(os.path.join(out_dir, name), lambda f, t=text: f.write(t), text=True)
     _plot(report, os.path.join(out_dir, "report.png"))

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from spnn_fast._io import atomic_write
 from spnn_fast.data import Dataset
 from spnn_fast.encode import encode_batch
 from spnn_fast.functional import distillation_loss
@@ -310,9 +311,7 @@ def _width(model: SPNN, layer: str) -> int:
 
 # ------------------------------------------------------------------------------------ trainer
 def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class Trainer:
