@@ -180,11 +180,10 @@ class SPNN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for emb in [self.item_emb, self.pos_emb, self.time_emb, *self.item_feat_emb.values()]:
+        side = [*self.item_feat_emb.values(), *self.user_feat_emb.values()]
+        for emb in [self.item_emb, self.pos_emb, self.time_emb, *side]:
             nn.init.normal_(emb.weight, std=0.02)
-        for emb in self.user_feat_emb.values():
-            nn.init.normal_(emb.weight, std=0.02)
-        for emb in [self.item_emb, *self.item_feat_emb.values(), *self.user_feat_emb.values()]:
+        for emb in [self.item_emb, *side]:  # code 0 is padding / unknown
             with torch.no_grad():
                 emb.weight[0].zero_()
         nn.init.zeros_(self.gate.weight)  # start from an even blend of the features
@@ -279,6 +278,11 @@ class SPNN(nn.Module):
                 layers[f"layers.{i}"] = x
         hidden = self.final_norm(x) * mask.unsqueeze(-1)
         return SPNNOutput(hidden=hidden, layers=layers)
+
+    def detector(self, layer: str) -> Optional[KnowledgeDetector]:
+        """The knowledge detector over ``layer`` (None when the model has none there)."""
+        key = layer.replace(".", "_")  # ModuleDict keys cannot hold "."
+        return self.detectors[key] if key in self.detectors else None
 
     def item_table(self) -> Tensor:
         """Item embeddings ``[V, d]`` of items 1..V (the padding row is never scored)."""

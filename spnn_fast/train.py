@@ -35,8 +35,8 @@ from spnn_fast._io import atomic_write
 from spnn_fast.data import Dataset
 from spnn_fast.encode import encode_batch
 from spnn_fast.functional import distillation_loss
-from spnn_fast.metrics import MetricAccumulator
-from spnn_fast.model import SPNN, SPNNConfig
+from spnn_fast.metrics import MetricAccumulator, ranks_from_scores
+from spnn_fast.model import SPNN
 from spnn_fast.nn import FeatureDistiller
 from spnn_fast.protocol import EvalSet, eval_sets, train_ends
 
@@ -155,14 +155,26 @@ def training_windows(
     return rows[keep], ends[keep]
 
 
-def make_batch(log, rows: np.ndarray, ends: np.ndarray, max_len: int, num_time_buckets: int):
-    """Encode windows and drop the targets that lie outside the training events."""
+def make_batch(
+    log,
+    rows: np.ndarray,
+    ends: np.ndarray,
+    max_len: int,
+    num_time_buckets: int,
+    train_end: Optional[np.ndarray] = None,
+) -> Batch:
+    """Encode windows and drop the targets that lie outside the training events.
+
+    ``train_end``: :func:`~spnn_fast.protocol.train_ends` of ``log`` (computed here if None;
+    callers that build many batches pass it once).
+    """
     sb = encode_batch(
         log.offsets, log.items, log.timestamps, rows, ends, max_len,
         num_items=log.num_items, num_time_buckets=num_time_buckets,
     )  # fmt: skip
     targets = sb.targets
-    at_train_end = torch.from_numpy(ends == train_ends(log)[rows])
+    train_end = train_ends(log) if train_end is None else train_end
+    at_train_end = torch.from_numpy(ends == train_end[rows])
     # The last event of a window that ends at n-2 would predict the validation event.
     targets[at_train_end, -1] = 0
     return Batch(sb.items, sb.timestamps, sb.time_buckets, sb.mask, targets, torch.from_numpy(rows))
@@ -187,21 +199,17 @@ def evaluate(
     max_len = min(cfg.max_len, eval_set.max_history or cfg.max_len)
     acc = MetricAccumulator(ks, device=torch.device("cpu"))
     rows, ends, targets = (a[rank::size] for a in (eval_set.rows, eval_set.ends, eval_set.targets))
+    t_end = train_ends(log)
     for s in range(0, len(rows), batch_size):
         b = make_batch(log, rows[s : s + batch_size], ends[s : s + batch_size], max_len,
-                       cfg.num_time_buckets).to(device)  # fmt: skip
+                       cfg.num_time_buckets, t_end).to(device)  # fmt: skip
         hidden = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users).hidden[:, -1]
-        acc.add(_ranks(model.score(hidden), torch.as_tensor(targets[s : s + batch_size])))
+        ranks = ranks_from_scores(model.score(hidden).float().cpu(), targets[s : s + batch_size])
+        acc.add(ranks)
     state = _all_sum(acc.state())
     acc.load_state(state)
     model.train(was_training)
     return acc.compute()
-
-
-def _ranks(scores: Tensor, targets: Tensor) -> Tensor:
-    from spnn_fast.metrics import ranks_from_scores
-
-    return ranks_from_scores(scores.float().cpu(), targets).cpu()
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -224,15 +232,13 @@ class _Objective(nn.Module):
             )
         if teacher is not None:
             for s_layer, t_layer in tcfg.layer_pairs:
-                detector = teacher.detectors[t_layer.replace(".", "_")] if (
-                    t_layer.replace(".", "_") in teacher.detectors
-                ) else None  # fmt: skip
+                detector = teacher.detector(t_layer)
                 if detector is None:
                     raise ValueError(
                         f"the teacher has no knowledge detector on {t_layer!r} "
                         f"(its detector_layers: {teacher.config.detector_layers})"
                     )
-                self.distillers[f"{s_layer}->{t_layer}".replace(".", "_")] = FeatureDistiller(
+                self.distillers[_pair_name(s_layer, t_layer)] = FeatureDistiller(
                     _width(model, s_layer), _width(teacher, t_layer), tcfg.d_knowledge, detector
                 )
 
@@ -269,11 +275,10 @@ class _Objective(nn.Module):
             )  # fmt: skip
         loss = loss / norm["targets"]
         stats["ce"] = loss.detach()
-        for name, distiller in self.distillers.items():
-            s_layer, t_layer = next(p for p in tcfg.layer_pairs
-                                    if f"{p[0]}->{p[1]}".replace(".", "_") == name)  # fmt: skip
+        for s_layer, t_layer in tcfg.layer_pairs if teacher is not None else ():
+            name = _pair_name(s_layer, t_layer)
             # FeatureDistiller averages over its local rows; rescale to the global batch.
-            fd = distiller(out.layers[s_layer], t_layers[t_layer], b.mask)
+            fd = self.distillers[name](out.layers[s_layer], t_layers[t_layer], b.mask)
             fd = fd * b.mask.shape[0] / norm["rows"]
             stats[f"feat:{name}"] = fd.detach()
             loss = loss + tcfg.feature_weight * fd
@@ -291,16 +296,25 @@ class _Objective(nn.Module):
         has a target and predicts that target with the (detached) item table, so it learns which
         positions carry the next item without changing the teacher itself.
         """
-        detector = model.detectors[layer.replace(".", "_")]
-        last = b.targets[:, -1] > 0
-        mask = b.mask.clone()
-        mask[~last, -1] = False
-        y = torch.where(last, b.targets[:, -1], b.targets[:, -2] if b.targets.shape[1] > 1
-                        else b.targets[:, -1])  # fmt: skip
-        ok = (y > 0) & mask.any(1)
-        pooled = detector.pool(feats.detach()[ok], mask[ok])
+        mask, y, ok = _detector_targets(b)
+        pooled = model.detector(layer).pool(feats.detach()[ok], mask[ok])
         return distillation_loss(pooled, model.item_table().detach(), target=y[ok] - 1,
                                  alpha=0.0, reduction="sum", backend=model.config.backend)  # fmt: skip
+
+
+def _detector_targets(b: Batch) -> Tuple[Tensor, Tensor, Tensor]:
+    """What a knowledge detector learns from in each row: the events it may pool (the window up
+    to its last event with a target), that target (0 = none) and the rows that have one."""
+    last = b.targets[:, -1] > 0
+    mask = b.mask.clone()
+    mask[~last, -1] = False
+    prev = b.targets[:, -2] if b.targets.shape[1] > 1 else b.targets[:, -1]
+    y = torch.where(last, b.targets[:, -1], prev)
+    return mask, y, (y > 0) & mask.any(1)
+
+
+def _pair_name(s_layer: str, t_layer: str) -> str:
+    return f"{s_layer}->{t_layer}".replace(".", "_")  # ModuleDict keys cannot hold "."
 
 
 def _width(model: SPNN, layer: str) -> int:
@@ -354,6 +368,7 @@ class Trainer:
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         self.windows = training_windows(self.log, model.config.max_len, tcfg.window_stride)
+        self.train_end = train_ends(self.log)
         self.splits = eval_sets(self.log)
         self.progress, self.desc = progress and rank == 0, desc
         self.history: List[Dict] = []
@@ -383,7 +398,8 @@ class Trainer:
         # The teacher (when there is one) sees up to its own max_len events before each window end.
         max_len = max(cfg.max_len, teacher.config.max_len if teacher is not None else 0)
         local = slice(self.rank, None, self.size)
-        full = make_batch(self.log, rows[local], ends[local], max_len, cfg.num_time_buckets)
+        full = make_batch(self.log, rows[local], ends[local], max_len, cfg.num_time_buckets,
+                          self.train_end)  # fmt: skip
         full = full.to(self.device)
         b = full.tail(cfg.max_len).cut(torch.as_tensor(keep[local], device=self.device))
         norm = self._norm(b)
@@ -398,9 +414,9 @@ class Trainer:
         return {"loss": float(loss.detach()) * self.size, **{k: float(v) for k, v in stats.items()}}
 
     def _norm(self, b: Batch) -> Dict[str, float]:
-        last = (b.targets[:, -1] > 0) | (b.targets[:, -2] > 0 if b.targets.shape[1] > 1 else False)
+        aux_rows = _detector_targets(b)[2].sum() if self.model.config.detector_layers else 0
         local = torch.tensor(
-            [float((b.targets > 0).sum()), float(b.items.shape[0]), float(last.sum())],
+            [float((b.targets > 0).sum()), float(b.items.shape[0]), float(aux_rows)],
             dtype=torch.float64,
         )
         g = _all_sum(local.to(self.device) if self.device.type == "cuda" else local).cpu()
@@ -426,8 +442,8 @@ class Trainer:
             bar.close()
         return total / max(n_batches, 1)
 
-    def evaluate(self, split: str, model: Optional[SPNN] = None) -> Dict[str, float]:
-        return evaluate(model or self.model, self.log, self.splits[split],
+    def evaluate(self, split: str) -> Dict[str, float]:
+        return evaluate(self.model, self.log, self.splits[split],
                         batch_size=self.tcfg.eval_batch_size, device=self.device)  # fmt: skip
 
     def fit(self, ckpt_dir: Optional[str] = None, *, log: Callable[[str], None] = print) -> Dict:
@@ -479,8 +495,7 @@ class Trainer:
     def _state(self) -> Dict:
         return {
             "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "objective": self.objective.state_dict(),
+            "objective": self.objective.state_dict(),  # the model's state is inside
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "best": self.best,
@@ -506,8 +521,3 @@ def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def build_model(dataset: Dataset, cfg: SPNNConfig) -> SPNN:
-    """An SPNN over ``dataset`` using the side features named in ``cfg``."""
-    return SPNN(cfg, dataset.item_features, dataset.user_features)
