@@ -166,8 +166,8 @@ def run(cfg: ExperimentConfig, run_dir: str, *, log=print) -> Dict:
     ds = load(cfg.dataset)
     log(f"data: {ds}")
     mcfgs, tcfgs = model_configs(cfg, ds), train_configs(cfg)
-    sizes = {n: SPNN(c, ds.item_features, ds.user_features).num_parameters()
-             for n, c in mcfgs.items()}  # fmt: skip
+    sizes = {n: SPNN(mcfgs[n], ds.item_features, ds.user_features).num_parameters()
+             for n in ("teacher", "student")}  # student_kd shares the student's shape  # fmt: skip
     if sizes["student"] * 4 > sizes["teacher"]:
         raise ValueError(
             f"the student has {sizes['student']:,} parameters, more than 1/4 of the teacher's "
