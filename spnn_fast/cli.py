@@ -36,6 +36,9 @@ def _train_parser(sub) -> None:
                    help="events the teacher sees (default: --max-len)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
+                   help="learning rate: constant, or warmup + cosine decay over --epochs")  # fmt: skip
+    p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--teacher-d", type=int, default=d.teacher_d)
     p.add_argument("--teacher-layers", type=int, default=d.teacher_layers)
@@ -58,8 +61,8 @@ def _config_from_args(args):
         dataset=args.data or args.dataset or ExperimentConfig.dataset,
         seeds=args.seeds, epochs=args.epochs, device=args.device, max_len=args.max_len,
         teacher_max_len=args.teacher_max_len,
-        batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-        teacher_d=args.teacher_d, teacher_layers=args.teacher_layers,
+        batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, dropout=args.dropout,
+        patience=args.patience, teacher_d=args.teacher_d, teacher_layers=args.teacher_layers,
         student_d=args.student_d, student_layers=args.student_layers,
         alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_weight,
         use_side_features=not args.no_side_features, backend=args.backend,

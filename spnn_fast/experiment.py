@@ -54,6 +54,7 @@ class ExperimentConfig:
     dropout: float = 0.2
     batch_size: int = 256
     lr: float = 2e-3
+    schedule: str = "constant"  # or "cosine": warmup, then decay over `epochs` (TrainConfig)
     patience: int = 5
     cut_prob: float = 0.5  # students: share of windows cut to a short (cold-start-like) history
     teacher_cut_prob: float = 0.3  # the teacher: the same cut, as augmentation
@@ -87,7 +88,8 @@ def model_configs(cfg: ExperimentConfig, ds: Dataset) -> Dict[str, SPNNConfig]:
 
 
 def train_configs(cfg: ExperimentConfig) -> Dict[str, TrainConfig]:
-    base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience)
+    base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                schedule=cfg.schedule)  # fmt: skip
     cold = dict(cut_prob=cfg.cut_prob, cut_min=cfg.cut_min, cut_max=cfg.cut_max)
     pairs = [(f"layers.{cfg.student_layers - 1}", f"layers.{cfg.teacher_layers - 1}")]
     return {

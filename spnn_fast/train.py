@@ -58,6 +58,11 @@ class TrainConfig:
     batch_size: int = 128  # windows per global batch (split across ranks)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # learning rate: "constant", or "cosine" (linear warmup over warmup_epochs, then a cosine decay
+    # to min_lr_ratio * lr at the last of ``epochs``; early stopping may end the run before)
+    schedule: str = "constant"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.05
     grad_clip: Optional[float] = 5.0
     patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     eval_batch_size: int = 512
@@ -82,7 +87,24 @@ class TrainConfig:
             raise ValueError(f"cut_prob={self.cut_prob} must be in [0, 1]")
         if not 1 <= self.cut_min <= self.cut_max:
             raise ValueError(f"need 1 <= cut_min <= cut_max, got {self.cut_min}, {self.cut_max}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
+        if self.warmup_epochs < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(
+                f"need warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1, got {self.warmup_epochs}, "
+                f"{self.min_lr_ratio}"
+            )
         self.layer_pairs = [tuple(p) for p in self.layer_pairs]
+
+    def lr_factor(self, progress: float) -> float:
+        """Multiplier of ``lr`` after ``progress`` epochs (fractional)."""
+        if self.schedule == "constant":
+            return 1.0
+        if progress < self.warmup_epochs:
+            return (progress + 1e-3) / (self.warmup_epochs + 1e-3)
+        span = max(self.epochs - self.warmup_epochs, 1e-9)
+        t = min(max((progress - self.warmup_epochs) / span, 0.0), 1.0)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -430,7 +452,11 @@ class Trainer:
         n_batches = math.ceil(len(self.windows[0]) / self.tcfg.batch_size)
         total, t0 = 0.0, time.perf_counter()
         bar = _bar(n_batches, f"{self.desc} ep {epoch + 1}", self.progress)
-        for rows, ends, keep in self._batches(epoch):
+        for i, (rows, ends, keep) in enumerate(self._batches(epoch)):
+            # The rate is a function of (epoch, step): a resumed run follows the same schedule.
+            lr = self.tcfg.lr * self.tcfg.lr_factor(epoch + i / n_batches)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             stats = self.step(rows, ends, keep)
             total += stats["loss"]
             self.windows_seen += len(rows)

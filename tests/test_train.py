@@ -115,16 +115,61 @@ def test_model_overfits_a_tiny_log(cycle_ds):
     assert hr1 == 1.0
 
 
-def test_resume_equals_uninterrupted(cycle_ds, tmp_path):
-    def trainer(epochs):
+def test_lr_schedule():
+    const = TrainConfig(epochs=10)
+    assert [const.lr_factor(p) for p in (0.0, 3.3, 10.0)] == [1.0, 1.0, 1.0]
+    cos = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2.0, min_lr_ratio=0.1)
+    assert cos.lr_factor(0.0) < 0.01  # warmup starts near zero ...
+    assert cos.lr_factor(1.0) == pytest.approx(0.5, abs=1e-3)  # ... rises linearly ...
+    assert cos.lr_factor(2.0) == pytest.approx(1.0)  # ... to the peak, then decays
+    assert cos.lr_factor(6.0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cos.lr_factor(10.0) == pytest.approx(0.1)
+    assert cos.lr_factor(50.0) == pytest.approx(0.1)
+    factors = [cos.lr_factor(p / 10) for p in range(20, 101)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        TrainConfig(schedule="cosine", min_lr_ratio=1.5)
+
+
+def test_trainer_follows_the_schedule(cycle_ds):
+    torch.manual_seed(0)
+    tcfg = TrainConfig(epochs=4, batch_size=4, lr=1e-2, schedule="cosine", warmup_epochs=1.0)
+    tr = Trainer(_tiny_model(cycle_ds), cycle_ds, tcfg, seed=0)
+    n = -(-len(tr.windows[0]) // 4)
+    seen = []
+    step = tr.step
+    tr.step = lambda *a: (seen.append(tr.optimizer.param_groups[0]["lr"]), step(*a))[1]
+    tr.train_epoch(0)
+    tr.train_epoch(2)
+    expected = [1e-2 * tcfg.lr_factor(e + i / n) for e in (0, 2) for i in range(n)]
+    assert seen == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_equals_uninterrupted(cycle_ds, tmp_path, schedule):
+    def trainer(kill_at=None):
         torch.manual_seed(3)
         model = _tiny_model(cycle_ds, dropout=0.1)
-        tcfg = TrainConfig(epochs=epochs, batch_size=4, patience=10, cut_prob=0.5, cut_max=3)
-        return Trainer(model, cycle_ds, tcfg, seed=3)
+        tcfg = TrainConfig(epochs=4, batch_size=4, patience=10, cut_prob=0.5, cut_max=3,
+                           schedule=schedule)  # fmt: skip
+        tr = Trainer(model, cycle_ds, tcfg, seed=3)
+        if kill_at is not None:
+            train_epoch = tr.train_epoch
 
-    full = trainer(4).fit(str(tmp_path / "full"))
-    trainer(2).fit(str(tmp_path / "cut"))  # a run killed after its 2nd epoch
-    resumed_t = trainer(4)
+            def killed(epoch):
+                if epoch == kill_at:
+                    raise KeyboardInterrupt
+                return train_epoch(epoch)
+
+            tr.train_epoch = killed
+        return tr
+
+    full = trainer().fit(str(tmp_path / "full"))
+    with pytest.raises(KeyboardInterrupt):
+        trainer(kill_at=2).fit(str(tmp_path / "cut"))  # killed during its 3rd epoch
+    resumed_t = trainer()
     resumed = resumed_t.fit(str(tmp_path / "cut"))
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
