@@ -206,6 +206,12 @@ def build_report(cfg: ExperimentConfig, ds: Dataset, results: Dict[str, List[Dic
             split: {m: _mean_std([r["metrics"][src][m] for r in runs]) for m in METRICS}
             for split, src in REPORT_SPLITS.items()
         }
+        if all("standard_errors" in r for r in runs):  # results written by older versions lack it
+            for split, src in REPORT_SPLITS.items():
+                for m in METRICS:
+                    metrics[split][m]["se_users"] = float(
+                        np.mean([r["standard_errors"][src][m] for r in runs])
+                    )
         models[name] = {
             "metrics": metrics,
             "params": int(runs[0]["params"]),

@@ -12,12 +12,15 @@ evaluation should. Per row, with rank r:
     NDCG@K = 1 / log2(r + 1) if r <= K else 0     (one relevant item: IDCG = 1)
     MRR@K  = 1 / r if r <= K else 0
 
-and each metric is the mean over rows. :class:`MetricAccumulator` keeps running sums and the row
-count in one float64 tensor so that shards can be summed with ``all_reduce``.
+and each metric is the mean over rows. :class:`MetricAccumulator` keeps running sums, sums of
+squares and the row count in one float64 tensor so that shards can be summed with ``all_reduce``;
+the squares give each mean's standard error over rows (how much the figure would move on another
+draw of users of the same size).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
@@ -100,8 +103,9 @@ def _check_ks(ks: Sequence[int]) -> tuple:
 class MetricAccumulator:
     """Running sums of HR@K, NDCG@K and MRR@K over batches of ranks.
 
-    ``state()`` is one float64 tensor ``[3 * len(ks) + 1]``: the sums in the order of
-    :attr:`keys` (HR@k for every k, then NDCG@k, then MRR@k) and the row count last. To gather
+    ``state()`` is one float64 tensor ``[6 * len(ks) + 1]``: the sums in the order of
+    :attr:`keys` (HR@k for every k, then NDCG@k, then MRR@k), the sums of squares in the same
+    order, and the row count last. To gather
     shards: ``s = acc.state(); torch.distributed.all_reduce(s); acc.load_state(s)``. The state
     lives on ``device``; with ``device=None`` it moves to the device of the first ranks added
     (so it sits on the GPU, ready for NCCL).
@@ -111,7 +115,7 @@ class MetricAccumulator:
         self.ks = _check_ks(ks)
         self.keys = tuple(f"{name}@{k}" for name in _METRICS for k in self.ks)
         self._follow = device is None
-        self._state = torch.zeros(len(self.keys) + 1, dtype=torch.float64, device=device)
+        self._state = torch.zeros(2 * len(self.keys) + 1, dtype=torch.float64, device=device)
 
     def reset(self) -> None:
         self._state.zero_()
@@ -137,18 +141,18 @@ class MetricAccumulator:
         r = ranks.to(torch.float64)[:, None]
         ks = torch.tensor(self.ks, dtype=torch.float64, device=r.device)[None, :]
         hit = (r <= ks).to(torch.float64)
+        per_row = torch.cat([hit, hit / torch.log2(r + 1.0), hit / r], dim=1)  # [M, 3 * len(ks)]
         sums = torch.cat(
             [
-                hit.sum(0),
-                (hit / torch.log2(r + 1.0)).sum(0),
-                (hit / r).sum(0),
+                per_row.sum(0),
+                per_row.square().sum(0),
                 torch.tensor([float(ranks.numel())], dtype=torch.float64, device=r.device),
             ]
         )
         self._state += sums.to(self._state.device)
 
     def state(self) -> torch.Tensor:
-        """A copy of the float64 state ``[3 * len(ks) + 1]`` (sums, then the row count)."""
+        """A copy of the float64 state ``[6 * len(ks) + 1]`` (sums, squares, the row count)."""
         return self._state.clone()
 
     def load_state(self, state: torch.Tensor) -> None:
@@ -173,11 +177,27 @@ class MetricAccumulator:
 
     def compute(self) -> Dict[str, float]:
         """Means over all rows added: ``{"HR@5": ..., "NDCG@5": ..., "MRR@5": ..., ...}``."""
+        values, n = self._values()
+        return {key: values[i] / n for i, key in enumerate(self.keys)}
+
+    def standard_errors(self) -> Dict[str, float]:
+        """Standard error over rows of each mean in :meth:`compute`: ``sd / sqrt(n)`` with the
+        sample standard deviation ``sd`` of the per-row values (0.0 for a single row)."""
+        values, n = self._values()
+        m = len(self.keys)
+        out = {}
+        for i, key in enumerate(self.keys):
+            mean = values[i] / n
+            var = max(values[m + i] / n - mean * mean, 0.0) * n / (n - 1) if n > 1 else 0.0
+            out[key] = math.sqrt(var / n)
+        return out
+
+    def _values(self):
         values = self._state.cpu().tolist()
         n = values[-1]
         if n == 0:
             raise ValueError("no ranks were added; metrics of zero rows are undefined")
-        return {key: values[i] / n for i, key in enumerate(self.keys)}
+        return values, n
 
 
 def rank_metrics(ranks: TensorLike, ks: Sequence[int] = DEFAULT_KS) -> Dict[str, float]:

@@ -58,7 +58,19 @@ def markdown(report: Dict) -> str:
             f"- student_kd / teacher, all-users NDCG@10: {keep:.3f}",
             f"- student / teacher parameters: {kd['params'] / t['params']:.3f}",
         ]
-    lines += ["", "Full metrics (HR, NDCG, MRR at 5, 10, 20) are in report.json."]
+    se = {n: m["metrics"]["all"]["NDCG@10"].get("se_users") for n, m in models.items()}
+    if all(v is not None for v in se.values()):
+        lines += [
+            "",
+            "Sampling error: the standard error over users of one run's all-users NDCG@10 is "
+            + ", ".join(f"{n} {v:.4f}" for n, v in se.items())
+            + " (the spread over seeds does not include it).",
+        ]
+    lines += [
+        "",
+        "Full metrics (HR, NDCG, MRR at 5, 10, 20; `se_users`: standard error over users) are in "
+        "report.json.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -212,8 +212,13 @@ def evaluate(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     ks: Sequence[int] = (5, 10, 20),
-) -> Dict[str, float]:
-    """Full-ranking HR/NDCG/MRR@K of ``model`` on ``eval_set`` (rows sharded across ranks)."""
+    with_se: bool = False,
+):
+    """Full-ranking HR/NDCG/MRR@K of ``model`` on ``eval_set`` (rows sharded across ranks).
+
+    With ``with_se``: ``(metrics, standard_errors)``, the second the standard error over rows of
+    each metric (see :meth:`~spnn_fast.metrics.MetricAccumulator.standard_errors`).
+    """
     rank, size = world()
     was_training = model.training
     model.eval()
@@ -231,7 +236,7 @@ def evaluate(
     state = _all_sum(acc.state())
     acc.load_state(state)
     model.train(was_training)
-    return acc.compute()
+    return (acc.compute(), acc.standard_errors()) if with_se else acc.compute()
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -468,15 +473,16 @@ class Trainer:
             bar.close()
         return total / max(n_batches, 1)
 
-    def evaluate(self, split: str) -> Dict[str, float]:
-        return evaluate(self.model, self.log, self.splits[split],
+    def evaluate(self, split: str, with_se: bool = False):
+        return evaluate(self.model, self.log, self.splits[split], with_se=with_se,
                         batch_size=self.tcfg.eval_batch_size, device=self.device)  # fmt: skip
 
     def fit(self, ckpt_dir: Optional[str] = None, *, log: Callable[[str], None] = print) -> Dict:
         """Train until ``epochs`` or early stopping; resumes from ``ckpt_dir/last.pt`` if there.
 
-        Returns ``{"metrics": {split: {metric: value}}, "history": [...], "best_epoch", ...}`` with
-        test-like splits evaluated on the model of the best validation epoch.
+        Returns ``{"metrics": {split: {metric: value}}, "standard_errors": {split: {metric: se over
+        users}}, "history": [...], "best_epoch", ...}`` with every split evaluated on the model of
+        the best validation epoch.
         """
         last_path = os.path.join(ckpt_dir, "last.pt") if ckpt_dir else None
         if last_path and os.path.exists(last_path):
@@ -506,10 +512,11 @@ class Trainer:
                 dist.barrier()
         if self.best["state"] is not None:
             self.model.load_state_dict(self.best["state"])
-        metrics = {s: self.evaluate(s) for s in self.splits if s != "valid"}
-        metrics["valid"] = self.evaluate("valid")
+        final = {s: self.evaluate(s, with_se=True) for s in self.splits if s != "valid"}
+        final["valid"] = self.evaluate("valid", with_se=True)
         return {
-            "metrics": metrics,
+            "metrics": {s: m for s, (m, _) in final.items()},
+            "standard_errors": {s: se for s, (_, se) in final.items()},
             "history": self.history,
             "best_epoch": self.best["epoch"],
             "epochs_run": self.epoch,

@@ -267,12 +267,15 @@ def test_pipeline_report_and_resume(tmp_path, monkeypatch):
         m = report["models"][name]
         assert set(m["metrics"]) == {"all", "cold@3", "cold@5", "cold@10"}
         for split in m["metrics"].values():
-            assert len(split) == 9 and all(set(v) == {"mean", "std"} for v in split.values())
+            assert len(split) == 9
+            assert all(set(v) == {"mean", "std", "se_users"} for v in split.values())
+            # one user's metric is in [0, 1]: its standard error over the users is below 0.5
+            assert all(0.0 <= v["se_users"] < 0.5 for v in split.values())
         assert m["params"] > 0
     assert report["models"]["student"]["params"] <= report["models"]["teacher"]["params"] / 4
     with pytest.raises(ValueError, match="1/4"):
         run(_tiny_experiment(data, student_d=16), str(tmp_path / "big"), log=lambda *a: None)
-    assert (tmp_path / "full" / "report.md").exists()
+    assert "Sampling error" in (tmp_path / "full" / "report.md").read_text()
     assert (tmp_path / "full" / "report.png").stat().st_size > 0
 
     # Kill the run during the distilled student's second epoch, then resume it.
