@@ -8,6 +8,9 @@ environment (it is no dependency of spnn_fast), e.g.::
         'numpy<2' 'pandas<2.2' 'scipy<1.14'
     /tmp/rb/bin/python benchmarks/recbole_sasrec.py 0 1 2      # seeds; prints one JSON per seed
 
+Each JSON holds the test metrics and, for the cold-start comparison, NDCG@10 and HR@10 of the
+selected model on cold@3/5/10 (the same test rows, each input cut to its k most recent events).
+
 Two things are worked around, neither changes a number: RecBole 1.2.1 turns on
 ``torch.autograd.set_detect_anomaly`` when its sequential models are imported (an epoch then
 takes many times longer), and its ``evaluate(load_best_model=True)`` calls ``torch.load`` in a way
@@ -61,6 +64,35 @@ CONFIG = {
 }
 
 
+def cold_metrics(model, test_data, ks=(3, 5, 10)) -> dict:
+    """NDCG@10 and HR@10 on cold@k: the test rows with each input cut to its k most recent events
+    (RecBole's sequences are right-padded: the events sit in columns 0..length-1)."""
+    import torch
+    from recbole.data.interaction import Interaction
+
+    f = test_data._dataset.inter_feat
+    seq, length, target = f["item_id_list"], f["item_length"], f["item_id"]
+    cols = torch.arange(seq.shape[1])
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        for k in ks:
+            kept = length.clamp(max=k)
+            src = (length - kept)[:, None] + cols[None, :]  # column j <- column j + length - kept
+            cut = torch.where(cols[None, :] < kept[:, None],
+                              seq.gather(1, src.clamp(max=seq.shape[1] - 1)), 0)  # fmt: skip
+            inter = Interaction({"item_id_list": cut, "item_length": kept, "item_id": target,
+                                 "user_id": f["user_id"]})  # fmt: skip
+            scores = model.full_sort_predict(inter)
+            scores[:, 0] = float("-inf")
+            t = scores.gather(1, target[:, None])
+            rank = (scores >= t).sum(1).double()  # ties count against the target
+            hit = (rank <= 10).double()
+            out[f"cold@{k}"] = {"ndcg@10": float((hit / torch.log2(rank + 1)).mean()),
+                                "hit@10": float(hit.mean())}  # fmt: skip
+    return out
+
+
 def run(seed: int) -> dict:
     import recbole.model.sequential_recommender  # noqa: F401  (turns anomaly detection on)
     import torch
@@ -87,6 +119,7 @@ def run(seed: int) -> dict:
         "seed": seed,
         "best_valid_ndcg@10": float(best_valid),
         "test": {k: float(v) for k, v in test.items()},
+        "cold": cold_metrics(trainer.model, test_data),
         "wall_seconds": round(time.time() - t0, 1),
         "users": dataset.user_num - 1,
         "items": dataset.item_num - 1,
