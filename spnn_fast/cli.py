@@ -42,6 +42,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--teacher-d", type=int, default=d.teacher_d)
     p.add_argument("--teacher-layers", type=int, default=d.teacher_layers)
+    p.add_argument("--teacher-cut-prob", type=float, default=d.teacher_cut_prob,
+                   help="share of the teacher's windows cut short, as augmentation")  # fmt: skip
     p.add_argument("--student-d", type=int, default=d.student_d)
     p.add_argument("--student-layers", type=int, default=d.student_layers)
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of logit KD vs CE")
@@ -63,6 +65,7 @@ def _config_from_args(args):
         teacher_max_len=args.teacher_max_len,
         batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, dropout=args.dropout,
         patience=args.patience, teacher_d=args.teacher_d, teacher_layers=args.teacher_layers,
+        teacher_cut_prob=args.teacher_cut_prob,
         student_d=args.student_d, student_layers=args.student_layers,
         alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_weight,
         use_side_features=not args.no_side_features, backend=args.backend,

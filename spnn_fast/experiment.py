@@ -57,7 +57,7 @@ class ExperimentConfig:
     schedule: str = "constant"  # or "cosine": warmup, then decay over `epochs` (TrainConfig)
     patience: int = 5
     cut_prob: float = 0.5  # students: share of windows cut to a short (cold-start-like) history
-    teacher_cut_prob: float = 0.3  # the teacher: the same cut, as augmentation
+    teacher_cut_prob: float = 0.0  # the teacher: the same cut, as augmentation (off: full inputs)
     cut_min: int = 1
     cut_max: int = 10
     alpha: float = 0.5
