@@ -198,20 +198,23 @@ def _mean_std(values: List[float]) -> Dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
 
 
+def _metric_summary(runs: List[Dict], split: str, metric: str) -> Dict[str, float]:
+    """Mean and std over seeds and, when the runs have it (results written by older versions
+    lack it), the mean over seeds of the standard error over users."""
+    out = _mean_std([r["metrics"][split][metric] for r in runs])
+    if all("standard_errors" in r for r in runs):
+        out["se_users"] = float(np.mean([r["standard_errors"][split][metric] for r in runs]))
+    return out
+
+
 def build_report(cfg: ExperimentConfig, ds: Dataset, results: Dict[str, List[Dict]],
                  wall: float) -> Dict:  # fmt: skip
     models = {}
     for name, runs in results.items():
         metrics = {
-            split: {m: _mean_std([r["metrics"][src][m] for r in runs]) for m in METRICS}
+            split: {m: _metric_summary(runs, src, m) for m in METRICS}
             for split, src in REPORT_SPLITS.items()
         }
-        if all("standard_errors" in r for r in runs):  # results written by older versions lack it
-            for split, src in REPORT_SPLITS.items():
-                for m in METRICS:
-                    metrics[split][m]["se_users"] = float(
-                        np.mean([r["standard_errors"][src][m] for r in runs])
-                    )
         models[name] = {
             "metrics": metrics,
             "params": int(runs[0]["params"]),
