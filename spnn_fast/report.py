@@ -15,8 +15,8 @@ _LOG = logging.getLogger("spnn_fast")
 _SHOW = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
 
 
-def _ms(d: Dict[str, float]) -> str:
-    return f"{d['mean']:.4f} ± {d['std']:.4f}"
+def _ms(d: Dict[str, float], digits: int = 4) -> str:
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
 def markdown(report: Dict) -> str:
@@ -41,7 +41,7 @@ def markdown(report: Dict) -> str:
     lines += ["", "| model | train seconds | sequences / s | best epochs |", "|---|---|---|---|"]
     for name, m in models.items():
         lines.append(
-            f"| {name} | {_ms(m['train_seconds'])} | {m['sequences_per_second']['mean']:.0f} | "
+            f"| {name} | {_ms(m['train_seconds'], 1)} | {m['sequences_per_second']['mean']:.0f} | "
             f"{m['best_epoch']} |"
         )
     if {"student", "student_kd", "teacher"} <= set(models):
