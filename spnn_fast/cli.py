@@ -120,6 +120,10 @@ def _cmd_train(args) -> int:
         report = run(cfg, out, log=log)
         log(markdown(report))
         log(f"report: {os.path.join(out, 'report.md')}")
+        if distributed:
+            # Every rank done before any tears the process group down: a gloo rank that is
+            # destroyed while a peer still uses it can abort the process.
+            dist.barrier()
     finally:
         if distributed:
             import torch.distributed as dist

@@ -6,6 +6,8 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -203,6 +205,7 @@ def _ddp_worker(rank, world, port, data_path, out_path, steps, die_rank):
             tr.step(rows, ends, keep)
         if rank == 0:
             torch.save(model.state_dict(), out_path)
+        dist.barrier()  # as the CLI does: no rank tears gloo down while a peer still uses it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -247,6 +250,25 @@ def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     assert not alive, "a rank hung after its peer died"
     assert codes[1] == 3 and codes[0] != 0
     assert elapsed < 90
+
+
+def test_train_command_under_torchrun(tmp_path):
+    # The whole job as users scale it out: every rank exits 0, rank 0 writes the report.
+    data = _write_cycle_csv(tmp_path / "cycle.csv", users=9)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "spnn_fast", "train", "--data", data, "--out", str(out), "--seeds", "1",
+           "--epochs", "2", "--max-len", "8", "--teacher-d", "16", "--teacher-layers", "1",
+           "--student-d", "4", "--student-layers", "1", "--batch-size", "8", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == set(MODELS)
+    for name in MODELS:
+        assert (out / "seed0" / name / "best.pt").is_file()
+        assert 0.0 <= report["models"][name]["metrics"]["all"]["NDCG@10"]["mean"] <= 1.0
+    assert proc.stdout.count("report: ") == 1  # only rank 0 logs
 
 
 def _tiny_experiment(data_path, **kw):
