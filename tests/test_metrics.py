@@ -127,11 +127,12 @@ def test_accumulator_streaming_and_merge():
     assert a.merge(b).compute() == pytest.approx(whole, abs=1e-12)
     # standard errors: the sample sd of the per-row values over sqrt(n), from the gathered sums
     r = ranks.astype(np.float64)
+    se = gathered.standard_errors()
     for k in (5, 10, 20):
         per_row = {"HR": (r <= k) * 1.0, "NDCG": (r <= k) / np.log2(r + 1), "MRR": (r <= k) / r}
         for name, x in per_row.items():
             expected = x.std(ddof=1) / np.sqrt(len(x))
-            assert gathered.standard_errors()[f"{name}@{k}"] == pytest.approx(expected, rel=1e-9)
+            assert se[f"{name}@{k}"] == pytest.approx(expected, rel=1e-9)
     one = MetricAccumulator()
     one.add(torch.tensor([3]))
     assert set(one.standard_errors().values()) == {0.0}
