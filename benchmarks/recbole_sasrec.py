@@ -7,6 +7,7 @@ environment (it is no dependency of spnn_fast), e.g.::
     python -m venv /tmp/rb && /tmp/rb/bin/pip install torch==2.13.0 recbole==1.2.1 \
         'numpy<2' 'pandas<2.2' 'scipy<1.14'
     /tmp/rb/bin/python benchmarks/recbole_sasrec.py 0 1 2      # seeds; prints one JSON per seed
+    /tmp/rb/bin/python benchmarks/recbole_sasrec.py 0 --max-len 20   # a shorter input length
 
 Each JSON holds the test metrics and, for the cold-start comparison, NDCG@10 and HR@10 of the
 selected model on cold@3/5/10 (the same test rows, each input cut to its k most recent events).
@@ -17,8 +18,8 @@ takes many times longer), and its ``evaluate(load_best_model=True)`` calls ``tor
 torch >= 2.6 refuses; the best checkpoint is loaded here the same way instead.
 """
 
+import argparse
 import json
-import sys
 import tempfile
 import time
 
@@ -93,7 +94,7 @@ def cold_metrics(model, test_data, ks=(3, 5, 10)) -> dict:
     return out
 
 
-def run(seed: int) -> dict:
+def run(seed: int, max_len: int = 50) -> dict:
     import recbole.model.sequential_recommender  # noqa: F401  (turns anomaly detection on)
     import torch
     from recbole.config import Config
@@ -102,7 +103,8 @@ def run(seed: int) -> dict:
 
     torch.autograd.set_detect_anomaly(False)
     t0 = time.time()
-    cfg = dict(CONFIG, seed=seed, checkpoint_dir=tempfile.mkdtemp(prefix="recbole-"))
+    cfg = dict(CONFIG, seed=seed, MAX_ITEM_LIST_LENGTH=max_len,
+               checkpoint_dir=tempfile.mkdtemp(prefix="recbole-"))  # fmt: skip
     config = Config(model="SASRec", dataset="ml-100k", config_dict=cfg)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
@@ -117,6 +119,7 @@ def run(seed: int) -> dict:
     test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
     return {
         "seed": seed,
+        "max_len": max_len,
         "best_valid_ndcg@10": float(best_valid),
         "test": {k: float(v) for k, v in test.items()},
         "cold": cold_metrics(trainer.model, test_data),
@@ -128,5 +131,16 @@ def run(seed: int) -> dict:
 
 
 if __name__ == "__main__":
-    for s in sys.argv[1:] or ["0"]:
-        print(json.dumps(run(int(s))), flush=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("seeds", nargs="*", type=int, default=[0])
+    ap.add_argument(
+        "--max-len",
+        type=int,
+        default=50,
+        help="MAX_ITEM_LIST_LENGTH: the most recent events SASRec reads (default 50)",
+    )
+    args = ap.parse_args()
+    if args.max_len < 1:
+        ap.error(f"--max-len must be >= 1, got {args.max_len}")
+    for s in args.seeds:
+        print(json.dumps(run(s, args.max_len)), flush=True)
