@@ -352,3 +352,36 @@ def test_cli_train_and_eval(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"valid", "test", "cold@3", "cold@5", "cold@10"}
     assert main(["eval", str(tmp_path / "cycle.csv")]) == 2  # not a checkpoint: clean error
+
+
+def _sweep_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_teacher.py"
+    spec = importlib.util.spec_from_file_location("sweep_teacher", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_teacher_sweep_trains_the_pipelines_teacher(tmp_path, capsys):
+    # Hyperparameters are chosen from sweep runs: a sweep's teacher must be the main job's teacher.
+    sweep = _sweep_module()
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    cfg = _tiny_experiment(data)
+    run(cfg, str(tmp_path / "run"), log=lambda *a: None)
+    result = json.loads((tmp_path / "run" / "seed0" / "teacher" / "result.json").read_text())
+    overrides = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "extra")}
+    out = tmp_path / "sweep.jsonl"
+    sweep.main(["--seeds", "0", "--config", json.dumps(overrides), "--out", str(out)])
+    row = json.loads(out.read_text().splitlines()[0])
+    for split in ("valid", "test", "cold@3"):
+        assert row[f"{split}_NDCG@10"] == round(result["metrics"][split]["NDCG@10"], 5)
+    assert row["best_epoch"] == result["best_epoch"]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1])["mean"]["test_NDCG@10"] == row["test_NDCG@10"]
+    for bad in ("[1]", "{not json"):
+        with pytest.raises(SystemExit):
+            sweep.main(["--config", bad])
+    assert "--config" in capsys.readouterr().err
