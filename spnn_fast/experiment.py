@@ -41,7 +41,7 @@ METRICS = tuple(f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (5, 10, 20))
 class ExperimentConfig:
     dataset: str = "ml-100k"  # a known name or a path
     seeds: int = 3
-    epochs: int = 30
+    epochs: int = 50  # a budget: early stopping (patience) ends most runs before it
     device: str = "cpu"
     # windows (and evaluation inputs) of every model: the 30 most recent events. Chosen on validation
     # NDCG@10 (benchmarks/sweep_teacher.py): teachers reading 10, 20 or 30 events beat 50 on ml-100k
