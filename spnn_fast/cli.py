@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import os
@@ -121,8 +122,10 @@ def _cmd_train(args) -> int:
         log(markdown(report))
         log(f"report: {os.path.join(out, 'report.md')}")
         if distributed:
-            # Every rank done before any tears the process group down: a gloo rank that is
-            # destroyed while a peer still uses it can abort the process.
+            # Every rank done, and the trainers' DDP objects (which hold the process group)
+            # collected, before any rank tears it down: a gloo process group destroyed while a
+            # peer still uses it, or left for interpreter shutdown, can abort the process.
+            gc.collect()
             dist.barrier()
     finally:
         if distributed:

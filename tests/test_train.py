@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -193,22 +194,29 @@ def _ddp_worker(rank, world, port, data_path, out_path, steps, die_rank):
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=20))  # fmt: skip
     try:
-        ds = load(data_path)
-        torch.manual_seed(0)
-        model = _tiny_model(ds)
-        tr = Trainer(model, ds, TrainConfig(batch_size=6, lr=5e-3), seed=0)
-        for i, (rows, ends, keep) in enumerate(tr._batches(0)):
-            if i == steps:
-                break
-            if rank == die_rank and i == 1:
-                os._exit(3)  # a rank that dies mid-training
-            tr.step(rows, ends, keep)
-        if rank == 0:
-            torch.save(model.state_dict(), out_path)
-        dist.barrier()  # as the CLI does: no rank tears gloo down while a peer still uses it
+        _ddp_steps(rank, data_path, out_path, steps, die_rank)
+        # As the CLI does: the DDP objects (which hold the process group) are gone, and every
+        # rank is done, before any rank tears gloo down.
+        gc.collect()
+        dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _ddp_steps(rank, data_path, out_path, steps, die_rank):
+    ds = load(data_path)
+    torch.manual_seed(0)
+    model = _tiny_model(ds)
+    tr = Trainer(model, ds, TrainConfig(batch_size=6, lr=5e-3), seed=0)
+    for i, (rows, ends, keep) in enumerate(tr._batches(0)):
+        if i == steps:
+            break
+        if rank == die_rank and i == 1:
+            os._exit(3)  # a rank that dies mid-training
+        tr.step(rows, ends, keep)
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
 
 
 def _run_ddp(world, data_path, out_path, steps=3, die_rank=-1, timeout=90.0):
