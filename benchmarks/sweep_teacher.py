@@ -24,29 +24,28 @@ import time
 import numpy as np
 import torch
 
-from spnn_fast.data import load
-from spnn_fast.experiment import MODELS, ExperimentConfig, model_configs, train_configs
+from spnn_fast.data import Dataset, load
+from spnn_fast.experiment import ExperimentConfig, model_configs, seed_model, train_configs
 from spnn_fast.model import SPNN
+from spnn_fast.protocol import DEFAULT_SPLITS
 from spnn_fast.train import Trainer
 
-SPLITS = ("valid", "test", "cold@3", "cold@5", "cold@10")
 
-
-def run_teacher(overrides: dict, seed: int) -> dict:
+def run_teacher(overrides: dict, seed: int, ds: Dataset) -> dict:
+    """One teacher run; ``ds`` is the data set that ``overrides`` names (loaded once per sweep)."""
     kw = dict(overrides)
     mkw, tkw = kw.pop("model", {}), kw.pop("train", {})
     cfg = ExperimentConfig(**kw)
-    ds = load(cfg.dataset)
     mcfg = dataclasses.replace(model_configs(cfg, ds)["teacher"], **mkw)
     tcfg = dataclasses.replace(train_configs(cfg)["teacher"], **tkw)
-    torch.manual_seed(seed * 1000 + MODELS.index("teacher"))  # as spnn_fast.experiment seeds it
+    seed_model(seed, "teacher")
     model = SPNN(mcfg, ds.item_features, ds.user_features)
     t0 = time.perf_counter()
     result = Trainer(model, ds, tcfg, seed=seed, device=cfg.device).fit(None, log=lambda s: None)
     return {
         "config": overrides,
         "seed": seed,
-        **{f"{s}_NDCG@10": round(result["metrics"][s]["NDCG@10"], 5) for s in SPLITS},
+        **{f"{s}_NDCG@10": round(result["metrics"][s]["NDCG@10"], 5) for s in DEFAULT_SPLITS},
         "best_epoch": result["best_epoch"],
         "epochs_run": result["epochs_run"],
         "seconds": round(time.perf_counter() - t0, 1),
@@ -77,10 +76,14 @@ def main(argv=None) -> None:
         configs.append(obj)
     if args.threads:
         torch.set_num_threads(args.threads)
+    datasets = {}
     for overrides in configs:
+        name = overrides.get("dataset", ExperimentConfig.dataset)
+        if name not in datasets:
+            datasets[name] = load(name)
         rows = []
         for seed in args.seeds:
-            row = run_teacher(overrides, seed)
+            row = run_teacher(overrides, seed, datasets[name])
             rows.append(row)
             line = json.dumps(row)
             print(line, flush=True)

@@ -30,7 +30,15 @@ from spnn_fast.data import Dataset, load
 from spnn_fast.model import SPNN, SPNNConfig
 from spnn_fast.train import TrainConfig, Trainer, evaluate, world
 
-__all__ = ["ExperimentConfig", "MODELS", "REPORT_SPLITS", "METRICS", "load_checkpoint", "run"]
+__all__ = [
+    "ExperimentConfig",
+    "MODELS",
+    "REPORT_SPLITS",
+    "METRICS",
+    "load_checkpoint",
+    "run",
+    "seed_model",
+]
 
 MODELS = ("teacher", "student", "student_kd")
 REPORT_SPLITS = {"all": "test", "cold@3": "cold@3", "cold@5": "cold@5", "cold@10": "cold@10"}
@@ -103,9 +111,12 @@ def train_configs(cfg: ExperimentConfig) -> Dict[str, TrainConfig]:
     }  # fmt: skip
 
 
-def _seed_all(seed: int) -> None:
-    # Initialisation only; shuffles, cuts and dropout are seeded per epoch by the Trainer.
-    torch.manual_seed(seed)
+def seed_model(seed: int, name: str) -> None:
+    """Seed the initialisation of model ``name`` (one of MODELS) for run seed ``seed``.
+
+    Initialisation only; shuffles, cuts and dropout are seeded per epoch by the Trainer.
+    """
+    torch.manual_seed(seed * 1000 + MODELS.index(name))
 
 
 def _save_json(obj, path: str) -> None:
@@ -143,7 +154,7 @@ def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, log) -> Dict:
         with open(result_path) as f:
             log(f"[seed {seed}] {name}: already done, reusing its result")
             return json.load(f)
-    _seed_all(seed * 1000 + MODELS.index(name))
+    seed_model(seed, name)
     model = SPNN(mcfg, ds.item_features, ds.user_features)
     trainer = Trainer(model, ds, tcfg, teacher=teacher, seed=seed, device=cfg.device,
                       progress=True, desc=f"[seed {seed}] {name}")  # fmt: skip
