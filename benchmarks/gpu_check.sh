@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check: one command that installs the package, runs the test suite on the GPU and every
-# GPU benchmark, and writes the results as JSON (the README's GPU figures come from these files).
+# The GPU check: one command that installs the package, runs the test suite on the GPU, every
+# GPU benchmark, the training pipeline on the GPU and a sweep of the kernels' launch parameters,
+# and writes the results as JSON (the README's GPU figures come from these files).
 #
 #   bash benchmarks/gpu_check.sh                          # results in ${OUT_DIR:-${OUT:-gpu_results}}/
 #   ONLY=gpu-info,bench-attention bash benchmarks/gpu_check.sh  # a subset of the steps, by name
+#   ARCHIVE=results.tar.gz bash benchmarks/gpu_check.sh   # also pack the results after every step
 #
 # Written there: gpu.json (card, driver, versions), steps.json (status and seconds per step),
-# bench_<suite>.json (pytest-benchmark), summary.md (time, peak memory, ratio to each baseline).
-# Budget: under 8 minutes on one H100. Each step is one line of STEPS below; a suite adds its own.
+# tests.xml (junit), bench_<suite>.json (pytest-benchmark), train_cuda_<backend>/report.json (the
+# pipeline on the GPU, 1 seed, 3 epochs), tune.jsonl (launch-parameter sweep), summary.md (time,
+# peak memory, ratio to each baseline). Each step has a time limit (its first field, seconds);
+# the whole check is sized to run in under 8 minutes on one H100 or H200. The ml-100k files must
+# be in the cache ($SPNN_FAST_CACHE) for the train step: the GPU machine may have no network.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -16,15 +21,28 @@ export PY="${PYTHON:-python}"
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 mkdir -p "$OUT_DIR"
 
-# "name|command": run in order, each in `bash -euo pipefail`; a failing step is recorded and the
-# next steps still run; the script exits non-zero if any failed.
+# "name|seconds|command": run in order, each in `bash -euo pipefail` under `timeout`; a failing
+# step is recorded and the next steps still run; the script exits non-zero if any failed.
 STEPS=(
-  "install|\$PY -m pip install -q --no-build-isolation --no-deps -e ."
-  "gpu-info|gpu_info"
-  "tests|\$PY -m pytest tests -q -rs -p no:cacheprovider --junitxml=\"\$OUT_DIR/tests.xml\""
-  "bench-attention|\$PY -m pytest benchmarks/bench_attention.py -q -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_attention.json\""
-  "bench-distill|\$PY -m pytest benchmarks/bench_distill.py -q -rs -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_distill.json\""
+  "install|150|\$PY -m pip install -q --no-build-isolation --no-deps -e ."
+  "gpu-info|60|gpu_info"
+  "tests|200|\$PY -m pytest tests -q -rfEs -p no:cacheprovider \$(pytest_parallel) --junitxml=\"\$OUT_DIR/tests.xml\""
+  "bench-attention|200|\$PY -m pytest benchmarks/bench_attention.py -q -rs -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_attention.json\""
+  "bench-distill|200|\$PY -m pytest benchmarks/bench_distill.py -q -rs -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_distill.json\""
+  "train-cuda|120|train_cuda"
+  "tune|110|\$PY benchmarks/tune_gpu.py --out \"\$OUT_DIR/tune.jsonl\" --budget-s 90"
 )
+
+pytest_parallel() {  # 8 workers when pytest-xdist is installed (Triton compiles dominate)
+  if "$PY" -c "import xdist" 2>/dev/null; then echo "-n 8"; fi
+}
+
+train_cuda() {  # the pipeline on ml-100k on the GPU, 1 seed, 3 epochs: Triton kernels, then torch
+  for backend in triton torch; do
+    "$PY" -m spnn_fast train --device cuda --backend "$backend" --seeds 1 --epochs 3 \
+      --out "$OUT_DIR/train_cuda_$backend" 2>&1 | grep -v "it/s\]" | tail -n 25
+  done
+}
 
 gpu_info() {  # the card's name as nvidia-smi gives it, and the versions that ran
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader |
@@ -94,22 +112,26 @@ with open(os.path.join(out, "summary.md"), "w") as f:
 print("\n".join(lines))
 EOF
 }
-export -f gpu_info summary
+export -f gpu_info summary pytest_parallel train_cuda
 
 : >"$OUT_DIR/steps.tsv"
 failed=0
 start_all=$(date +%s)
 for step in "${STEPS[@]}"; do
   name="${step%%|*}"
-  cmd="${step#*|}"
+  rest="${step#*|}"
+  limit="${rest%%|*}"
+  cmd="${rest#*|}"
   if [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* ]]; then continue; fi
-  echo "=== [$name] $cmd"
+  echo "=== [$name] $cmd (limit $limit s)"
   t0=$(date +%s)
-  if bash -euo pipefail -c "$cmd"; then status=ok; else status=failed; failed=1; fi
+  if timeout -k 10 "$limit" bash -euo pipefail -c "$cmd"; then status=ok; else status="failed (exit $?)"; failed=1; fi
   t1=$(date +%s)
   echo "=== [$name] $status in $((t1 - t0)) s (total $((t1 - start_all)) s)"
   printf '%s\t%s\t%s\n' "$name" "$status" "$((t1 - t0))" >>"$OUT_DIR/steps.tsv"
+  if [[ -n "${ARCHIVE:-}" ]]; then tar czf "$ARCHIVE" -C "$OUT_DIR" . || true; fi
 done
 
 summary || failed=1
+if [[ -n "${ARCHIVE:-}" ]]; then tar czf "$ARCHIVE" -C "$OUT_DIR" . || true; fi
 exit "$failed"

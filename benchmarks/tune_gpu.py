@@ -1,0 +1,171 @@
+"""Sweep the launch parameters of the Triton kernels on a GPU; one JSON line per candidate.
+
+The kernels pick their tiles with fixed rules (``kernels.attention.fwd_config`` / ``bwd_config``,
+``kernels.distill._config``). This script times other candidates on the benchmark's shapes, so
+that a change of those rules rests on measurements. Each candidate is first checked against the
+result of the current rule (a candidate that computes something else is reported, not timed),
+then timed with ``triton.testing.do_bench`` (median ms). The current rule is always the first
+line of its sweep, marked ``"current": true``.
+
+    python benchmarks/tune_gpu.py --out tune.jsonl [--budget-s 120] [--only attention,distill]
+
+CUDA only. ``--budget-s`` stops starting new candidates after that many seconds (the lines
+written so far stand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import sys
+import time
+
+import torch
+
+ATTENTION_SHAPES = [(1024, 4, 200, 64), (256, 2, 50, 32)]  # (B, H, L, D), as bench_attention.py
+DISTILL_SHAPE = (16384, 100_000, 64)  # (N, V, D), as bench_distill.py
+
+
+def _attention_inputs(B, H, L, D, dtype, dev):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, L, D, generator=g).to(dev, dtype) for _ in range(4))
+    lengths = torch.randint(max(1, L // 4), L + 1, (B,), generator=g)
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).to(dev)
+    gaps = (torch.rand(B, L, generator=g, dtype=torch.float64) * 1e6).to(torch.int64)
+    ts = (torch.cumsum(gaps, dim=1) + 1_700_000_000).to(dev)
+    tb = (0.5 * torch.randn(H, 32, generator=g)).to(dev, dtype)
+    return q, k, v, do, mask, ts, tb
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _close(a, b, tol):
+    return all(torch.allclose(x.float(), y.float(), atol=tol, rtol=tol) for x, y in zip(a, b))
+
+
+def sweep_attention(emit, deadline, dev):
+    from spnn_fast.kernels import attention as KA
+    from triton.testing import do_bench
+
+    dtype = torch.bfloat16
+    fwd_cands = [
+        dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        for m, n, w, s in itertools.product((64, 128), (32, 64), (4, 8), (2, 3))
+        if n <= m
+    ]
+    bwd_cands = [
+        dict(BLOCK=b, BLOCK_ITER=i, num_warps=w, num_stages=s)
+        for b, i, w, s in itertools.product((32, 64, 128), (16, 32, 64), (4, 8), (1, 2))
+        if i <= b and not (b == 128 and i == 64)
+    ]
+    for B, H, L, D in ATTENTION_SHAPES:
+        q, k, v, do, mask, ts, tb = _attention_inputs(B, H, L, D, dtype, dev)
+        scale = D**-0.5
+        fwd = functools.partial(KA.semantic_attention_fwd, q, k, v, mask, ts, tb, True, scale)
+        ref_out, ref_lse = fwd()
+        bwd = functools.partial(KA.semantic_attention_bwd, do, q, k, v, ref_out, ref_lse, mask, ts,
+                                tb, True, scale, True)  # fmt: skip
+        ref_grads = bwd()
+        current = (KA.fwd_config(L, D, dtype), KA.bwd_config(L, D, dtype))
+        shape = dict(B=B, H=H, L=L, D=D, dtype="bfloat16")
+        for kind, cands, run, ref, cur in (
+            ("attention_fwd", fwd_cands, fwd, (ref_out,), current[0]),
+            ("attention_bwd", bwd_cands, bwd, ref_grads, current[1]),
+        ):
+            name = "fwd_config" if kind == "attention_fwd" else "bwd_config"
+            for cfg in [cur] + [c for c in cands if c != cur]:
+                if time.time() > deadline:
+                    return
+                row = dict(kernel=kind, **shape, config=cfg, current=cfg is cur)
+                try:
+                    with _patched(KA, name, lambda L, D, dtype=None, c=cfg: dict(c)):
+                        got = run()
+                        got = got[:1] if kind == "attention_fwd" else got
+                        row["matches_current"] = _close(got, ref, 2e-2)
+                        if row["matches_current"]:
+                            row["ms"] = do_bench(run, warmup=10, rep=40)
+                except Exception as e:  # a tile that does not fit (shared memory, registers)
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                emit(row)
+
+
+def sweep_distill(emit, deadline, dev):
+    from spnn_fast.kernels import distill as KD
+    from triton.testing import do_bench
+
+    dtype = torch.bfloat16
+    n, v, d = DISTILL_SHAPE
+    g = torch.Generator().manual_seed(0)
+    hs, ht = (torch.randn(n, d, generator=g).to(dev, dtype) for _ in range(2))
+    ws, wt = ((0.1 * torch.randn(v, d, generator=g)).to(dev, dtype) for _ in range(2))
+    y = torch.randint(0, v, (n,), generator=g).to(dev)
+    grad_rows = torch.full((n,), 1.0 / n, device=dev)
+    cands = [(64, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 2), (128, 64, 8, 3),
+             (32, 128, 4, 3), (128, 256, 8, 2), (64, 64, 4, 4)]  # fmt: skip
+    for alpha in (0.0, 0.5):
+        args = (hs, ws, ht, wt, y, 2.0, alpha, -100)
+        ref_stats = KD.distill_fwd(*args)
+        ref_grads = KD.distill_bwd(grad_rows, hs, ws, ht, wt, y, *ref_stats[1:], 2.0, alpha, -100)
+        cur = KD._config(KD._block_d(d), KD._block_d(d), alpha > 0, hs.element_size())
+        for fill in (True, False):
+            for cfg in [cur] + [c for c in cands if c != cur]:
+                if time.time() > deadline:
+                    return
+                row = dict(kernel="distill", N=n, V=v, D=d, alpha=alpha, dtype="bfloat16",
+                           config=dict(zip(("BLOCK_N", "BLOCK_V", "num_warps", "num_stages"), cfg)),
+                           fill_gpu=fill, current=cfg == cur and fill)  # fmt: skip
+                fill_fn = KD._fill_gpu if fill else (lambda count, block, device: block)
+                try:
+                    with _patched(KD, "_config", lambda *a, c=cfg: c), \
+                         _patched(KD, "_fill_gpu", fill_fn):  # fmt: skip
+                        fwd = functools.partial(KD.distill_fwd, *args)
+                        stats = fwd()
+                        bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y,
+                                                *stats[1:], 2.0, alpha, -100)  # fmt: skip
+                        ok = _close(stats, ref_stats, 1e-3) and _close(bwd(), ref_grads, 2e-2)
+                        row["matches_current"] = ok
+                        if ok:
+                            row["fwd_ms"] = do_bench(fwd, warmup=5, rep=30)
+                            row["bwd_ms"] = do_bench(bwd, warmup=5, rep=30)
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                emit(row)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON lines file (appended)")
+    p.add_argument("--budget-s", type=float, default=120.0)
+    p.add_argument("--only", default="attention,distill")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_gpu.py needs a CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    deadline = time.time() + args.budget_s
+    with open(args.out, "a") as f:
+
+        def emit(row):
+            row["device"] = torch.cuda.get_device_name()
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(json.dumps(row), flush=True)
+
+        for part in args.only.split(","):
+            {"attention": sweep_attention, "distill": sweep_distill}[part](emit, deadline, dev)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
