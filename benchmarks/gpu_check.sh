@@ -8,7 +8,7 @@
 #   ARCHIVE=results.tar.gz bash benchmarks/gpu_check.sh   # also pack the results after every step
 #
 # Written there: gpu.json (card, driver, versions), steps.json (status and seconds per step),
-# tests.xml (junit), bench_<suite>.json (pytest-benchmark), train_cuda_<backend>/report.json (the
+# tests.xml (junit), bench_<part>.json (pytest-benchmark), train_cuda_<backend>/report.json (the
 # pipeline on the GPU, 1 seed, 3 epochs), tune.jsonl (launch-parameter sweep), summary.md (time,
 # peak memory, ratio to each baseline). Each step has a time limit (its first field, seconds);
 # the whole check is sized to run in under 8 minutes on one H100 or H200. The ml-100k files must
@@ -26,21 +26,35 @@ mkdir -p "$OUT_DIR"
 STEPS=(
   "install|150|\$PY -m pip install -q --no-build-isolation --no-deps -e ."
   "gpu-info|60|gpu_info"
-  "tests|200|\$PY -m pytest tests -q -rfEs -p no:cacheprovider \$(pytest_parallel) --junitxml=\"\$OUT_DIR/tests.xml\""
-  "bench-attention|200|\$PY -m pytest benchmarks/bench_attention.py -q -rs -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_attention.json\""
-  "bench-distill|200|\$PY -m pytest benchmarks/bench_distill.py -q -rs -p no:cacheprovider --benchmark-json=\"\$OUT_DIR/bench_distill.json\""
+  "tests|200|run_tests"
+  "bench-attention-goal|120|bench attention_goal bench_attention.py -k 'L200-D64 and not flex'"
+  "bench-flex|200|bench flex bench_attention.py -k flex"
+  "bench-attention-rest|200|bench attention_rest bench_attention.py -k 'not L200-D64 and not flex'"
+  "bench-distill|200|bench distill bench_distill.py"
   "train-cuda|120|train_cuda"
   "tune|110|\$PY benchmarks/tune_gpu.py --out \"\$OUT_DIR/tune.jsonl\" --budget-s 90"
 )
 
-pytest_parallel() {  # 8 workers when pytest-xdist is installed (Triton compiles dominate)
-  if "$PY" -c "import xdist" 2>/dev/null; then echo "-n 8"; fi
+run_tests() {  # TEST_PATHS (default tests/) and TESTS_K (a -k expression) pick a subset
+  local args=(-q -rfEs -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml")
+  # 8 workers when pytest-xdist is installed (Triton compiles dominate), 2 CPU threads each
+  if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n 8); export OMP_NUM_THREADS=2; fi
+  if [[ -n "${TESTS_K:-}" ]]; then args+=(-k "$TESTS_K"); fi
+  # shellcheck disable=SC2086
+  "$PY" -m pytest ${TEST_PATHS:-tests} "${args[@]}"
 }
 
-train_cuda() {  # the pipeline on ml-100k on the GPU, 1 seed, 3 epochs: Triton kernels, then torch
-  for backend in triton torch; do
+bench() {  # bench NAME FILE [pytest args...]: one suite (or part of one) -> bench_NAME.json
+  local name="$1" file="$2"
+  shift 2
+  "$PY" -m pytest "benchmarks/$file" -q -rs -p no:cacheprovider \
+    --benchmark-json="$OUT_DIR/bench_$name.json" "$@"
+}
+
+train_cuda() {  # the pipeline on ml-100k on the GPU, 1 seed, 3 epochs: kernels where they apply
+  for backend in auto torch; do  # (auto: the Triton kernels, the torch path where they do not apply)
     "$PY" -m spnn_fast train --device cuda --backend "$backend" --seeds 1 --epochs 3 \
-      --out "$OUT_DIR/train_cuda_$backend" 2>&1 | grep -v "it/s\]" | tail -n 25
+      --out "$OUT_DIR/train_cuda_$backend" 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -n 25
   done
 }
 
@@ -88,31 +102,34 @@ if os.path.exists(os.path.join(out, "gpu.json")):
 with open(os.path.join(out, "steps.json"), "w") as f:
     json.dump({"card": card, "steps": steps, "seconds": sum(s["seconds"] for s in steps)}, f, indent=2)
 lines = [f"# GPU check on {card}", ""]
+# Groups (one configuration each) merged over the files: a suite may be run in parts.
+groups = {}
 for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
-    with open(path) as f:
-        data = json.load(f)
-    groups = {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError:  # a part cut off by its time limit leaves an empty file
+        continue
     for b in data["benchmarks"]:
         groups.setdefault(b["group"], []).append(b)
-    lines += [f"## {os.path.basename(path)}", ""]
-    lines += ["| group | impl | mean ms | min ms | peak MiB | time / fast path's |", "|---|---|---|---|---|---|"]
-    for group, items in groups.items():
-        impls = {str(b["extra_info"].get("impl", b["name"])): b for b in items}
-        fast = impls.get("spnn_fast[triton]") or next(
-            (b for name, b in impls.items() if name.startswith("spnn_fast[")), None)
-        for name, b in impls.items():
-            mean, low = b["stats"]["mean"], b["stats"]["min"]
-            peak = b["extra_info"].get("peak_bytes")
-            ratio = f"{mean / fast['stats']['mean']:.2f}" if fast else ""
-            peak_s = f"{peak / 2**20:.1f}" if peak is not None else ""
-            lines.append(f"| {group} | {name} | {mean * 1e3:.3f} | {low * 1e3:.3f} | {peak_s} | {ratio} |")
-    lines.append("")
+lines += ["| group | impl | mean ms | min ms | peak MiB | time / fast path's |", "|---|---|---|---|---|---|"]
+for group, items in groups.items():
+    impls = {str(b["extra_info"].get("impl", b["name"])): b for b in items}
+    fast = impls.get("spnn_fast[triton]") or next(
+        (b for name, b in impls.items() if name.startswith("spnn_fast[")), None)
+    for name, b in impls.items():
+        mean, low = b["stats"]["mean"], b["stats"]["min"]
+        peak = b["extra_info"].get("peak_bytes")
+        ratio = f"{mean / fast['stats']['mean']:.2f}" if fast else ""
+        peak_s = f"{peak / 2**20:.1f}" if peak is not None else ""
+        lines.append(f"| {group} | {name} | {mean * 1e3:.3f} | {low * 1e3:.3f} | {peak_s} | {ratio} |")
+lines.append("")
 with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines))
 print("\n".join(lines))
 EOF
 }
-export -f gpu_info summary pytest_parallel train_cuda
+export -f gpu_info summary run_tests bench train_cuda
 
 : >"$OUT_DIR/steps.tsv"
 failed=0
