@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import time
 from typing import Callable
 
 import torch
@@ -65,8 +67,39 @@ def peak_memory(fn: Callable[[], object], dev: torch.device) -> int | None:
 
 
 def record(benchmark, *, impl: str, baseline_of: str | None = None, **info) -> None:
-    """Tag a benchmark with its implementation name (``report.py`` computes ratios from it)."""
+    """Tag a benchmark with its implementation name (``report.py`` computes ratios from it).
+
+    With ``SPNN_BENCH_JSONL`` set, also append the result (group, impl, stats in seconds,
+    extra_info) to that file as one JSON line at once: pytest-benchmark writes its JSON only when
+    the session ends, so a run stopped by a time limit keeps what it measured.
+    """
     benchmark.extra_info["impl"] = impl
     if baseline_of is not None:
         benchmark.extra_info["baseline_of"] = baseline_of
     benchmark.extra_info.update(info)
+    path = os.environ.get("SPNN_BENCH_JSONL")
+    meta = getattr(benchmark, "stats", None)
+    if not path or meta is None:  # no file asked for, or --benchmark-disable (nothing timed)
+        return
+    stats = meta.stats
+    row = {
+        "group": benchmark.group,
+        "name": benchmark.name,
+        "impl": impl,
+        "stats": {k: getattr(stats, k) for k in ("min", "median", "mean", "stddev", "rounds")},
+        "extra_info": dict(benchmark.extra_info),
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
+def adaptive_rounds(run: Callable[[], object], dev: torch.device, *, budget_s: float = 2.0,
+                    low: int = 3, high: int = 20) -> int:  # fmt: skip
+    """Rounds for ``benchmark.pedantic``: as many as fit in ``budget_s`` (one timed call of
+    ``run``, already warm, sets the pace), between ``low`` and ``high``. Slow baselines get few
+    rounds, so a whole suite stays inside a time limit; fast kernels get many."""
+    sync(dev)
+    t0 = time.perf_counter()
+    run()
+    sync(dev)
+    return max(low, min(high, int(budget_s / max(time.perf_counter() - t0, 1e-9))))

@@ -153,7 +153,7 @@ def test_semantic_attention(benchmark, impl, mode, cfg):
         torch.testing.assert_close(result.float(), expected.float(), atol=tol, rtol=tol)
     del result
     peak = _common.peak_memory(run, DEV)
-    rounds = 20 if CUDA else 3
+    rounds = _common.adaptive_rounds(run, DEV) if CUDA else 3
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1 if CUDA else 0, iterations=1)
     scores_bytes = B * H * L * L * torch.finfo(DTYPE).bits // 8
     _common.record(
