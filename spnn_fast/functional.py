@@ -137,7 +137,8 @@ def semantic_attention(
     Raises:
         ValueError: wrong types, ranks, shapes, dtypes or devices (the message names the
             argument), a non-finite ``scale``, or ``backend="triton"`` with a head dim or dtype the
-            kernels lack (D in 16/32/64/128; float32/float16/bfloat16).
+            kernels lack (D <= 128; float32/float16/bfloat16). The kernels are built for D in
+            16/32/64/128; another D <= 128 runs them on q, k, v padded with zero columns.
     """
     _attn_check(q, k, v, key_padding_mask, timestamps, time_bias)
     B, H, L, D = q.shape
@@ -148,9 +149,9 @@ def semantic_attention(
     scale = float(scale)
 
     def why_not():
-        if D not in _ATTN_HEAD_DIMS_TRITON or q.dtype not in _ATTN_DTYPES_TRITON:
+        if D > _ATTN_HEAD_DIMS_TRITON[-1] or q.dtype not in _ATTN_DTYPES_TRITON:
             return (
-                f"the kernels support head dims {_ATTN_HEAD_DIMS_TRITON} and dtypes "
+                f"the kernels support head dims up to {_ATTN_HEAD_DIMS_TRITON[-1]} and dtypes "
                 f"float32/float16/bfloat16; got q of {_describe(q)}"
             )
         return None
@@ -160,12 +161,19 @@ def semantic_attention(
         timestamps = None
     elif timestamps.dtype != torch.int64:
         timestamps = timestamps.to(torch.int64)
+    padded = D
+    if name == "triton" and D not in _ATTN_HEAD_DIMS_TRITON:
+        # The kernels are compiled for D in 16/32/64/128: zero columns appended to q and k leave
+        # every score unchanged (scale is that of the true D), those of v give output columns
+        # that are cut off again, and autograd carries the gradients through the pad and the cut.
+        padded = next(d for d in _ATTN_HEAD_DIMS_TRITON if d >= D)
+        q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
     from spnn_fast.ops.attention import semantic_attention_fwd
 
     out, _ = semantic_attention_fwd(
         q, k, v, key_padding_mask, timestamps, time_bias, bool(causal), scale, name
     )
-    return out
+    return out if padded == D else out[..., :D]
 
 
 # --------------------------------------------------------------------------------------------

@@ -557,14 +557,29 @@ def test_bad_input_raises_value_error(changes, match):
 @pytest.mark.skipif(not backends.status()["triton"], reason="Triton cannot run here")
 def test_triton_rejects_unsupported_head_dim_and_dtype():
     device = "cuda" if CUDA else "cpu"
-    inputs = make_inputs(1, 2, 5, 24, "none", False, device=device)
-    with pytest.raises(ValueError, match=r"head dims.*\(1, 2, 5, 24\)"):
+    inputs = make_inputs(1, 2, 5, 136, "none", False, device=device)
+    with pytest.raises(ValueError, match=r"head dims up to 128.*\(1, 2, 5, 136\)"):
         semantic_attention(**inputs, backend="TRITON")  # backend names are case-insensitive
     # "auto" falls back to the PyTorch path instead.
     semantic_attention(**inputs, backend="auto")
     inputs = make_inputs(1, 2, 5, 16, "none", False, device=device, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
         semantic_attention(**inputs, backend="triton")
+
+
+@pytest.mark.skipif(not backends.status()["triton"], reason="Triton cannot run here")
+@pytest.mark.parametrize("D", [1, 8, 24, 48, 100])
+def test_triton_pads_other_head_dims(D):
+    """A head dim the kernels are not built for runs them on zero-padded q, k, v: the output and
+    every gradient match the PyTorch path (which takes any D)."""
+    device = "cuda" if CUDA else "cpu"
+    inputs = make_inputs(2, 2, 37, D, "left", True, device=device, seed=D)
+    g = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(5)).to(device)
+    out, grads = run_op(inputs, True, "triton", g)
+    want, want_grads = run_op(inputs, True, "torch", g)
+    assert out.shape == (2, 2, 37, D)
+    for name, a, e in zip(("out",) + GRAD_NAMES, [out] + grads, [want] + want_grads):
+        assert_close(a, e, name, rtol=1e-4, atol=1e-5)
 
 
 def test_functional_limits_match_the_kernels():
