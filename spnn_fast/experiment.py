@@ -73,6 +73,7 @@ class ExperimentConfig:
     alpha: float = 0.5
     temperature: float = 2.0
     feature_weight: float = 1.0 / 64  # the feature loss sums squares over d_knowledge = 64 dims
+    kd_teacher_input: str = "full"  # student_kd's teacher reads "full" windows or the student's "cut"
     use_side_features: bool = True
     backend: Optional[str] = None
     extra: Dict = field(default_factory=dict)
@@ -107,7 +108,8 @@ def train_configs(cfg: ExperimentConfig) -> Dict[str, TrainConfig]:
                                cut_max=cfg.cut_max),
         "student": TrainConfig(**base, **cold),
         "student_kd": TrainConfig(**base, **cold, alpha=cfg.alpha, temperature=cfg.temperature,
-                                  feature_weight=cfg.feature_weight, layer_pairs=pairs),
+                                  feature_weight=cfg.feature_weight, layer_pairs=pairs,
+                                  teacher_input=cfg.kd_teacher_input),
     }  # fmt: skip
 
 

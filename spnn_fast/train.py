@@ -8,7 +8,8 @@ cold-start-like inputs: each window cut, with some probability, to its k most re
 
 Distillation (:class:`Trainer` with a ``teacher``): the student sees its (possibly cut) window, the
 teacher the full window with the same end, so at each position the privileged teacher sees the
-longer history the student lacks. The loss is the fused CE + logit KD
+longer history the student lacks (``TrainConfig.teacher_input="cut"`` shows the teacher the
+student's own input instead: plain distillation, for comparison). The loss is the fused CE + logit KD
 (:func:`spnn_fast.functional.distillation_loss`) plus the knowledge-detector feature loss
 (:class:`spnn_fast.nn.FeatureDistiller`) on named (student layer, teacher layer) pairs.
 
@@ -77,6 +78,9 @@ class TrainConfig:
     temperature: float = 2.0
     feature_weight: float = 1.0
     layer_pairs: List[Tuple[str, str]] = field(default_factory=list)
+    # what the teacher reads for each window: "full" (its whole window: privileged, the default)
+    # or "cut" (the student's own, possibly cut, input: plain distillation)
+    teacher_input: str = "full"
     d_knowledge: int = 64
     detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
 
@@ -94,6 +98,8 @@ class TrainConfig:
                 f"need warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1, got {self.warmup_epochs}, "
                 f"{self.min_lr_ratio}"
             )
+        if self.teacher_input not in ("full", "cut"):
+            raise ValueError(f"teacher_input={self.teacher_input!r} must be 'full' or 'cut'")
         self.layer_pairs = [tuple(p) for p in self.layer_pairs]
 
     def lr_factor(self, progress: float) -> float:
@@ -428,7 +434,10 @@ class Trainer:
         full = make_batch(self.log, rows[local], ends[local], max_len, cfg.num_time_buckets,
                           self.train_end)  # fmt: skip
         full = full.to(self.device)
-        b = full.tail(cfg.max_len).cut(torch.as_tensor(keep[local], device=self.device))
+        keep_t = torch.as_tensor(keep[local], device=self.device)
+        b = full.tail(cfg.max_len).cut(keep_t)
+        if teacher is not None and self.tcfg.teacher_input == "cut":
+            full = full.cut(keep_t)  # the teacher reads exactly what the student reads
         norm = self._norm(b)
         loss, stats = self.step_module(b, full, norm)
         self.optimizer.zero_grad(set_to_none=True)

@@ -411,3 +411,32 @@ def test_pipeline_on_cuda_triton_matches_torch_path(tmp_path):
         slow = [h["loss"] for h in runs["torch"]["models"][name]["history"][0]]
         assert len(fast) == 3 and all(np.isfinite(fast))
         assert fast == pytest.approx(slow, rel=1e-3, abs=1e-4), name
+
+
+@pytest.mark.parametrize("teacher_input", ["full", "cut"])
+def test_teacher_reads_full_or_cut_windows(cycle_ds, teacher_input):
+    """Distillation: the teacher reads its full window (privileged) or the student's cut input."""
+    torch.manual_seed(0)
+    teacher, student = _tiny_model(cycle_ds, max_len=10), _tiny_model(cycle_ds, max_len=8)
+    tcfg = TrainConfig(epochs=1, batch_size=4, cut_prob=1.0, cut_min=1, cut_max=2,
+                       teacher_input=teacher_input)  # fmt: skip
+    tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
+    seen = {"teacher": [], "student": []}
+    for name, model in (("teacher", teacher), ("student", student)):
+        original = model.forward
+
+        def spy(*args, _orig=original, _name=name, **kw):
+            seen[_name].append(args[3].sum(1).tolist())  # real events per row
+            return _orig(*args, **kw)
+
+        model.forward = spy
+    tr.train_epoch(0)
+    assert seen["teacher"] and len(seen["teacher"]) == len(seen["student"])
+    for t_rows, s_rows in zip(seen["teacher"], seen["student"]):
+        assert all(s <= 2 for s in s_rows)  # every student window is cut to 1 or 2 events
+        if teacher_input == "cut":
+            assert t_rows == s_rows
+        else:
+            assert all(t >= s for t, s in zip(t_rows, s_rows)) and t_rows != s_rows
+    with pytest.raises(ValueError, match="teacher_input"):
+        TrainConfig(teacher_input="half")
