@@ -73,7 +73,8 @@ class ExperimentConfig:
     alpha: float = 0.5
     temperature: float = 2.0
     feature_weight: float = 1.0 / 64  # the feature loss sums squares over d_knowledge = 64 dims
-    kd_teacher_input: str = "full"  # student_kd's teacher reads "full" windows or the student's "cut"
+    # what student_kd's teacher reads: its "full" windows (privileged) or the student's "cut" input
+    kd_teacher_input: str = "full"
     use_side_features: bool = True
     backend: Optional[str] = None
     extra: Dict = field(default_factory=dict)
