@@ -36,7 +36,7 @@ STEPS=(
   "bench-flex|200|bench flex bench_attention.py -k flex"
   "bench-distill|200|bench distill bench_distill.py"
   "train-cuda|120|train_cuda"
-  "tune|110|\$PY benchmarks/tune_gpu.py --out \"\$OUT_DIR/tune.jsonl\" --budget-s 90"
+  "tune|150|\$PY benchmarks/tune_gpu.py --out \"\$OUT_DIR/tune.jsonl\" --budget-s 60"
 )
 
 run_tests() {  # TEST_PATHS (default tests/) and TESTS_K (a -k expression) pick a subset
