@@ -56,7 +56,7 @@ bench() {  # bench NAME FILE [pytest args...]: one suite (or part of one) -> ben
 }
 
 train_cuda() {  # the pipeline on ml-100k on the GPU, 1 seed, 3 epochs: kernels where they apply
-  for backend in auto torch; do  # (auto: the Triton kernels, the torch path where they do not apply)
+  for backend in auto torch; do  # auto: the Triton kernels (torch only where they cannot run)
     "$PY" -m spnn_fast train --device cuda --backend "$backend" --seeds 1 --epochs 3 \
       --out "$OUT_DIR/train_cuda_$backend" 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -n 25
   done
@@ -113,7 +113,10 @@ path = os.path.join(out, "bench_results.jsonl")
 if os.path.exists(path):
     with open(path) as f:
         for line in f:
-            b = json.loads(line)
+            try:
+                b = json.loads(line)
+            except ValueError:  # a line cut short when a time limit killed the writer
+                continue
             groups.setdefault(b["group"], []).append(b)
 lines += ["| group | impl | mean ms | min ms | peak MiB | time / fast path's |", "|---|---|---|---|---|---|"]
 for group, items in groups.items():
@@ -135,6 +138,11 @@ EOF
 export -f gpu_info summary run_tests bench train_cuda
 
 : >"$OUT_DIR/steps.tsv"
+: >"$SPNN_BENCH_JSONL"  # this run's results only
+names=",$(printf '%s\n' "${STEPS[@]}" | cut -d'|' -f1 | paste -sd,),"
+for want in ${ONLY//,/ }; do
+  if [[ "$names" != *",$want,"* ]]; then echo "ONLY: unknown step '$want'; steps:${names//,/ }" >&2; exit 2; fi
+done
 failed=0
 start_all=$(date +%s)
 for step in "${STEPS[@]}"; do

@@ -335,7 +335,8 @@ def _block(L: int) -> int:
 def fwd_config(L: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Launch parameters of the forward kernel (no fp16/bf16/fp32 variant spills on sm90).
     fp16/bf16 pipeline three stages: 0.69 vs 0.74 ms with two on an H200 (B=1024, H=4, L=200,
-    D=64; ``benchmarks/tune_gpu.py``, where 8 warps or 64/128-wide tiles were all slower)."""
+    D=64, bf16; ``benchmarks/tune_gpu.py``, where every candidate with 8 warps or with 64-wide key
+    tiles or 128-row blocks was slower)."""
     block_m = _block(L)
     half = dtype != torch.float32
     num_warps = 8 if not half and block_m >= 64 else 4
@@ -347,10 +348,12 @@ def bwd_config(L: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Launch parameters of the backward kernel: a program owns a block of rows and iterates
     over tiles of BLOCK_ITER so that the int64 bucket arithmetic of a tile fits in registers.
 
-    fp16/bf16: blocks of 32 rows, tiles of 32 (16 at D = 128), 4 warps: on an H200 (B=1024,
-    H=4, L=200, D=64; ``benchmarks/tune_gpu.py``) 3.47 ms against 5.29 ms for 64-row blocks with
-    8 warps; 8 warps were slower with every tile. fp32 (IEEE dots without tensor cores, not
-    measured on a GPU yet): 64-row blocks, tiles of 16, 8 warps.
+    fp16/bf16: blocks of 32 rows, tiles of 32 (16 at D = 128), 4 warps. Measured on an H200 at
+    B=1024, H=4, L=200, D=64, bf16 only (``benchmarks/tune_gpu.py``, cut after 26 candidates):
+    3.47 ms against 5.29 ms for 64-row blocks with tiles of 32 and 8 warps; with 32-row blocks, 8
+    warps were slower than 4 with every tile. Other D, L and fp16 follow the same rule unmeasured
+    (the GPU tests check their results). fp32 (IEEE dots without tensor cores, not measured on a
+    GPU): 64-row blocks, tiles of 16, 8 warps.
     """
     block = _block(L)
     if dtype != torch.float32:

@@ -173,7 +173,7 @@ def semantic_attention(
     out, _ = semantic_attention_fwd(
         q, k, v, key_padding_mask, timestamps, time_bias, bool(causal), scale, name
     )
-    return out if padded == D else out[..., :D]
+    return out if padded == D else out[..., :D].contiguous()
 
 
 # --------------------------------------------------------------------------------------------

@@ -281,7 +281,8 @@ class _Objective(nn.Module):
 
     def forward(self, b: Batch, b_full: Batch, norm: Dict[str, float]) -> Tuple[Tensor, Dict]:
         """Loss of the student batch ``b``; ``b_full`` is the teacher's view of the same windows
-        (uncut, and as long as the teacher's ``max_len``: its last columns line up with ``b``)."""
+        (as long as the teacher's ``max_len``, its last columns lining up with ``b``; uncut, or
+        cut like ``b`` with ``teacher_input="cut"``)."""
         tcfg, model, teacher = self.tcfg, self.model, self.teacher
         s_layers = tuple({p[0] for p in tcfg.layer_pairs}) if teacher is not None else ()
         det_layers = tuple(model.config.detector_layers)

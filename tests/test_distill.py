@@ -62,10 +62,10 @@ def reference64(inp, **kw):
 def check_against_reference(inp, backend, rtol=1e-4, atol=1e-5, **kw):
     got = run_loss(SF.distillation_loss, inp, backend=backend, **kw)
     want = reference64(inp, **kw)
-    # d_student_items sums over the N rows: its rounding error grows like sqrt(N) (seen on the GPU
-    # at V = 1, where the exact gradient is 0 and recomputed logits differ from the forward's by
-    # an ulp).
-    row_scale = (1 + inp["hs"].shape[0]) ** 0.5
+    # The torch path's d_student_items sums over the N rows: its rounding error grows like sqrt(N)
+    # (seen on the GPU at V = 1, where the exact gradient is 0 and the recomputed logits differ
+    # from the forward's by an ulp). The kernels keep the plain tolerance.
+    row_scale = (1 + inp["hs"].shape[0]) ** 0.5 if backend == "torch" else 1.0
     for name, a, e in zip(("loss", "d_student_hidden", "d_student_items"), got, want):
         tol = atol * row_scale if name == "d_student_items" else atol
         assert_close(a, e, f"{backend} {kw} {name}", rtol=rtol, atol=tol)

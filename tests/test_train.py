@@ -402,7 +402,7 @@ def test_pipeline_on_cuda_triton_matches_torch_path(tmp_path):
     data = _write_cycle_csv(tmp_path / "cycle.csv")
     runs = {}
     for backend in ("triton", "torch"):
-        # head dims of 16: the smallest the kernels take (the tiny default has 8 and 4)
+        # head dims of 16, which the kernels take unpadded (the tiny default has 8 and 4)
         cfg = _tiny_experiment(data, teacher_max_len=11, epochs=3, dropout=0.0, teacher_d=64,
                                teacher_heads=4, student_d=16, device="cuda", backend=backend)  # fmt: skip
         runs[backend] = run(cfg, str(tmp_path / backend), log=lambda *a: None)
