@@ -118,6 +118,27 @@ def sweep_distill(emit, deadline, dev):
         ref_stats = KD.distill_fwd(*args)
         ref_grads = KD.distill_bwd(grad_rows, hs, ws, ht, wt, y, *ref_stats[1:], 2.0, alpha, -100)
         cur = KD._config(KD._block_d(d), KD._block_d(d), alpha > 0, hs.element_size())
+        # The d_student_items kernel alone: its tiles, the other kernels as they are (bwd_ms times
+        # both backward kernels; the d_student_hidden one is the same in every row).
+        dw_cur = KD._dw_blocks(cur[0], cur[1], v, dev)
+        for dw in [dw_cur] + [(bn, bv) for bn, bv in ((32, 128), (32, 256), (16, 128), (64, 64),
+                                                      (32, 64)) if (bn, bv) != dw_cur]:  # fmt: skip
+            if time.time() > deadline:
+                return
+            row = dict(kernel="distill_bwd_dw", N=n, V=v, D=d, alpha=alpha, dtype="bfloat16",
+                       config=dict(BLOCK_N=dw[0], BLOCK_V=dw[1], num_warps=cur[2],
+                                   num_stages=cur[3]), current=dw == dw_cur)  # fmt: skip
+            try:
+                with _patched(KD, "_dw_blocks", lambda *a, c=dw: c):
+                    bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y,
+                                            *ref_stats[1:], 2.0, alpha, -100)  # fmt: skip
+                    ok = _close(bwd(), ref_grads, 2e-2)
+                    row["matches_current"] = ok
+                    if ok:
+                        row["bwd_ms"] = do_bench(bwd, warmup=5, rep=30)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            emit(row)
         for fill in (True, False):
             for cfg in [cur] + [c for c in cands if c != cur]:
                 if time.time() > deadline:

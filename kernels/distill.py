@@ -362,6 +362,14 @@ def _fill_gpu(count: int, block: int, device: torch.device) -> int:
     return block
 
 
+def _dw_blocks(block_n: int, block_v: int, v: int, device: torch.device) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_V) of the d_student_items kernel: item blocks own the grid, row tiles are
+    iterated. A function of its own so that ``benchmarks/tune_gpu.py`` can sweep it alone: at
+    bf16, D = 64, the default 64-row tiles spill registers on sm_90 (136 B of stack per thread
+    for CE, 560 B with the teacher, per cuobjdump) where 32-row tiles do not; not yet timed."""
+    return block_n, _fill_gpu(v, block_v, device)
+
+
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot precision for fp32 inputs (half inputs ignore it). TF32 where PyTorch allows it for
     its own matmuls; otherwise "tf32x3" (three TF32 products, about fp32 accuracy, on tensor
@@ -456,7 +464,7 @@ def distill_bwd(
     stats = [t.contiguous() for t in (lse_s, lse_st, lse_tt)]
     # d_hs: a grid over row blocks; d_ws: a grid over item blocks. Each fills the GPU alone.
     dh_blocks = (_fill_gpu(n, block_n, hs.device), block_v)
-    dw_blocks = (block_n, _fill_gpu(v, block_v, hs.device))
+    dw_blocks = _dw_blocks(block_n, block_v, v, hs.device)
     if block is not None:
         dh_blocks = dw_blocks = block
     scalars = (n, v, hs.shape[1], ht.shape[1], 1.0 / temperature, 1.0 - alpha,
