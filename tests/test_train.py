@@ -440,3 +440,20 @@ def test_teacher_reads_full_or_cut_windows(cycle_ds, teacher_input):
             assert all(t >= s for t, s in zip(t_rows, s_rows)) and t_rows != s_rows
     with pytest.raises(ValueError, match="teacher_input"):
         TrainConfig(teacher_input="half")
+
+
+def test_kd_teacher_input_reaches_the_distilled_student():
+    import argparse
+
+    from spnn_fast.cli import _config_from_args, _train_parser
+    from spnn_fast.experiment import train_configs
+
+    parser = argparse.ArgumentParser()
+    _train_parser(parser.add_subparsers(dest="command"))
+    for flag, want in (([], "full"), (["--kd-teacher-input", "cut"], "cut")):
+        cfg = _config_from_args(parser.parse_args(["train", *flag]))
+        tcfgs = train_configs(cfg)
+        assert cfg.kd_teacher_input == want and tcfgs["student_kd"].teacher_input == want
+        assert tcfgs["teacher"].teacher_input == tcfgs["student"].teacher_input == "full"
+    with pytest.raises(SystemExit):  # argparse refuses other values
+        parser.parse_args(["train", "--kd-teacher-input", "half"])
