@@ -21,6 +21,7 @@ __all__ = ["main"]
 
 def _train_parser(sub) -> None:
     from spnn_fast.experiment import ExperimentConfig
+    from spnn_fast.train import TEACHER_INPUTS
 
     d = ExperimentConfig()
     p = sub.add_parser("train", help="train teacher, student and distilled student; write a report")
@@ -50,7 +51,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of logit KD vs CE")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--feature-weight", type=float, default=d.feature_weight)
-    p.add_argument("--kd-teacher-input", choices=("full", "cut"), default=d.kd_teacher_input,
+    p.add_argument("--kd-teacher-input", choices=TEACHER_INPUTS, default=d.kd_teacher_input,
                    help="what student_kd's teacher reads: its full window (privileged) or the "
                         "student's own, possibly cut, input")  # fmt: skip
     p.add_argument("--no-side-features", action="store_true")
@@ -72,7 +73,8 @@ def _config_from_args(args):
         teacher_cut_prob=args.teacher_cut_prob,
         student_d=args.student_d, student_layers=args.student_layers,
         alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_weight,
-        kd_teacher_input=args.kd_teacher_input, use_side_features=not args.no_side_features, backend=args.backend,
+        kd_teacher_input=args.kd_teacher_input,
+        use_side_features=not args.no_side_features, backend=args.backend,
     )  # fmt: skip
 
 

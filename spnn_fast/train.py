@@ -43,12 +43,17 @@ from spnn_fast.protocol import EvalSet, eval_sets, train_ends
 
 __all__ = [
     "Batch",
+    "TEACHER_INPUTS",
     "TrainConfig",
     "Trainer",
     "evaluate",
     "training_windows",
     "world",
 ]
+
+
+# What a distilled student's teacher reads (TrainConfig.teacher_input).
+TEACHER_INPUTS = ("full", "cut")
 
 
 @dataclass
@@ -98,8 +103,10 @@ class TrainConfig:
                 f"need warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1, got {self.warmup_epochs}, "
                 f"{self.min_lr_ratio}"
             )
-        if self.teacher_input not in ("full", "cut"):
-            raise ValueError(f"teacher_input={self.teacher_input!r} must be 'full' or 'cut'")
+        if self.teacher_input not in TEACHER_INPUTS:
+            raise ValueError(
+                f"teacher_input={self.teacher_input!r} must be one of {', '.join(TEACHER_INPUTS)}"
+            )
         self.layer_pairs = [tuple(p) for p in self.layer_pairs]
 
     def lr_factor(self, progress: float) -> float:
