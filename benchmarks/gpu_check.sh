@@ -90,7 +90,7 @@ print(json.dumps(info))
 EOF
 }
 
-summary() {  # steps.json + summary.md: per group, time, peak memory and ratio to each baseline
+summary() {  # steps.json + summary.md: per group, time, peak memory and ratio to the fast path
   "$PY" - <<'EOF'
 import json, os
 out = os.environ["OUT_DIR"]
@@ -105,35 +105,12 @@ if os.path.exists(os.path.join(out, "gpu.json")):
         card = json.load(f).get("card")
 with open(os.path.join(out, "steps.json"), "w") as f:
     json.dump({"card": card, "steps": steps, "seconds": sum(s["seconds"] for s in steps)}, f, indent=2)
-lines = [f"# GPU check on {card}", ""]
-# Groups (one configuration each) from the results appended as each benchmark finished (a part
-# cut off by its time limit keeps what it measured; its pytest-benchmark JSON stays empty).
-groups = {}
-path = os.path.join(out, "bench_results.jsonl")
-if os.path.exists(path):
-    with open(path) as f:
-        for line in f:
-            try:
-                b = json.loads(line)
-            except ValueError:  # a line cut short when a time limit killed the writer
-                continue
-            groups.setdefault(b["group"], []).append(b)
-lines += ["| group | impl | mean ms | min ms | peak MiB | time / fast path's |", "|---|---|---|---|---|---|"]
-for group, items in groups.items():
-    impls = {str(b["extra_info"].get("impl", b["name"])): b for b in items}
-    fast = impls.get("spnn_fast[triton]") or next(
-        (b for name, b in impls.items() if name.startswith("spnn_fast[")), None)
-    for name, b in impls.items():
-        mean, low = b["stats"]["mean"], b["stats"]["min"]
-        peak = b["extra_info"].get("peak_bytes")
-        ratio = f"{mean / fast['stats']['mean']:.2f}" if fast else ""
-        peak_s = f"{peak / 2**20:.1f}" if peak is not None else ""
-        lines.append(f"| {group} | {name} | {mean * 1e3:.3f} | {low * 1e3:.3f} | {peak_s} | {ratio} |")
-lines.append("")
 with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write("\n".join(lines))
-print("\n".join(lines))
+    f.write(f"# GPU check on {card}\n\n")
 EOF
+  # Ratio tables of the results streamed as each benchmark finished (a part cut off by its time
+  # limit keeps what it measured; its pytest-benchmark JSON stays empty).
+  "$PY" benchmarks/report.py "$SPNN_BENCH_JSONL" | tee -a "$OUT_DIR/summary.md"
 }
 export -f gpu_info summary run_tests bench train_cuda
 

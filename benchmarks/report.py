@@ -2,6 +2,9 @@
 
     python benchmarks/report.py results.json [more.json ...]
 
+A ``.jsonl`` file holds the same benchmark entries one per line, as ``_common.record`` streams
+them to ``$SPNN_BENCH_JSONL`` (a line cut short by a killed run is skipped).
+
 Within each benchmark group (one configuration), every implementation is compared with the fastest
 spnn_fast implementation of that group measured in the same run: the ratio column is
 ``time(impl) / time(spnn_fast)``, so 2.0 means spnn_fast is twice as fast as that baseline.
@@ -68,14 +71,28 @@ def tables(data: dict) -> str:
     return "\n".join(out)
 
 
+def load(path: str) -> dict:
+    """A pytest-benchmark JSON file, or a ``.jsonl`` of its benchmark entries."""
+    with open(path) as f:
+        if not path.endswith(".jsonl"):
+            return json.load(f)
+        rows = []
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # the last line of a run stopped while writing it
+                continue
+        return {"benchmarks": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     for path in args.files:
-        with open(path) as f:
-            data = json.load(f)
-        print(f"## {path}: {machine_of(data)}")
+        data = load(path)
+        # A .jsonl has no machine_info; each group names its device.
+        print(f"## {path}" + (f": {machine_of(data)}" if "machine_info" in data else ""))
         print(tables(data))
     return 0
 
