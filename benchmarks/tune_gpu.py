@@ -54,9 +54,29 @@ def _close(a, b, tol):
     return all(torch.allclose(x.float(), y.float(), atol=tol, rtol=tol) for x, y in zip(a, b))
 
 
+def _measure(emit, row, patches, trial, warmup, rep):
+    """Run one candidate and emit its row. Under ``patches`` ((module, name, value) triples),
+    ``trial()`` returns ``(matches_current, {field: fn})``; each fn is timed (median ms) only
+    when the candidate matches. A candidate that does not compile (shared memory, registers)
+    gets its error in the row instead."""
+    from triton.testing import do_bench
+
+    try:
+        with contextlib.ExitStack() as stack:
+            for module, name, value in patches:
+                stack.enter_context(_patched(module, name, value))
+            ok, timed = trial()
+            row["matches_current"] = ok
+            if ok:
+                for field, fn in timed.items():
+                    row[field] = do_bench(fn, warmup=warmup, rep=rep)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    emit(row)
+
+
 def sweep_attention(emit, deadline, dev):
     from spnn_fast.kernels import attention as KA
-    from triton.testing import do_bench
 
     dtype = torch.bfloat16
     fwd_cands = [
@@ -88,21 +108,18 @@ def sweep_attention(emit, deadline, dev):
                 if time.time() > deadline:
                     return
                 row = dict(kernel=kind, **shape, config=cfg, current=cfg is cur)
-                try:
-                    with _patched(KA, name, lambda L, D, dtype=None, c=cfg: dict(c)):
-                        got = run()
-                        got = got[:1] if kind == "attention_fwd" else got
-                        row["matches_current"] = _close(got, ref, 2e-2)
-                        if row["matches_current"]:
-                            row["ms"] = do_bench(run, warmup=10, rep=40)
-                except Exception as e:  # a tile that does not fit (shared memory, registers)
-                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-                emit(row)
+
+                def trial(run=run, ref=ref, kind=kind):
+                    got = run()
+                    got = got[:1] if kind == "attention_fwd" else got
+                    return _close(got, ref, 2e-2), {"ms": run}
+
+                patch = (KA, name, lambda L, D, dtype=None, c=cfg: dict(c))
+                _measure(emit, row, [patch], trial, warmup=10, rep=40)
 
 
 def sweep_distill(emit, deadline, dev):
     from spnn_fast.kernels import distill as KD
-    from triton.testing import do_bench
 
     dtype = torch.bfloat16
     n, v, d = DISTILL_SHAPE
@@ -128,17 +145,14 @@ def sweep_distill(emit, deadline, dev):
             row = dict(kernel="distill_bwd_dw", N=n, V=v, D=d, alpha=alpha, dtype="bfloat16",
                        config=dict(BLOCK_N=dw[0], BLOCK_V=dw[1], num_warps=cur[2],
                                    num_stages=cur[3]), current=dw == dw_cur)  # fmt: skip
-            try:
-                with _patched(KD, "_dw_blocks", lambda *a, c=dw: c):
-                    bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y,
-                                            *ref_stats[1:], 2.0, alpha, -100)  # fmt: skip
-                    ok = _close(bwd(), ref_grads, 2e-2)
-                    row["matches_current"] = ok
-                    if ok:
-                        row["bwd_ms"] = do_bench(bwd, warmup=5, rep=30)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-            emit(row)
+            bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y, *ref_stats[1:],
+                                    2.0, alpha, -100)  # fmt: skip
+
+            def trial(bwd=bwd, ref_grads=ref_grads):
+                return _close(bwd(), ref_grads, 2e-2), {"bwd_ms": bwd}
+
+            patch = (KD, "_dw_blocks", lambda *a, c=dw: c)
+            _measure(emit, row, [patch], trial, warmup=5, rep=30)
         for fill in (True, False):
             for cfg in [cur] + [c for c in cands if c != cur]:
                 if time.time() > deadline:
@@ -147,21 +161,17 @@ def sweep_distill(emit, deadline, dev):
                            config=dict(zip(("BLOCK_N", "BLOCK_V", "num_warps", "num_stages"), cfg)),
                            fill_gpu=fill, current=cfg == cur and fill)  # fmt: skip
                 fill_fn = KD._fill_gpu if fill else (lambda count, block, device: block)
-                try:
-                    with _patched(KD, "_config", lambda *a, c=cfg: c), \
-                         _patched(KD, "_fill_gpu", fill_fn):  # fmt: skip
-                        fwd = functools.partial(KD.distill_fwd, *args)
-                        stats = fwd()
-                        bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y,
-                                                *stats[1:], 2.0, alpha, -100)  # fmt: skip
-                        ok = _close(stats, ref_stats, 1e-3) and _close(bwd(), ref_grads, 2e-2)
-                        row["matches_current"] = ok
-                        if ok:
-                            row["fwd_ms"] = do_bench(fwd, warmup=5, rep=30)
-                            row["bwd_ms"] = do_bench(bwd, warmup=5, rep=30)
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-                emit(row)
+
+                def trial(args=args, ref_stats=ref_stats, ref_grads=ref_grads, alpha=alpha):
+                    fwd = functools.partial(KD.distill_fwd, *args)
+                    stats = fwd()
+                    bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y,
+                                            *stats[1:], 2.0, alpha, -100)  # fmt: skip
+                    ok = _close(stats, ref_stats, 1e-3) and _close(bwd(), ref_grads, 2e-2)
+                    return ok, {"fwd_ms": fwd, "bwd_ms": bwd}
+
+                patches = [(KD, "_config", lambda *a, c=cfg: c), (KD, "_fill_gpu", fill_fn)]
+                _measure(emit, row, patches, trial, warmup=5, rep=30)
 
 
 def main(argv=None) -> int:
