@@ -42,6 +42,9 @@ def _train_parser(sub) -> None:
                    help="learning rate: constant, or warmup + cosine decay over --epochs")  # fmt: skip
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--window-stride", type=int, default=d.window_stride,
+                   help="a training window every N events, each target trained once with at "
+                        "least max_len - N earlier events (0: windows that do not overlap)")  # fmt: skip
     p.add_argument("--teacher-d", type=int, default=d.teacher_d)
     p.add_argument("--teacher-layers", type=int, default=d.teacher_layers)
     p.add_argument("--teacher-cut-prob", type=float, default=d.teacher_cut_prob,
@@ -69,7 +72,7 @@ def _config_from_args(args):
         seeds=args.seeds, epochs=args.epochs, device=args.device, max_len=args.max_len,
         teacher_max_len=args.teacher_max_len,
         batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, dropout=args.dropout,
-        patience=args.patience, teacher_d=args.teacher_d, teacher_layers=args.teacher_layers,
+        patience=args.patience, window_stride=args.window_stride or None, teacher_d=args.teacher_d, teacher_layers=args.teacher_layers,
         teacher_cut_prob=args.teacher_cut_prob,
         student_d=args.student_d, student_layers=args.student_layers,
         alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_weight,

@@ -66,6 +66,10 @@ class ExperimentConfig:
     lr: float = 2e-3
     schedule: str = "constant"  # or "cosine": warmup, then decay over `epochs` (TrainConfig)
     patience: int = 5
+    # Every model: a training window every `window_stride` events, each target trained once per
+    # epoch with at least max_len - window_stride earlier events (TrainConfig.window_stride);
+    # None: windows of max_len that do not overlap.
+    window_stride: Optional[int] = None
     cut_prob: float = 0.5  # students: share of windows cut to a short (cold-start-like) history
     teacher_cut_prob: float = 0.0  # the teacher: the same cut, as augmentation (off: full inputs)
     cut_min: int = 1
@@ -101,7 +105,7 @@ def model_configs(cfg: ExperimentConfig, ds: Dataset) -> Dict[str, SPNNConfig]:
 
 def train_configs(cfg: ExperimentConfig) -> Dict[str, TrainConfig]:
     base = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
-                schedule=cfg.schedule)  # fmt: skip
+                schedule=cfg.schedule, window_stride=cfg.window_stride)  # fmt: skip
     cold = dict(cut_prob=cfg.cut_prob, cut_min=cfg.cut_min, cut_max=cfg.cut_max)
     pairs = [(f"layers.{cfg.student_layers - 1}", f"layers.{cfg.teacher_layers - 1}")]
     return {

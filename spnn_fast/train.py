@@ -47,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "evaluate",
+    "fresh_targets",
     "training_windows",
     "world",
 ]
@@ -72,7 +73,11 @@ class TrainConfig:
     grad_clip: Optional[float] = 5.0
     patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     eval_batch_size: int = 512
-    window_stride: Optional[int] = None  # None: windows of max_len do not overlap
+    # None (or >= max_len): windows of max_len that do not overlap. S < max_len: a window ends
+    # every S events; each target is still trained once per epoch, in the window where it is among
+    # the last S or in the user's first window (see fresh_targets), so it sees at least
+    # max_len - S earlier events or all the user has.
+    window_stride: Optional[int] = None
     # cold-start-like inputs: with probability cut_prob, a window keeps only its k most recent
     # events, k uniform on [cut_min, cut_max]
     cut_prob: float = 0.0
@@ -107,6 +112,12 @@ class TrainConfig:
             raise ValueError(
                 f"teacher_input={self.teacher_input!r} must be one of {', '.join(TEACHER_INPUTS)}"
             )
+        if self.window_stride is not None and (
+            isinstance(self.window_stride, bool)
+            or not isinstance(self.window_stride, int)
+            or self.window_stride < 1
+        ):
+            raise ValueError(f"window_stride={self.window_stride!r} must be None or an int >= 1")
         self.layer_pairs = [tuple(p) for p in self.layer_pairs]
 
     def lr_factor(self, progress: float) -> float:
@@ -175,8 +186,9 @@ def training_windows(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """(rows, ends) of the training windows over each user's events ``[0, n-2)``: windows of
     ``max_len`` ending at ``n-2, n-2-S, n-2-2S, ...`` until one starts at the first event, with
-    stride ``S = stride or max_len`` (``S < max_len``: overlapping windows, so most targets are
-    also trained with a long context). Windows without a trainable target are left out."""
+    stride ``S = stride or max_len`` (``S < max_len``: overlapping windows; :func:`fresh_targets`
+    keeps each target in one of them, after a long context). Windows without a trainable target
+    are left out."""
     stride = stride or max_len
     if not 1 <= stride <= max_len:
         raise ValueError(f"stride={stride} must be in [1, max_len={max_len}]")
@@ -188,6 +200,27 @@ def training_windows(
     ends = t_end[rows] - k * stride
     keep = ~((ends == t_end[rows]) & (ends == 1))  # the only target would be the valid event
     return rows[keep], ends[keep]
+
+
+def fresh_targets(
+    targets: Tensor, ends: np.ndarray, max_len: int, stride: Optional[int] = None
+) -> Tensor:
+    """``targets`` of windows from :func:`training_windows` ``(max_len, stride)`` with every
+    target that an older window also holds set to 0, so each target is trained once per epoch.
+
+    With overlapping windows (``stride S < max_len``) the window ending at ``e`` shares its first
+    ``max_len - S`` events with the window ending at ``e - S``, which holds them later, after a
+    longer context; a window that starts at the user's first event (``e <= max_len``) has no older
+    window and keeps all its targets. So every kept target has at least ``max_len - S`` earlier
+    events in its window, or all the events the user has before it. The last ``targets.shape[1]``
+    columns are the windows' newest (a teacher batch may be longer than ``max_len``)."""
+    stride = stride or max_len
+    if stride >= max_len:
+        return targets
+    older = torch.from_numpy(np.asarray(ends) > max_len).to(targets.device)
+    cols = torch.arange(targets.shape[1], device=targets.device)
+    covered = older.unsqueeze(1) & (cols < targets.shape[1] - stride).unsqueeze(0)
+    return targets.masked_fill(covered, 0)
 
 
 def make_batch(
@@ -408,7 +441,9 @@ class Trainer:
             self.step_module = nn.parallel.DistributedDataParallel(self.objective)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        self.windows = training_windows(self.log, model.config.max_len, tcfg.window_stride)
+        # A stride of max_len or more: windows that do not overlap.
+        self.stride = min(tcfg.window_stride or model.config.max_len, model.config.max_len)
+        self.windows = training_windows(self.log, model.config.max_len, self.stride)
         self.train_end = train_ends(self.log)
         self.splits = eval_sets(self.log)
         self.progress, self.desc = progress and rank == 0, desc
@@ -443,7 +478,10 @@ class Trainer:
                           self.train_end)  # fmt: skip
         full = full.to(self.device)
         keep_t = torch.as_tensor(keep[local], device=self.device)
-        b = full.tail(cfg.max_len).cut(keep_t)
+        b = full.tail(cfg.max_len)
+        b = dataclasses.replace(
+            b, targets=fresh_targets(b.targets, ends[local], cfg.max_len, self.stride)
+        ).cut(keep_t)
         if teacher is not None and self.tcfg.teacher_input == "cut":
             full = full.cut(keep_t)  # the teacher reads exactly what the student reads
         norm = self._norm(b)

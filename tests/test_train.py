@@ -18,7 +18,7 @@ import torch
 from spnn_fast.data import load
 from spnn_fast.experiment import MODELS, ExperimentConfig, run
 from spnn_fast.model import SPNN, SPNNConfig
-from spnn_fast.train import TrainConfig, Trainer, make_batch, training_windows
+from spnn_fast.train import TrainConfig, Trainer, fresh_targets, make_batch, training_windows
 
 
 def _write_cycle_csv(path, users=6, length=14, items=7):
@@ -67,12 +67,23 @@ def test_overlapping_windows_cover_every_target_with_long_contexts(cycle_ds):
         t = n[u] - 2
         assert e[0] == t and np.all(np.diff(e) == -2) and e[-1] <= 5  # reaches the first event
     b = make_batch(log, rows, ends, 5, 32)
-    covered = set()
+    targets = fresh_targets(b.targets, ends, 5, 2)
+    assert torch.equal(fresh_targets(b.targets, ends, 5, 5), b.targets)  # no overlap: all kept
+    trained = []  # (user, position of the event that predicts the target, its context)
     for r in range(len(rows)):
-        start = ends[r] - int(b.mask[r].sum())
-        covered |= {(int(rows[r]), start + j) for j in range(int(b.mask[r].sum()))
-                    if b.targets[r, 5 - int(b.mask[r].sum()) + j] > 0}  # fmt: skip
-    assert covered == {(u, p) for u in range(log.num_users) for p in range(n[u] - 3)}
+        n_real = int(b.mask[r].sum())
+        start = ends[r] - n_real
+        for j in range(n_real):
+            if targets[r, 5 - n_real + j] > 0:
+                trained.append((int(rows[r]), start + j, j + 1))
+    # Every training target once per epoch, each with >= max_len - stride + 1 = 4 events of
+    # context or all the events its user has before it.
+    assert sorted((u, p) for u, p, _ in trained) == [
+        (u, p) for u in range(log.num_users) for p in range(n[u] - 3)
+    ]
+    assert all(ctx >= min(4, p + 1) for _, p, ctx in trained)
+    # Without fresh_targets the overlaps would train some targets twice.
+    assert int((b.targets > 0).sum()) > len(trained)
     with pytest.raises(ValueError, match="stride"):
         training_windows(log, max_len=5, stride=6)
 
@@ -102,6 +113,26 @@ def test_config_rejects_bad_values():
         SPNNConfig(num_items=5, d_model=10, n_heads=3)
     with pytest.raises(ValueError, match="detector layer"):
         SPNNConfig(num_items=5, n_layers=1, detector_layers=["layers.3"])
+
+
+@pytest.mark.parametrize("stride", [None, 2, 8, 50])
+def test_an_epoch_trains_each_target_once_whatever_the_stride(cycle_ds, stride):
+    torch.manual_seed(0)
+    tr = Trainer(_tiny_model(cycle_ds), cycle_ds, TrainConfig(batch_size=4, window_stride=stride))
+    assert tr.stride == min(stride or 8, 8)  # a stride of max_len or more: no overlap
+    counts = []
+    forward = tr.objective.forward
+
+    def spy(b, b_full, norm):
+        counts.append(int((b.targets > 0).sum()))
+        return forward(b, b_full, norm)
+
+    tr.objective.forward = spy
+    tr.train_epoch(0)
+    assert sum(counts) == int((np.diff(cycle_ds.log.offsets) - 3).sum())
+    for bad in (0, -2, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="window_stride"):
+            TrainConfig(window_stride=bad)
 
 
 def test_model_overfits_a_tiny_log(cycle_ds):
@@ -457,3 +488,19 @@ def test_kd_teacher_input_reaches_the_distilled_student():
         assert tcfgs["teacher"].teacher_input == tcfgs["student"].teacher_input == "full"
     with pytest.raises(SystemExit):  # argparse refuses other values
         parser.parse_args(["train", "--kd-teacher-input", "half"])
+
+
+def test_window_stride_flag_reaches_every_model():
+    import argparse
+
+    from spnn_fast.cli import _config_from_args, _train_parser
+    from spnn_fast.experiment import ExperimentConfig, train_configs
+
+    parser = argparse.ArgumentParser()
+    _train_parser(parser.add_subparsers(dest="command"))
+    for flag, want in (([], ExperimentConfig.window_stride), (["--window-stride", "3"], 3),
+                       (["--window-stride", "0"], None)):  # fmt: skip
+        tcfgs = train_configs(_config_from_args(parser.parse_args(["train", *flag])))
+        assert {t.window_stride for t in tcfgs.values()} == {want}
+    with pytest.raises(ValueError, match="window_stride"):
+        train_configs(_config_from_args(parser.parse_args(["train", "--window-stride", "-1"])))
