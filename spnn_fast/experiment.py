@@ -69,7 +69,7 @@ class ExperimentConfig:
     # Every model: a training window every `window_stride` events, each target trained once per
     # epoch with at least max_len - window_stride earlier events (TrainConfig.window_stride);
     # None: windows of max_len that do not overlap.
-    window_stride: Optional[int] = None
+    window_stride: Optional[int] = 10
     cut_prob: float = 0.5  # students: share of windows cut to a short (cold-start-like) history
     teacher_cut_prob: float = 0.0  # the teacher: the same cut, as augmentation (off: full inputs)
     cut_min: int = 1
