@@ -239,7 +239,8 @@ def _ddp_steps(rank, data_path, out_path, steps, die_rank):
     ds = load(data_path)
     torch.manual_seed(0)
     model = _tiny_model(ds)
-    tr = Trainer(model, ds, TrainConfig(batch_size=6, lr=5e-3), seed=0)
+    # Overlapping windows: each rank drops the targets an older window holds (fresh_targets).
+    tr = Trainer(model, ds, TrainConfig(batch_size=6, lr=5e-3, window_stride=3), seed=0)
     for i, (rows, ends, keep) in enumerate(tr._batches(0)):
         if i == steps:
             break
@@ -298,7 +299,8 @@ def test_train_command_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "spnn_fast", "train", "--data", data, "--out", str(out), "--seeds", "1",
            "--epochs", "2", "--max-len", "8", "--teacher-d", "16", "--teacher-layers", "1",
-           "--student-d", "4", "--student-layers", "1", "--batch-size", "8", "--threads", "1"]  # fmt: skip
+           "--student-d", "4", "--student-layers", "1", "--batch-size", "8", "--threads", "1",
+           "--window-stride", "3"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
