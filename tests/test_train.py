@@ -395,12 +395,12 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "cycle.csv")]) == 2  # not a checkpoint: clean error
 
 
-def _sweep_module():
+def _sweep_module(name="sweep_teacher"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep_teacher.py"
-    spec = importlib.util.spec_from_file_location("sweep_teacher", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -506,3 +506,24 @@ def test_window_stride_flag_reaches_every_model():
         assert {t.window_stride for t in tcfgs.values()} == {want}
     with pytest.raises(ValueError, match="window_stride"):
         train_configs(_config_from_args(parser.parse_args(["train", "--window-stride", "-1"])))
+
+
+def test_shifted_eval_reads_a_run_and_shifts_only_the_inputs(tmp_path, capsys):
+    shifted = _sweep_module("shifted_eval")
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    run(_tiny_experiment(data), str(tmp_path / "run"), log=lambda *a: None)
+    sets = shifted.splits(load(data).log)
+    v, t = sets["valid"], sets["test"]
+    # The test targets from the validation input; the validation targets from one event less.
+    assert np.array_equal(sets["test_from_valid_input"].ends, v.ends)
+    assert np.array_equal(sets["test_from_valid_input"].targets, t.targets)
+    assert np.array_equal(sets["valid_from_shorter_input"].ends, v.ends - 1)
+    assert np.array_equal(sets["valid_from_shorter_input"].targets, v.targets)
+    shifted.main([str(tmp_path / "run")])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    for row in lines[: len(MODELS)]:
+        path = tmp_path / "run" / "seed0" / row["model"] / "result.json"
+        result = json.loads(path.read_text())
+        for split in ("valid", "test"):
+            assert row[split] == round(result["metrics"][split]["NDCG@10"], 5)
+    assert [r["model"] for r in lines[len(MODELS) :]] == list(MODELS)
