@@ -37,11 +37,12 @@ from spnn_fast.train import evaluate
 def splits(log) -> dict:
     s = eval_sets(log, ("valid", "test"))
     valid, test = s["valid"], s["test"]
+    ok = valid.ends >= 2  # users with 3 events have no event before their second-last but one
     return {
         "valid": valid,
         "test": test,
         "test_from_valid_input": EvalSet(test.rows, test.ends - 1, test.targets),
-        "valid_from_shorter_input": EvalSet(valid.rows, valid.ends - 1, valid.targets),
+        "valid_from_shorter_input": EvalSet(valid.rows[ok], valid.ends[ok] - 1, valid.targets[ok]),
     }
 
 

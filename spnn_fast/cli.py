@@ -43,8 +43,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--window-stride", type=int, default=d.window_stride,
-                   help="a training window every N events, each target trained once with at "
-                        "least max_len - N earlier events (0: windows that do not overlap)")  # fmt: skip
+                   help="a training window ends every N events; each target of an uncut window "
+                        "is trained once, after at least max-len - N earlier events (0: windows "
+                        "that do not overlap)")  # fmt: skip
     p.add_argument("--teacher-d", type=int, default=d.teacher_d)
     p.add_argument("--teacher-layers", type=int, default=d.teacher_layers)
     p.add_argument("--teacher-cut-prob", type=float, default=d.teacher_cut_prob,
@@ -106,7 +107,7 @@ def _cmd_train(args) -> int:
         if not os.path.exists(run_json):
             raise SystemExit(f"spnn-fast: --resume {args.resume}: no run.json there")
         with open(run_json) as f:
-            cfg = ExperimentConfig(**json.load(f)["config"])
+            cfg = ExperimentConfig.from_saved(json.load(f)["config"])
         out = args.resume
     else:
         cfg = _config_from_args(args)

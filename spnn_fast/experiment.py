@@ -28,7 +28,7 @@ import torch
 from spnn_fast._io import atomic_write
 from spnn_fast.data import Dataset, load
 from spnn_fast.model import SPNN, SPNNConfig
-from spnn_fast.train import TrainConfig, Trainer, evaluate, world
+from spnn_fast.train import TrainConfig, Trainer, check_window_stride, evaluate, world
 
 __all__ = [
     "ExperimentConfig",
@@ -66,9 +66,10 @@ class ExperimentConfig:
     lr: float = 2e-3
     schedule: str = "constant"  # or "cosine": warmup, then decay over `epochs` (TrainConfig)
     patience: int = 5
-    # Every model: a training window every `window_stride` events, each target trained once per
-    # epoch with at least max_len - window_stride earlier events (TrainConfig.window_stride);
-    # None: windows of max_len that do not overlap.
+    # Every model: a training window ends every `window_stride` events and each target of an
+    # uncut window is trained once per epoch, after at least max_len - window_stride earlier
+    # events (TrainConfig.window_stride); None: windows of max_len that do not overlap. Runs
+    # saved before this field existed trained without overlap (see from_saved).
     window_stride: Optional[int] = 10
     cut_prob: float = 0.5  # students: share of windows cut to a short (cold-start-like) history
     teacher_cut_prob: float = 0.0  # the teacher: the same cut, as augmentation (off: full inputs)
@@ -82,6 +83,15 @@ class ExperimentConfig:
     use_side_features: bool = True
     backend: Optional[str] = None
     extra: Dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_window_stride(self.window_stride)  # before a run folder is written
+
+    @classmethod
+    def from_saved(cls, config: dict) -> ExperimentConfig:
+        """The configuration stored in a run's ``run.json``, with the values that runs saved
+        before a field existed used (``window_stride``: no overlap), not today's defaults."""
+        return cls(**{"window_stride": None, **config})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

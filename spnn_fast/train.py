@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,14 @@ __all__ = [
 TEACHER_INPUTS = ("full", "cut")
 
 
+def check_window_stride(stride) -> None:
+    """ValueError unless ``stride`` is None or an integer >= 1 (TrainConfig.window_stride)."""
+    if stride is not None and (
+        isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1
+    ):
+        raise ValueError(f"window_stride={stride!r} must be None or an integer >= 1")
+
+
 @dataclass
 class TrainConfig:
     """How a model is trained (the model's shape is its :class:`SPNNConfig`)."""
@@ -74,9 +83,10 @@ class TrainConfig:
     patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     eval_batch_size: int = 512
     # None (or >= max_len): windows of max_len that do not overlap. S < max_len: a window ends
-    # every S events; each target is still trained once per epoch, in the window where it is among
-    # the last S or in the user's first window (see fresh_targets), so it sees at least
-    # max_len - S earlier events or all the user has.
+    # every S events; each target of an uncut window is still trained once per epoch, in the
+    # window where it is among the last S or in the user's first window (see fresh_targets), so
+    # it sees at least max_len - S earlier events or all the user has. A cut window (cut_prob)
+    # keeps only the targets among its last k events.
     window_stride: Optional[int] = None
     # cold-start-like inputs: with probability cut_prob, a window keeps only its k most recent
     # events, k uniform on [cut_min, cut_max]
@@ -112,12 +122,7 @@ class TrainConfig:
             raise ValueError(
                 f"teacher_input={self.teacher_input!r} must be one of {', '.join(TEACHER_INPUTS)}"
             )
-        if self.window_stride is not None and (
-            isinstance(self.window_stride, bool)
-            or not isinstance(self.window_stride, int)
-            or self.window_stride < 1
-        ):
-            raise ValueError(f"window_stride={self.window_stride!r} must be None or an int >= 1")
+        check_window_stride(self.window_stride)
         self.layer_pairs = [tuple(p) for p in self.layer_pairs]
 
     def lr_factor(self, progress: float) -> float:
@@ -198,7 +203,10 @@ def training_windows(
     first = np.cumsum(counts) - counts
     k = np.arange(len(rows), dtype=np.int64) - np.repeat(first, counts)
     ends = t_end[rows] - k * stride
-    keep = ~((ends == t_end[rows]) & (ends == 1))  # the only target would be the valid event
+    # Left out: a newest window whose only target would be the validation event: one that holds a
+    # single event, or, at stride 1, one whose other targets older windows hold (fresh_targets).
+    newest = ends == t_end[rows]
+    keep = ~(newest & ((ends == 1) | ((stride == 1) & (ends > max_len))))
     return rows[keep], ends[keep]
 
 
@@ -212,8 +220,10 @@ def fresh_targets(
     ``max_len - S`` events with the window ending at ``e - S``, which holds them later, after a
     longer context; a window that starts at the user's first event (``e <= max_len``) has no older
     window and keeps all its targets. So every kept target has at least ``max_len - S`` earlier
-    events in its window, or all the events the user has before it. The last ``targets.shape[1]``
-    columns are the windows' newest (a teacher batch may be longer than ``max_len``)."""
+    events in its window, or all the events the user has before it. (The Trainer applies this
+    before a cold-start cut, which then keeps only the targets among a window's last k events.)
+    The last ``targets.shape[1]`` columns are the windows' newest (a teacher batch may be longer
+    than ``max_len``)."""
     stride = stride or max_len
     if stride >= max_len:
         return targets

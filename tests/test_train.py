@@ -84,6 +84,13 @@ def test_overlapping_windows_cover_every_target_with_long_contexts(cycle_ds):
     assert all(ctx >= min(4, p + 1) for _, p, ctx in trained)
     # Without fresh_targets the overlaps would train some targets twice.
     assert int((b.targets > 0).sum()) > len(trained)
+    # At stride 1 a newest window would keep only the validation event: such windows are left out.
+    for max_len in (1, 5):
+        rows, ends = training_windows(log, max_len=max_len, stride=1)
+        b = make_batch(log, rows, ends, max_len, 32)
+        kept = fresh_targets(b.targets, ends, max_len, 1)
+        assert bool((kept > 0).any(1).all())
+        assert int((kept > 0).sum()) == int((n - 3).sum())
     with pytest.raises(ValueError, match="stride"):
         training_windows(log, max_len=5, stride=6)
 
@@ -133,6 +140,18 @@ def test_an_epoch_trains_each_target_once_whatever_the_stride(cycle_ds, stride):
     for bad in (0, -2, 2.5, True, "4"):
         with pytest.raises(ValueError, match="window_stride"):
             TrainConfig(window_stride=bad)
+        with pytest.raises(ValueError, match="window_stride"):  # before a run folder is written
+            ExperimentConfig(window_stride=bad)
+    assert TrainConfig(window_stride=np.int64(3)).window_stride == 3
+
+
+def test_a_resumed_run_keeps_the_windows_it_was_saved_with():
+    saved = ExperimentConfig(window_stride=3).to_dict()
+    assert ExperimentConfig.from_saved(saved).window_stride == 3
+    # Runs saved before window_stride existed trained on windows that do not overlap.
+    del saved["window_stride"]
+    assert ExperimentConfig.from_saved(saved).window_stride is None
+    assert ExperimentConfig.from_saved(saved) == ExperimentConfig(**saved, window_stride=None)
 
 
 def test_model_overfits_a_tiny_log(cycle_ds):
