@@ -35,7 +35,7 @@ STEPS=(
   "bench-attention-rest|200|bench attention_rest bench_attention.py -k 'not L200-D64 and not flex'"
   "bench-flex|200|bench flex bench_attention.py -k flex"
   "bench-distill|200|bench distill bench_distill.py"
-  "train-cuda|120|train_cuda"
+  "train-cuda|180|train_cuda"
   "tune|150|\$PY benchmarks/tune_gpu.py --out \"\$OUT_DIR/tune.jsonl\" --budget-s 60"
 )
 
@@ -56,6 +56,7 @@ bench() {  # bench NAME FILE [pytest args...]: one suite (or part of one) -> ben
 }
 
 train_cuda() {  # the pipeline on ml-100k on the GPU, 1 seed, 3 epochs: kernels where they apply
+  # (overlapping windows since the H200 run: about 3x the windows per epoch, hence 180 s)
   for backend in auto torch; do  # auto: the Triton kernels (torch only where they cannot run)
     "$PY" -m spnn_fast train --device cuda --backend "$backend" --seeds 1 --epochs 3 \
       --out "$OUT_DIR/train_cuda_$backend" 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -n 25
