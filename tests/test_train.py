@@ -414,7 +414,7 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "cycle.csv")]) == 2  # not a checkpoint: clean error
 
 
-def _sweep_module(name="sweep_teacher"):
+def _bench_module(name):
     import importlib.util
     from pathlib import Path
 
@@ -427,7 +427,7 @@ def _sweep_module(name="sweep_teacher"):
 
 def test_teacher_sweep_trains_the_pipelines_teacher(tmp_path, capsys):
     # Hyperparameters are chosen from sweep runs: a sweep's teacher must be the main job's teacher.
-    sweep = _sweep_module()
+    sweep = _bench_module("sweep_teacher")
     data = _write_cycle_csv(tmp_path / "cycle.csv")
     cfg = _tiny_experiment(data)
     run(cfg, str(tmp_path / "run"), log=lambda *a: None)
@@ -494,41 +494,42 @@ def test_teacher_reads_full_or_cut_windows(cycle_ds, teacher_input):
         TrainConfig(teacher_input="half")
 
 
-def test_kd_teacher_input_reaches_the_distilled_student():
+def _train_cli_config(*flags):
+    """The ExperimentConfig that ``spnn-fast train FLAGS`` builds."""
     import argparse
 
     from spnn_fast.cli import _config_from_args, _train_parser
-    from spnn_fast.experiment import train_configs
 
     parser = argparse.ArgumentParser()
     _train_parser(parser.add_subparsers(dest="command"))
+    return _config_from_args(parser.parse_args(["train", *flags]))
+
+
+def test_kd_teacher_input_reaches_the_distilled_student():
+    from spnn_fast.experiment import train_configs
+
     for flag, want in (([], "full"), (["--kd-teacher-input", "cut"], "cut")):
-        cfg = _config_from_args(parser.parse_args(["train", *flag]))
+        cfg = _train_cli_config(*flag)
         tcfgs = train_configs(cfg)
         assert cfg.kd_teacher_input == want and tcfgs["student_kd"].teacher_input == want
         assert tcfgs["teacher"].teacher_input == tcfgs["student"].teacher_input == "full"
     with pytest.raises(SystemExit):  # argparse refuses other values
-        parser.parse_args(["train", "--kd-teacher-input", "half"])
+        _train_cli_config("--kd-teacher-input", "half")
 
 
 def test_window_stride_flag_reaches_every_model():
-    import argparse
+    from spnn_fast.experiment import train_configs
 
-    from spnn_fast.cli import _config_from_args, _train_parser
-    from spnn_fast.experiment import ExperimentConfig, train_configs
-
-    parser = argparse.ArgumentParser()
-    _train_parser(parser.add_subparsers(dest="command"))
     for flag, want in (([], ExperimentConfig.window_stride), (["--window-stride", "3"], 3),
                        (["--window-stride", "0"], None)):  # fmt: skip
-        tcfgs = train_configs(_config_from_args(parser.parse_args(["train", *flag])))
+        tcfgs = train_configs(_train_cli_config(*flag))
         assert {t.window_stride for t in tcfgs.values()} == {want}
     with pytest.raises(ValueError, match="window_stride"):
-        train_configs(_config_from_args(parser.parse_args(["train", "--window-stride", "-1"])))
+        train_configs(_train_cli_config("--window-stride", "-1"))
 
 
 def test_shifted_eval_reads_a_run_and_shifts_only_the_inputs(tmp_path, capsys):
-    shifted = _sweep_module("shifted_eval")
+    shifted = _bench_module("shifted_eval")
     data = _write_cycle_csv(tmp_path / "cycle.csv")
     run(_tiny_experiment(data), str(tmp_path / "run"), log=lambda *a: None)
     sets = shifted.splits(load(data).log)
