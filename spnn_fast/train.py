@@ -222,8 +222,8 @@ def fresh_targets(
     window and keeps all its targets. So every kept target has at least ``max_len - S`` earlier
     events in its window, or all the events the user has before it. (The Trainer applies this
     before a cold-start cut, which then keeps only the targets among a window's last k events.)
-    The last ``targets.shape[1]`` columns are the windows' newest (a teacher batch may be longer
-    than ``max_len``)."""
+    ``targets`` may have more columns than ``max_len``; its last columns are the windows'
+    newest."""
     stride = stride or max_len
     if stride >= max_len:
         return targets
