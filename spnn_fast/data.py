@@ -50,6 +50,7 @@ import csv
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -348,8 +349,16 @@ def _read_csv_table(path: Path, delimiter: str) -> _Table:
 _POW10 = 10 ** np.arange(1, 19, dtype=np.int64)
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+_ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _ints(values: List[str]) -> Optional[np.ndarray]:
-    """int64 values when every string parses as an integer (None otherwise)."""
+    """int64 values when every string is an integer in ASCII digits (None otherwise): Python's
+    int() also reads other scripts' digits ("\u0663" is 3) and "1_000", which are not numbers
+    here."""
+    if not all(map(_ASCII_INT.fullmatch, values)):
+        return None
     try:
         return np.fromiter(map(int, values), dtype=np.int64, count=len(values))
     except (ValueError, OverflowError):
@@ -383,17 +392,12 @@ def _parse_timestamps(table: _Table, j: int) -> np.ndarray:
     ints = _ints(values)
     if ints is not None:
         return ints
-    try:
-        f = np.array(values).astype(np.float64)
-    except ValueError:
-        for i, v in enumerate(values):
-            try:
-                float(v)
-            except ValueError:
-                raise ValueError(
-                    f"{table.where(i)}: timestamp {v!r} is not a number (seconds expected)"
-                ) from None
-        raise
+    for i, v in enumerate(values):
+        if not _ASCII_FLOAT.fullmatch(v):
+            raise ValueError(
+                f"{table.where(i)}: timestamp {v!r} is not a number (seconds expected)"
+            )
+    f = np.array(values).astype(np.float64)
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(f) | (f != np.floor(f)) | (np.abs(f) >= 2.0**53)
     if bad.any():
@@ -534,6 +538,19 @@ def _find_column(table: _Table, wanted: Optional[str], role: str, names: Sequenc
     )
 
 
+def _find_columns(table: _Table, cols: Sequence[Optional[str]],
+                  names: Sequence[Sequence[str]]) -> Tuple[int, int, int]:  # fmt: skip
+    """The user, item and timestamp columns (``cols``: the names asked for, or None for the
+    first of ``names`` found); three distinct columns."""
+    roles = ("user", "item", "timestamp")
+    found = tuple(_find_column(table, c, r, n) for c, r, n in zip(cols, roles, names))
+    if len(set(found)) < 3:
+        taken = [f"{r}={table.header[j]!r}" for r, j in zip(roles, found)]
+        raise ValueError(f"{table.path}: the user, item and timestamp columns must differ, got "
+                         f"{', '.join(taken)}")  # fmt: skip
+    return found
+
+
 def _read_atomic_table(path: Path) -> Tuple[_Table, List[str]]:
     """The rows of a RecBole atomic file; the header becomes the field names, and their types."""
     table = _split_table(path, "\t", None)
@@ -563,9 +580,8 @@ def _read_atomic_side(path: Path, id_field: str) -> _Side:
 
 def _read_atomic(path: Path, user_col, item_col, time_col) -> _Raw:
     table, _ = _read_atomic_table(path)
-    u = _find_column(table, user_col, "user", ("user_id", "user"))
-    i = _find_column(table, item_col, "item", ("item_id", "item"))
-    t = _find_column(table, time_col, "timestamp", ("timestamp", "time"))
+    u, i, t = _find_columns(table, (user_col, item_col, time_col),
+                            (("user_id", "user"), ("item_id", "item"), ("timestamp", "time")))  # fmt: skip
     users, items = _parse_ids(table, u, "user"), _parse_ids(table, i, "item")
     raw = _Raw(path.stem, users, items, _parse_timestamps(table, t))
     item_path, user_path = path.with_suffix(".item"), path.with_suffix(".user")
@@ -600,10 +616,9 @@ def _read_csv(path: Path, delimiter: Optional[str], user_col, item_col, time_col
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     table = _read_csv_table(path, delimiter)
-    u = _find_column(table, user_col, "user", _COLUMN_NAMES["user"])
-    i = _find_column(table, item_col, "item", _COLUMN_NAMES["item"])
-    t = _find_column(table, time_col, "timestamp", _COLUMN_NAMES["timestamp"])
-    for j in {u, i, t}:
+    u, i, t = _find_columns(table, (user_col, item_col, time_col),
+                            [_COLUMN_NAMES[r] for r in ("user", "item", "timestamp")])  # fmt: skip
+    for j in (u, i, t):
         table.columns[j] = [v.strip() for v in table.columns[j]]
     return _Raw(
         path.stem,
@@ -681,6 +696,10 @@ def load(
         raise TypeError(f"min_events must be an int, got {type(min_events).__name__}")
     if min_events < 1:
         raise ValueError(f"min_events must be >= 1, got {min_events}")
+    for name, value in (("user_col", user_col), ("item_col", item_col), ("time_col", time_col),
+                        ("delimiter", delimiter), ("format", format)):  # fmt: skip
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
     text = os.fspath(source)
     named = text in KNOWN_DATASETS and os.sep not in text and "/" not in text
     if named:

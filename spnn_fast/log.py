@@ -9,6 +9,7 @@ files that load memory-mapped, so a log larger than memory still feeds ``encode_
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Union
 
@@ -47,6 +48,26 @@ def _raw_ids(name: str, x: np.ndarray) -> np.ndarray:
     if x.dtype.kind in "US":
         return x
     if x.dtype.kind == "O":
+        ints = [isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in x]
+        for v, i in zip(x, ints):
+            if not (i or isinstance(v, str)):
+                raise TypeError(f"{name} must hold integer or string ids, got {v!r}")
+        if all(ints):
+            vals = [int(v) for v in x]
+            lo, hi = (min(vals), max(vals)) if vals else (0, 0)
+            if -(2**63) <= lo and hi < 2**63:
+                return np.array(vals, dtype=np.int64)
+            if 0 <= lo and hi < 2**64:
+                return np.array(vals, dtype=np.uint64)
+            raise ValueError(f"{name} holds integer ids outside 64 bits ({lo} .. {hi})")
+        # Integers and strings together: kept as text, unless two ids would become one (1, "1").
+        first: dict = {}
+        for v in x:
+            w = first.setdefault(str(v), v)
+            if w != v:
+                raise ValueError(
+                    f"{name} holds the ids {w!r} and {v!r}, one id once written as text"
+                )
         return x.astype(str)
     raise TypeError(f"{name} must hold integer or string ids, got dtype {x.dtype}")
 
@@ -69,6 +90,9 @@ class InteractionLog:
             )
         if ts.dtype.kind not in "iu":
             raise TypeError(f"timestamps must be integers (seconds), got dtype {ts.dtype}")
+        if ts.dtype == np.uint64 and len(ts) and ts.max() >= 2**63:  # int64 would wrap them
+            i = int(np.argmax(ts >= 2**63))
+            raise ValueError(f"timestamps[{i}]={int(ts[i])} does not fit int64 seconds")
         ts = ts.astype(np.int64, copy=False)
         user_ids, user_idx = np.unique(users, return_inverse=True)
         item_ids, item_idx = np.unique(items, return_inverse=True)
@@ -104,9 +128,11 @@ class InteractionLog:
         *,
         validate: bool = True,
     ) -> InteractionLog:
-        """Wrap CSR arrays that already follow the layout (no copy)."""
+        """Wrap CSR arrays that already follow the layout (no copy; CPU tensors are viewed)."""
+        arrays = [a if isinstance(a, np.ndarray) else _as_numpy(n, a)
+                  for n, a in zip(_ARRAYS, (offsets, items, timestamps, user_ids, item_ids))]  # fmt: skip
         log = cls.__new__(cls)
-        log._set(offsets, items, timestamps, user_ids, item_ids)
+        log._set(*arrays)
         if validate:
             log.validate()
         return log
@@ -132,6 +158,8 @@ class InteractionLog:
 
     def user_events(self, u: int) -> tuple[np.ndarray, np.ndarray]:
         """(items, timestamps) of user ``u`` in time order."""
+        if not isinstance(u, numbers.Integral) or isinstance(u, bool):
+            raise TypeError(f"u must be an integer user index, got {type(u).__name__}")
         if not 0 <= u < self.num_users:
             raise ValueError(f"u={u} is outside [0, {self.num_users})")
         s, e = int(self.offsets[u]), int(self.offsets[u + 1])

@@ -290,16 +290,23 @@ def test_ids_and_timestamps(tmp_path):
     np.testing.assert_array_equal(ds.log.timestamps, [-5, 1000, 881250949, 1, 2, 1700000000123])
     np.testing.assert_array_equal(ds.log.item_ids, [1, 2, 3])
     assert ds.log.item_ids.dtype == np.int64
+    # int() reads "\u0663" as 3: digits of other scripts keep the ids strings, not one id
+    text = "user,item,timestamp\n1,3,1\n1,\u0663,2\n1,3,3\n"
+    np.testing.assert_array_equal(
+        load(_write(tmp_path, "d.csv", text)).log.item_ids, ["3", "\u0663"]
+    )
 
 
 @pytest.mark.parametrize(
     "value,message",
     [
         ("1.5", "not a whole number"),
-        ("nan", "not a whole number"),
-        ("-inf", "not a whole number"),
+        ("nan", "not a number"),
+        ("-inf", "not a number"),
         ("1e300", "not a whole number"),
         ("abc", "not a number"),
+        ("1_000", "not a number"),  # Python's int() and float() read these
+        ("\u0661\u0660\u0661", "not a number"),
         ("", "not a number"),
     ],
 )
@@ -360,6 +367,10 @@ def test_names_paths_and_fields(tmp_path):
     csv_path = _write(tmp_path, "f.csv", "user,item,time\n1,2,3\n")
     with pytest.raises(ValueError, match="requested but there is no item file"):
         load(csv_path, min_events=1, item_fields=["genre"])
+    with pytest.raises(TypeError, match="user_col must be a str or None, got int"):
+        load(csv_path, user_col=0)
+    with pytest.raises(ValueError, match="columns must differ, got user='item', item='item'"):
+        load(csv_path, user_col="item")
     with pytest.raises(ValueError, match="no timestamp column"):
         load(_write(tmp_path, "nt.inter", "user_id:token\titem_id:token\n1\t2\n"))
 

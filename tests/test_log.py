@@ -37,6 +37,10 @@ def test_hand_case():
     log.validate()
     with pytest.raises(ValueError, match=r"u=3 is outside \[0, 3\)"):
         log.user_events(3)
+    for u in (0.5, True):
+        with pytest.raises(TypeError, match="u must be an integer user index"):
+            log.user_events(u)
+    assert _events(log, np.int64(0)) == _events(log, 0)
 
 
 def test_ties_keep_input_order():
@@ -75,6 +79,12 @@ def test_string_and_other_ids():
     assert _events(log, 1) == [("x", 1), ("x", 2)]
     log = InteractionLog(np.array(["a", 3], dtype=object), [1, 1], [0, 0])  # mixed: as strings
     assert log.user_ids.tolist() == ["3", "a"]
+    with pytest.raises(ValueError, match=r"users holds the ids 1 and '1', one id once written"):
+        InteractionLog(np.array([1, "1"], dtype=object), [1, 1], [0, 0])
+    with pytest.raises(TypeError, match=r"items must hold integer or string ids, got None"):
+        InteractionLog([1, 1], np.array([1, None], dtype=object), [0, 0])
+    log = InteractionLog(np.array([5, 2**63], dtype=object), [1, 1], [0, 0])  # Python ints
+    assert log.user_ids.dtype == np.uint64 and log.user_ids.tolist() == [5, 2**63]
     big = np.array([2**64 - 1, 2**63], dtype=np.uint64)  # would wrap as int64
     log = InteractionLog(big, big, torch.tensor([1, 2]))
     assert log.user_ids.tolist() == [2**63, 2**64 - 1]
@@ -95,6 +105,11 @@ def test_empty_log():
         (([1], [1], [1.5]), TypeError, r"timestamps must be integers"),
         (([1.0], [1], [1]), TypeError, r"users must hold integer or string ids, got dtype float64"),
         (([[1]], [1], [1]), ValueError, r"users must be 1-D, got shape \(1, 1\)"),
+        (
+            ([1], [1], np.array([2**63], np.uint64)),
+            ValueError,
+            r"timestamps\[0\]=9223372036854775808 does not fit int64",
+        ),
     ],
 )
 def test_constructor_errors(args, error, match):
@@ -127,6 +142,12 @@ def test_validate_names_the_first_violation(change, error, match):
     with pytest.raises(error, match=match):
         InteractionLog.from_csr(**parts)
     InteractionLog.from_csr(**parts, validate=False)  # wraps as is when asked not to check
+
+
+def test_from_csr_takes_cpu_tensors():
+    parts = _csr_parts()
+    log = InteractionLog.from_csr(**{n: torch.from_numpy(a) for n, a in parts.items()})
+    assert isinstance(log.items, np.ndarray) and log.items.tolist() == parts["items"].tolist()
 
 
 def test_validate_allows_time_to_go_back_between_users():
