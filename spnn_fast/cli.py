@@ -101,7 +101,9 @@ def _cmd_train(args) -> int:
 
     from spnn_fast.experiment import ExperimentConfig, run
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.resume:
         run_json = os.path.join(args.resume, "run.json")
@@ -114,8 +116,6 @@ def _cmd_train(args) -> int:
         cfg = _config_from_args(args)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = args.out or os.path.join("runs", stamp)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("spnn-fast: --device cuda was asked for but no CUDA device is visible")
     distributed = _init_distributed(cfg.device, args.dist_timeout)
     if distributed:
         import torch.distributed as dist

@@ -96,6 +96,9 @@ def _as_int64(name: str, x: ArrayLike) -> np.ndarray:
         raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
     if x.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}")
+    if x.dtype == np.uint64 and len(x) and x.max() >= 2**63:  # would wrap to negative int64
+        i = int(np.argmax(x >= 2**63))
+        raise ValueError(f"{name}[{i}]={int(x[i])} does not fit int64")
     # np.ascontiguousarray would also do, but returns a base-class view of an np.memmap; keeping
     # the object as it is makes "no copy" easy to see.
     if x.dtype == np.int64 and x.flags.c_contiguous:

@@ -28,11 +28,12 @@ import torch
 from spnn_fast._io import atomic_write
 from spnn_fast.data import Dataset, load
 from spnn_fast.model import SPNN, SPNNConfig
-from spnn_fast.train import TrainConfig, Trainer, check_window_stride, evaluate, world
+from spnn_fast.train import TrainConfig, Trainer, evaluate, world
 
 __all__ = [
     "ExperimentConfig",
     "MODELS",
+    "check_device",
     "REPORT_SPLITS",
     "METRICS",
     "load_checkpoint",
@@ -85,7 +86,14 @@ class ExperimentConfig:
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_window_stride(self.window_stride)  # before a run folder is written
+        # Checked before a run folder is written or a model trained; the model shapes need the
+        # data set and are checked once it is loaded, before training.
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds={self.seeds!r} must be an integer >= 1")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+        check_device(self.device)
+        train_configs(self)  # every TrainConfig check (rates, distillation weights, windows)
 
     @classmethod
     def from_saved(cls, config: dict) -> ExperimentConfig:
@@ -95,6 +103,33 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_device(device: str) -> str:
+    """``device`` when this machine can compute on it ("cpu", "cuda" or "cuda:N"), else a
+    ValueError (TypeError for a non-string) saying why."""
+    if not isinstance(device, str):
+        raise TypeError(
+            f"device must be a str such as 'cpu' or 'cuda', got {type(device).__name__}"
+        )
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if d.type == "cpu" and d.index not in (None, 0):
+        raise ValueError(f"device={device!r}: the CPU is one device, use 'cpu'")
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: spnn_fast runs on 'cpu' or 'cuda'")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for but no CUDA device is visible")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    return device
 
 
 def model_configs(cfg: ExperimentConfig, ds: Dataset) -> Dict[str, SPNNConfig]:
@@ -155,6 +190,7 @@ def load_checkpoint(path: str, device: str = "cpu"):
     """(model, checkpoint dict) from a ``best.pt`` written by :func:`run`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    check_device(device)  # a device problem is not a bad file
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for a file that is not a checkpoint
@@ -187,13 +223,32 @@ def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, log) -> Dict:
     return result
 
 
+# What may change when a run folder is reused: the device (a run may go on elsewhere) and the
+# number of seeds (a run may gain seeds; the ones done are reused, see _train_one).
+_RUN_MAY_CHANGE = ("device", "seeds")
+
+
+def _check_same_run(cfg: ExperimentConfig, run_json: str) -> None:
+    """ValueError if ``run_json`` records a run whose results ``cfg`` must not reuse."""
+    if not os.path.exists(run_json):
+        return
+    with open(run_json) as f:
+        saved = ExperimentConfig.from_saved(json.load(f)["config"]).to_dict()
+    now = cfg.to_dict()
+    differ = [k for k in now if k not in _RUN_MAY_CHANGE and saved.get(k) != now[k]]
+    if differ:
+        folder = os.path.dirname(run_json)
+        raise ValueError(
+            f"{folder} holds a run with another configuration ({', '.join(differ)} differ); "
+            f"continue it with --resume {folder}, or write to another --out"
+        )
+
+
 def run(cfg: ExperimentConfig, run_dir: str, *, log=print) -> Dict:
     """Run (or resume) the whole pipeline into ``run_dir`` and write the report there."""
     rank, _ = world()
-    os.makedirs(run_dir, exist_ok=True)
-    if rank == 0:
-        _save_json({"format": "spnn_fast.run/1", "config": cfg.to_dict()},
-                   os.path.join(run_dir, "run.json"))  # fmt: skip
+    run_json = os.path.join(run_dir, "run.json")
+    _check_same_run(cfg, run_json)
     t0 = time.perf_counter()
     ds = load(cfg.dataset)
     log(f"data: {ds}")
@@ -205,6 +260,9 @@ def run(cfg: ExperimentConfig, run_dir: str, *, log=print) -> Dict:
             f"the student has {sizes['student']:,} parameters, more than 1/4 of the teacher's "
             f"{sizes['teacher']:,}: lower student_d / student_layers or widen the teacher"
         )
+    os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:
+        _save_json({"format": "spnn_fast.run/1", "config": cfg.to_dict()}, run_json)
     results: Dict[str, List[Dict]] = {m: [] for m in MODELS}
     for seed in range(cfg.seeds):
         teacher = None

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+
+def _check_sizes(owner: str, **sizes: object) -> None:
+    """TypeError for a size that is not an integer (bool and float included), ValueError < 1."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{owner}: {name} must be an int, got {type(v).__name__} ({v!r})")
+        if v < 1:
+            raise ValueError(f"{owner}: {name} must be >= 1, got {v}")
+
 
 # --------------------------------------------------------------------------------------------
 # Semantic attention: SemanticAttention
@@ -35,7 +46,9 @@ class SemanticAttention(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
-        if n_heads < 1 or d_model < 1 or d_model % n_heads:
+        _check_sizes("SemanticAttention", d_model=d_model, n_heads=n_heads,
+                     num_time_buckets=num_time_buckets)  # fmt: skip
+        if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be a positive multiple of n_heads={n_heads}")
         if not 1 <= num_time_buckets <= 64:
             raise ValueError(f"num_time_buckets={num_time_buckets} must be in [1, 64]")
@@ -129,11 +142,12 @@ class DistillationLoss(nn.Module):
         )
 
 
-def _check_feats(name: str, feats: Tensor, dim: int, mask: Optional[Tensor] = None) -> None:
+def _check_feats(name: str, feats: Tensor, dim: int, mask: object = ...) -> None:
+    """``feats`` must be [B, L, dim]; and ``mask``, when passed (None included), bool [B, L]."""
     if not isinstance(feats, Tensor) or feats.dim() != 3 or feats.shape[-1] != dim:
         got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
         raise ValueError(f"{name} must be [B, L, {dim}], got {got}")
-    if mask is not None and (
+    if mask is not ... and (
         not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != feats.shape[:2]
     ):
         got = (
@@ -158,6 +172,7 @@ class KnowledgeDetector(nn.Module):
 
     def __init__(self, d_teacher: int, d_hidden: int = 64) -> None:
         super().__init__()
+        _check_sizes("KnowledgeDetector", d_teacher=d_teacher, d_hidden=d_hidden)
         self.d_teacher = d_teacher
         self.d_hidden = d_hidden
         self.proj = nn.Linear(d_teacher, d_hidden)
@@ -236,8 +251,12 @@ class FeatureDistiller(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
+        _check_sizes("FeatureDistiller", d_student=d_student, d_teacher=d_teacher,
+                     d_knowledge=d_knowledge)  # fmt: skip
         if detector is None:
             detector = KnowledgeDetector(d_teacher)
+        if not isinstance(detector, KnowledgeDetector):
+            raise TypeError(f"detector must be a KnowledgeDetector, got {type(detector).__name__}")
         if detector.d_teacher != d_teacher:
             raise ValueError(f"detector reads {detector.d_teacher} features, d_teacher={d_teacher}")
         self.d_student, self.d_teacher, self.d_knowledge = d_student, d_teacher, d_knowledge

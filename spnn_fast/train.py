@@ -66,6 +66,16 @@ def check_window_stride(stride) -> None:
         raise ValueError(f"window_stride={stride!r} must be None or an integer >= 1")
 
 
+def _integer(value, low: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def _real(value, low: float, high: float = math.inf, *, open_low: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return False
+    return (value > low if open_low else value >= low) and value <= high
+
+
 @dataclass
 class TrainConfig:
     """How a model is trained (the model's shape is its :class:`SPNNConfig`)."""
@@ -105,19 +115,34 @@ class TrainConfig:
     detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
-        if not 0.0 <= self.cut_prob <= 1.0:
-            raise ValueError(f"cut_prob={self.cut_prob} must be in [0, 1]")
-        if not 1 <= self.cut_min <= self.cut_max:
-            raise ValueError(f"need 1 <= cut_min <= cut_max, got {self.cut_min}, {self.cut_max}")
+        # Checked here, before any training: a bad value would otherwise fail (or silently
+        # train nothing, like patience 0) only once this model's turn comes in a long run.
+        checks = {
+            "epochs": (_integer(self.epochs, 1), "an integer >= 1"),
+            "batch_size": (_integer(self.batch_size, 1), "an integer >= 1"),
+            "eval_batch_size": (_integer(self.eval_batch_size, 1), "an integer >= 1"),
+            "patience": (_integer(self.patience, 1), "an integer >= 1"),
+            "lr": (_real(self.lr, 0.0, open_low=True), "a finite number > 0"),
+            "weight_decay": (_real(self.weight_decay, 0.0), "a finite number >= 0"),
+            "grad_clip": (self.grad_clip is None or _real(self.grad_clip, 0.0, open_low=True),
+                          "None or a finite number > 0"),
+            "warmup_epochs": (_real(self.warmup_epochs, 0.0), "a finite number >= 0"),
+            "min_lr_ratio": (_real(self.min_lr_ratio, 0.0, 1.0), "a number in [0, 1]"),
+            "cut_prob": (_real(self.cut_prob, 0.0, 1.0), "a number in [0, 1]"),
+            "cut_min": (_integer(self.cut_min, 1), "an integer >= 1"),
+            "cut_max": (_integer(self.cut_max, 1) and self.cut_max >= self.cut_min,
+                        f"an integer >= cut_min ({self.cut_min})"),
+            "alpha": (_real(self.alpha, 0.0, 1.0), "a number in [0, 1]"),
+            "temperature": (_real(self.temperature, 1e-6), "a finite number >= 1e-6"),
+            "feature_weight": (_real(self.feature_weight, 0.0), "a finite number >= 0"),
+            "d_knowledge": (_integer(self.d_knowledge, 1), "an integer >= 1"),
+            "detector_weight": (_real(self.detector_weight, 0.0), "a finite number >= 0"),
+        }  # fmt: skip
+        for name, (ok, rule) in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be {rule}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
-        if self.warmup_epochs < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(
-                f"need warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1, got {self.warmup_epochs}, "
-                f"{self.min_lr_ratio}"
-            )
         if self.teacher_input not in TEACHER_INPUTS:
             raise ValueError(
                 f"teacher_input={self.teacher_input!r} must be one of {', '.join(TEACHER_INPUTS)}"

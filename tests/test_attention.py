@@ -506,6 +506,11 @@ def test_module_dropout_and_bad_config():
         SemanticAttention(10, 3)
     with pytest.raises(ValueError, match="num_time_buckets"):
         SemanticAttention(16, 2, num_time_buckets=65)
+    for kw, match in ((dict(n_heads=2.0), "n_heads must be an int, got float"),
+                      (dict(n_heads=True), "n_heads must be an int, got bool"),
+                      (dict(n_heads=2, num_time_buckets=8.5), "num_time_buckets must be an int")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"SemanticAttention: {match}"):
+            SemanticAttention(16, **kw)
     with pytest.raises(ValueError, match=r"x must be \[B, L, 16\]"):
         module(torch.randn(2, 5, 8))
 

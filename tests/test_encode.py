@@ -377,6 +377,8 @@ BAD = [
     ({"timestamps": TIMES[:-1]}, ValueError, r"timestamps has 8 entries, items has 9"),
     ({"rows": np.array([0, 3, 1])}, ValueError, r"rows\[1\]=3 is outside \[0, 3\)"),
     ({"rows": np.array([0, 1, -1])}, ValueError, r"rows\[2\]=-1 is outside \[0, 3\)"),
+    ({"ends": np.array([1, 2**64 - 1, 1], np.uint64)}, ValueError,
+     r"ends\[1\]=18446744073709551615 does not fit int64"),
     ({"ends": np.array([0, 1, 1])}, ValueError,
      r"ends\[0\]=0 is outside \[1, 3\] \(the length of user 0 at rows\[0\]\)"),
     ({"ends": np.array([3, 6, 1])}, ValueError,

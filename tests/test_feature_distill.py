@@ -257,6 +257,16 @@ def test_distiller_bad_input():
         dist(s, t, mask.float())
     with pytest.raises(ValueError, match="detector"):
         snn.FeatureDistiller(10, 14, detector=snn.KnowledgeDetector(13))
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor \[B, L\].*got NoneType"):
+        dist(s, t, None)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor \[B, L\].*got NoneType"):
+        dist.detector(t, None)
+    with pytest.raises(TypeError, match="FeatureDistiller: d_knowledge must be an int, got float"):
+        snn.FeatureDistiller(10, 14, d_knowledge=16.0)
+    with pytest.raises(TypeError, match="KnowledgeDetector: d_hidden must be an int, got bool"):
+        snn.KnowledgeDetector(14, d_hidden=True)
+    with pytest.raises(TypeError, match="detector must be a KnowledgeDetector, got Linear"):
+        snn.FeatureDistiller(10, 14, detector=torch.nn.Linear(14, 1))
 
 
 # --- without a GPU: compile the kernels for sm_90 (catches what the interpreter does not) -------

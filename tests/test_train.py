@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import multiprocessing as mp
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from spnn_fast.data import load
-from spnn_fast.experiment import MODELS, ExperimentConfig, run
+from spnn_fast.experiment import MODELS, ExperimentConfig, _check_same_run, run
 from spnn_fast.model import SPNN, SPNNConfig
 from spnn_fast.train import TrainConfig, Trainer, fresh_targets, make_batch, training_windows
 
@@ -120,6 +121,53 @@ def test_config_rejects_bad_values():
         SPNNConfig(num_items=5, d_model=10, n_heads=3)
     with pytest.raises(ValueError, match="detector layer"):
         SPNNConfig(num_items=5, n_layers=1, detector_layers=["layers.3"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("patience", 0, "an integer >= 1"),  # would train nothing and report untrained models
+        ("epochs", 2.5, "an integer >= 1"),
+        ("batch_size", True, "an integer >= 1"),
+        ("lr", float("nan"), "a finite number > 0"),
+        ("lr", 0.0, "a finite number > 0"),
+        ("weight_decay", -1e-4, "a finite number >= 0"),
+        ("grad_clip", 0.0, "None or a finite number > 0"),
+        ("alpha", 1.5, r"a number in \[0, 1\]"),
+        ("temperature", 0.0, "a finite number >= 1e-6"),
+        ("feature_weight", float("inf"), "a finite number >= 0"),
+        ("cut_prob", -0.1, r"a number in \[0, 1\]"),
+        ("cut_max", 0, r"an integer >= cut_min \(1\)"),
+        ("min_lr_ratio", 1.5, r"a number in \[0, 1\]"),
+        ("warmup_epochs", -1.0, "a finite number >= 0"),
+    ],
+)
+def test_train_config_checks_every_number(field, value, rule):
+    with pytest.raises(ValueError, match=rf"TrainConfig.{field}=.* must be {rule}"):
+        TrainConfig(**{field: value})
+    # The experiment's config runs the same checks when it is built, before any training.
+    if field in {f.name for f in dataclasses.fields(ExperimentConfig)}:
+        with pytest.raises(ValueError, match=rf"TrainConfig.{field}="):
+            ExperimentConfig(**{field: value})
+
+
+def test_experiment_config_checks_seeds_dropout_and_device():
+    for bad in (0, -1, 1.0, True):
+        with pytest.raises(ValueError, match="seeds=.* must be an integer >= 1"):
+            ExperimentConfig(seeds=bad)
+    with pytest.raises(ValueError, match=r"dropout=1.0 must be a number in \[0, 1\)"):
+        ExperimentConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="device='gpu' is not a device"):
+        ExperimentConfig(device="gpu")
+    with pytest.raises(ValueError, match="the CPU is one device"):
+        ExperimentConfig(device="cpu:5")
+    with pytest.raises(ValueError, match="spnn_fast runs on 'cpu' or 'cuda'"):
+        ExperimentConfig(device="meta")
+    with pytest.raises(TypeError, match="device must be a str"):
+        ExperimentConfig(device=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            ExperimentConfig(device="cuda")
 
 
 @pytest.mark.parametrize("stride", [None, 2, 8, 50])
@@ -357,6 +405,17 @@ def test_pipeline_report_and_resume(tmp_path, monkeypatch):
     assert report["models"]["student"]["params"] <= report["models"]["teacher"]["params"] / 4
     with pytest.raises(ValueError, match="1/4"):
         run(_tiny_experiment(data, student_d=16), str(tmp_path / "big"), log=lambda *a: None)
+    assert not (tmp_path / "big").exists()  # refused before a run folder is written
+    # A folder that holds a run is not reused with another configuration (its models would be
+    # reported under the new one), nor is its run.json overwritten.
+    saved = (tmp_path / "full" / "run.json").read_text()
+    with pytest.raises(ValueError, match=r"holds a run with another configuration \(epochs, "
+                                         r"student_d differ\); continue it with --resume"):  # fmt: skip
+        run(_tiny_experiment(data, teacher_max_len=11, epochs=3, student_d=3),
+            str(tmp_path / "full"), log=lambda *a: None)  # fmt: skip
+    assert (tmp_path / "full" / "run.json").read_text() == saved
+    more_seeds = _tiny_experiment(data, teacher_max_len=11, seeds=2)  # may grow: seed 0 is reused
+    _check_same_run(more_seeds, str(tmp_path / "full" / "run.json"))
     assert "Sampling error" in (tmp_path / "full" / "report.md").read_text()
     assert (tmp_path / "full" / "report.png").stat().st_size > 0
 
@@ -412,6 +471,13 @@ def test_cli_train_and_eval(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"valid", "test", "cold@3", "cold@5", "cold@10"}
     assert main(["eval", str(tmp_path / "cycle.csv")]) == 2  # not a checkpoint: clean error
+    assert "is not an spnn_fast model checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(out / "seed0" / "teacher" / "best.pt"), "--device", "gpu"]) == 2
+    assert "device='gpu' is not a device" in capsys.readouterr().err  # not "not a checkpoint"
+    assert main(args[:-2] + ["--student-d", "4", "--threads", "-2"]) == 2
+    assert "--threads must be >= 1, got -2" in capsys.readouterr().err
+    assert main([*args, "--patience", "0"]) == 2  # checked before the folder's run is reused
+    assert "TrainConfig.patience=0 must be an integer >= 1" in capsys.readouterr().err
 
 
 def _bench_module(name):
