@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -88,9 +89,13 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         # Checked before a run folder is written or a model trained; the model shapes need the
         # data set and are checked once it is loaded, before training.
-        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+        if (
+            not isinstance(self.seeds, numbers.Integral)
+            or isinstance(self.seeds, bool)
+            or self.seeds < 1
+        ):
             raise ValueError(f"seeds={self.seeds!r} must be an integer >= 1")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
         check_device(self.device)
         train_configs(self)  # every TrainConfig check (rates, distillation weights, windows)
