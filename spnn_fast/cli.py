@@ -40,7 +40,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
                    help="learning rate: constant, or warmup + cosine decay over --epochs")  # fmt: skip
-    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--dropout", type=float, default=d.dropout,
+                   help="the students' dropout (and the teacher's with --teacher-dropout -1)")  # fmt: skip
+    p.add_argument("--teacher-dropout", type=float, default=d.teacher_dropout,
+                   help="the teacher's dropout; -1: the same as --dropout")  # fmt: skip
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--window-stride", type=int, default=d.window_stride,
                    help="a training window ends every N events; each target of an uncut window "
@@ -73,6 +76,7 @@ def _config_from_args(args):
         seeds=args.seeds, epochs=args.epochs, device=args.device, max_len=args.max_len,
         teacher_max_len=args.teacher_max_len,
         batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, dropout=args.dropout,
+        teacher_dropout=None if args.teacher_dropout == -1 else args.teacher_dropout,
         patience=args.patience, window_stride=args.window_stride or None,
         teacher_d=args.teacher_d, teacher_layers=args.teacher_layers,
         teacher_cut_prob=args.teacher_cut_prob,

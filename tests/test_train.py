@@ -200,6 +200,23 @@ def test_a_resumed_run_keeps_the_windows_it_was_saved_with():
     del saved["window_stride"]
     assert ExperimentConfig.from_saved(saved).window_stride is None
     assert ExperimentConfig.from_saved(saved) == ExperimentConfig(**saved, window_stride=None)
+    # ... and before teacher_dropout existed, the teacher used the common dropout.
+    del saved["teacher_dropout"]
+    assert ExperimentConfig.from_saved(saved).teacher_dropout is None
+
+
+def test_teacher_dropout_is_the_teachers_alone(cycle_ds):
+    from spnn_fast.experiment import model_configs
+
+    for flags, teacher, student in (([], 0.35, 0.2), (["--teacher-dropout", "-1"], 0.2, 0.2),
+                                    (["--teacher-dropout", "0.1", "--dropout", "0.3"], 0.1, 0.3)):  # fmt: skip
+        mcfgs = model_configs(_train_cli_config(*flags), cycle_ds)
+        assert mcfgs["teacher"].dropout == teacher
+        assert mcfgs["student"].dropout == mcfgs["student_kd"].dropout == student
+    with pytest.raises(
+        ValueError, match=r"teacher_dropout=1.0 must be None or a number in \[0, 1\)"
+    ):
+        ExperimentConfig(teacher_dropout=1.0)
 
 
 def test_model_overfits_a_tiny_log(cycle_ds):
