@@ -12,6 +12,8 @@ A configuration is a JSON object of :class:`spnn_fast.experiment.ExperimentConfi
 optional ``"model"`` / ``"train"`` objects of :class:`spnn_fast.model.SPNNConfig` /
 :class:`spnn_fast.train.TrainConfig` fields applied to the teacher on top. The seeds match the main
 job's: a teacher here is the teacher of ``spnn-fast train`` with the same configuration and seed.
+The teacher's dropout is ``"teacher_dropout"``; ``"dropout"`` alone is refused (it is the
+students', and the teacher's only when ``"teacher_dropout"`` is null).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def main(argv=None) -> None:
             ap.error(f"--config {text!r} is not JSON: {e}")
         if not isinstance(obj, dict):
             ap.error(f"--config {text!r} must be a JSON object")
+        if "dropout" in obj and "teacher_dropout" not in obj:
+            ap.error(f"--config {text!r}: \"dropout\" is the students' (the teacher's only when "
+                     f"\"teacher_dropout\" is null); set \"teacher_dropout\" to sweep the teacher's")  # fmt: skip
         configs.append(obj)
     if args.threads:
         torch.set_num_threads(args.threads)

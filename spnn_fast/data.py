@@ -349,8 +349,8 @@ def _read_csv_table(path: Path, delimiter: str) -> _Table:
 _POW10 = 10 ** np.arange(1, 19, dtype=np.int64)
 
 
-_ASCII_INT = re.compile(r"[+-]?[0-9]+")
-_ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_ASCII_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
+_ASCII_FLOAT = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
 
 
 def _ints(values: List[str]) -> Optional[np.ndarray]:

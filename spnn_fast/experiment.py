@@ -92,7 +92,11 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         # Checked before a run folder is written or a model trained; the model shapes need the
-        # data set and are checked once it is loaded, before training.
+        # data set and are checked once it is loaded, before training. numpy scalars become
+        # Python numbers (run.json holds them, and a rerun compares them).
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), np.generic):
+                setattr(self, f.name, getattr(self, f.name).item())
         if (
             not isinstance(self.seeds, numbers.Integral)
             or isinstance(self.seeds, bool)
@@ -103,7 +107,10 @@ class ExperimentConfig:
             raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
         t = self.teacher_dropout
         if t is not None and not (isinstance(t, numbers.Real) and 0.0 <= t < 1.0):
-            raise ValueError(f"teacher_dropout={t!r} must be None or a number in [0, 1)")
+            raise ValueError(
+                f"teacher_dropout={t!r} must be None (the same as dropout; -1 on the command "
+                f"line) or a number in [0, 1)"
+            )
         check_device(self.device)
         train_configs(self)  # every TrainConfig check (rates, distillation weights, windows)
 
@@ -241,13 +248,24 @@ def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, log) -> Dict:
 _RUN_MAY_CHANGE = ("device", "seeds")
 
 
+def _as_trained(cfg: ExperimentConfig) -> dict:
+    """The configuration with the defaults it stands for spelled out (a teacher_dropout or
+    teacher_max_len of None is the common one), so two ways of asking for one run compare equal."""
+    d = cfg.to_dict()
+    if d["teacher_dropout"] is None:
+        d["teacher_dropout"] = d["dropout"]
+    d["teacher_max_len"] = d["teacher_max_len"] or d["max_len"]
+    return d
+
+
 def _check_same_run(cfg: ExperimentConfig, run_json: str) -> None:
     """ValueError if ``run_json`` records a run whose results ``cfg`` must not reuse."""
     if not os.path.exists(run_json):
         return
     with open(run_json) as f:
-        saved = ExperimentConfig.from_saved(json.load(f)["config"]).to_dict()
-    now = cfg.to_dict()
+        # this run's device: the saved one need not exist here
+        saved = ExperimentConfig.from_saved({**json.load(f)["config"], "device": cfg.device})
+    saved, now = _as_trained(saved), _as_trained(cfg)
     differ = [k for k in now if k not in _RUN_MAY_CHANGE and saved.get(k) != now[k]]
     if differ:
         folder = os.path.dirname(run_json)

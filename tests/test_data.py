@@ -317,6 +317,12 @@ def test_bad_timestamps(tmp_path, value, message):
         load(path)
 
 
+def test_timestamps_may_carry_spaces(tmp_path):
+    text = INTER.replace("\t101\n", "\t 101 \n").replace("\t201.0\n", "\t201.0 \n")
+    np.testing.assert_array_equal(load(_write(tmp_path, "s.inter", text)).log.timestamps,
+                                  load(_atomic(tmp_path / "a")).log.timestamps)  # fmt: skip
+
+
 def test_malformed_and_empty(tmp_path):
     lines = INTER.splitlines()
     lines[4] = "1\t10\t3"

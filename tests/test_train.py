@@ -152,6 +152,9 @@ def test_train_config_checks_every_number(field, value, rule):
 
 
 def test_experiment_config_checks_seeds_dropout_and_device():
+    cfg = ExperimentConfig(seeds=np.int64(2), dropout=np.float32(0.25), window_stride=np.int64(4))
+    assert [type(v) for v in (cfg.seeds, cfg.dropout, cfg.window_stride)] == [int, float, int]
+    json.dumps(cfg.to_dict())  # run.json holds it
     for bad in (0, -1, 1.0, True):
         with pytest.raises(ValueError, match="seeds=.* must be an integer >= 1"):
             ExperimentConfig(seeds=bad)
@@ -214,7 +217,8 @@ def test_teacher_dropout_is_the_teachers_alone(cycle_ds):
         assert mcfgs["teacher"].dropout == teacher
         assert mcfgs["student"].dropout == mcfgs["student_kd"].dropout == student
     with pytest.raises(
-        ValueError, match=r"teacher_dropout=1.0 must be None or a number in \[0, 1\)"
+        ValueError,
+        match=r"teacher_dropout=1.0 must be None \(the same as dropout; -1 on the com",
     ):
         ExperimentConfig(teacher_dropout=1.0)
 
@@ -433,6 +437,19 @@ def test_pipeline_report_and_resume(tmp_path, monkeypatch):
     assert (tmp_path / "full" / "run.json").read_text() == saved
     more_seeds = _tiny_experiment(data, teacher_max_len=11, seeds=2)  # may grow: seed 0 is reused
     _check_same_run(more_seeds, str(tmp_path / "full" / "run.json"))
+    # A run saved on a GPU goes on here; a run saved before teacher_dropout existed (one dropout
+    # for every model) is the same run as one that names that dropout for its teacher.
+    old = json.loads(saved)
+    del old["config"]["teacher_dropout"]
+    old["config"]["device"] = "cuda:3"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run.json").write_text(json.dumps(old))
+    same = _tiny_experiment(data, teacher_max_len=11, teacher_dropout=0.2)
+    _check_same_run(same, str(tmp_path / "old" / "run.json"))
+    with pytest.raises(ValueError, match=r"\(teacher_dropout differ\)"):
+        _check_same_run(
+            _tiny_experiment(data, teacher_max_len=11), str(tmp_path / "old" / "run.json")
+        )
     assert "Sampling error" in (tmp_path / "full" / "report.md").read_text()
     assert (tmp_path / "full" / "report.png").stat().st_size > 0
 
@@ -524,7 +541,7 @@ def test_teacher_sweep_trains_the_pipelines_teacher(tmp_path, capsys):
     assert row["best_epoch"] == result["best_epoch"]
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1])["mean"]["test_NDCG@10"] == row["test_NDCG@10"]
-    for bad in ("[1]", "{not json"):
+    for bad in ("[1]", "{not json", json.dumps({"dropout": 0.3})):
         with pytest.raises(SystemExit):
             sweep.main(["--config", bad])
     assert "--config" in capsys.readouterr().err
@@ -538,7 +555,8 @@ def test_pipeline_on_cuda_triton_matches_torch_path(tmp_path):
     runs = {}
     for backend in ("triton", "torch"):
         # head dims of 16, which the kernels take unpadded (the tiny default has 8 and 4)
-        cfg = _tiny_experiment(data, teacher_max_len=11, epochs=3, dropout=0.0, teacher_d=64,
+        cfg = _tiny_experiment(data, teacher_max_len=11, epochs=3, dropout=0.0,
+                               teacher_dropout=0.0, teacher_d=64,
                                teacher_heads=4, student_d=16, device="cuda", backend=backend)  # fmt: skip
         runs[backend] = run(cfg, str(tmp_path / backend), log=lambda *a: None)
     for name in MODELS:
