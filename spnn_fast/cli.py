@@ -19,6 +19,10 @@ from typing import List, Optional
 __all__ = ["main"]
 
 
+# train flags that apply to a resumed run too (the others come from its run.json)
+_RESUME_FLAGS = ("resume", "threads", "dist_timeout")
+
+
 def _train_parser(sub) -> None:
     from spnn_fast.experiment import ExperimentConfig
     from spnn_fast.train import TEACHER_INPUTS
@@ -66,6 +70,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a rank waits for the others before failing")  # fmt: skip
+    # Which settings a --resume call was given (it takes them from run.json instead).
+    p.set_defaults(given=lambda args: [
+        a.option_strings[0] for a in p._actions
+        if a.dest not in (*_RESUME_FLAGS, "help", "given") and a.option_strings
+        and getattr(args, a.dest) != a.default
+    ])  # fmt: skip
 
 
 def _config_from_args(args):
@@ -110,6 +120,13 @@ def _cmd_train(args) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.resume:
+        ignored = args.given(args)
+        if ignored:
+            raise ValueError(
+                f"--resume {args.resume} continues the run with the settings in its run.json; "
+                f"{', '.join(ignored)} would be ignored (to add seeds: --out {args.resume} "
+                f"--seeds N with the run's settings)"
+            )
         run_json = os.path.join(args.resume, "run.json")
         if not os.path.exists(run_json):
             raise SystemExit(f"spnn-fast: --resume {args.resume}: no run.json there")

@@ -512,6 +512,10 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "--threads must be >= 1, got -2" in capsys.readouterr().err
     assert main([*args, "--patience", "0"]) == 2  # checked before the folder's run is reused
     assert "TrainConfig.patience=0 must be an integer >= 1" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--seeds", "2", "--lr", "0.1"]) == 2
+    assert "--seeds, --lr would be ignored" in capsys.readouterr().err  # run.json decides
+    assert main(["train", "--resume", str(out), "--threads", "1"]) == 0  # done: reused
+    assert "already done, reusing its result" in capsys.readouterr().out
 
 
 def _bench_module(name):
