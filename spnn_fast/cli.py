@@ -23,7 +23,7 @@ __all__ = ["main"]
 _RESUME_FLAGS = ("resume", "threads", "dist_timeout")
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub) -> argparse.ArgumentParser:
     from spnn_fast.experiment import ExperimentConfig
     from spnn_fast.train import TEACHER_INPUTS
 
@@ -70,12 +70,15 @@ def _train_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a rank waits for the others before failing")  # fmt: skip
-    # Which settings a --resume call was given (it takes them from run.json instead).
-    p.set_defaults(given=lambda args: [
-        a.option_strings[0] for a in p._actions
-        if a.dest not in (*_RESUME_FLAGS, "help", "given") and a.option_strings
-        and getattr(args, a.dest) != a.default
-    ])  # fmt: skip
+    return p
+
+
+def _settings_given(parser: argparse.ArgumentParser, args) -> List[str]:
+    """The flags of ``parser`` that ``args`` sets away from their defaults, but for those that
+    apply to a resumed run too."""
+    return [a.option_strings[0] for a in parser._actions
+            if a.option_strings and a.dest not in (*_RESUME_FLAGS, "help")
+            and getattr(args, a.dest) != a.default]  # fmt: skip
 
 
 def _config_from_args(args):
@@ -110,7 +113,7 @@ def _init_distributed(device: str, timeout: float) -> bool:
     return True
 
 
-def _cmd_train(args) -> int:
+def _cmd_train(args, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from spnn_fast.experiment import ExperimentConfig, run
@@ -120,7 +123,7 @@ def _cmd_train(args) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.resume:
-        ignored = args.given(args)
+        ignored = _settings_given(parser, args)
         if ignored:
             raise ValueError(
                 f"--resume {args.resume} continues the run with the settings in its run.json; "
@@ -192,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="spnn-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    train_parser = _train_parser(sub)
     pe = sub.add_parser("eval", help="evaluate a saved model (best.pt) on every split")
     pe.add_argument("checkpoint")
     pe.add_argument("--device", default="cpu")
@@ -201,7 +204,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("info", help="print what runs here (backends)")
     args = parser.parse_args(argv)
     try:
-        return {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info}[args.command](args)
+        if args.command == "train":
+            return _cmd_train(args, train_parser)
+        return {"eval": _cmd_eval, "info": _cmd_info}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"spnn-fast: error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import torch
 from spnn_fast._io import atomic_write
 from spnn_fast.data import Dataset, load
 from spnn_fast.model import SPNN, SPNNConfig
-from spnn_fast.train import TrainConfig, Trainer, evaluate, world
+from spnn_fast.train import TrainConfig, Trainer, _integer, evaluate, world
 
 __all__ = [
     "ExperimentConfig",
@@ -97,11 +97,7 @@ class ExperimentConfig:
         for f in dataclasses.fields(self):
             if isinstance(getattr(self, f.name), np.generic):
                 setattr(self, f.name, getattr(self, f.name).item())
-        if (
-            not isinstance(self.seeds, numbers.Integral)
-            or isinstance(self.seeds, bool)
-            or self.seeds < 1
-        ):
+        if not _integer(self.seeds, 1):
             raise ValueError(f"seeds={self.seeds!r} must be an integer >= 1")
         if not (isinstance(self.dropout, numbers.Real) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
@@ -123,6 +119,16 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def spelled_out(self) -> ExperimentConfig:
+        """This configuration with the teacher's settings whose None stands for the common one
+        (``teacher_dropout``, ``teacher_max_len``) given as that value: what the models use, and
+        how two ways of asking for one run compare equal."""
+        return dataclasses.replace(
+            self,
+            teacher_dropout=self.dropout if self.teacher_dropout is None else self.teacher_dropout,
+            teacher_max_len=self.teacher_max_len or self.max_len,
+        )
 
 
 def check_device(device: str) -> str:
@@ -153,15 +159,15 @@ def check_device(device: str) -> str:
 
 
 def model_configs(cfg: ExperimentConfig, ds: Dataset) -> Dict[str, SPNNConfig]:
+    cfg = cfg.spelled_out()
     side = cfg.use_side_features
     item_vocab = {n: ds.feature_vocab[n] for n in ds.item_features} if side else {}
     user_vocab = {n: ds.feature_vocab[n] for n in ds.user_features} if side else {}
     common = dict(num_items=ds.log.num_items, item_feature_vocab=item_vocab,
                   user_feature_vocab=user_vocab, backend=cfg.backend)  # fmt: skip
-    teacher_dropout = cfg.dropout if cfg.teacher_dropout is None else cfg.teacher_dropout
     teacher = SPNNConfig(d_model=cfg.teacher_d, n_layers=cfg.teacher_layers,
-                         max_len=cfg.teacher_max_len or cfg.max_len,
-                         n_heads=cfg.teacher_heads, dropout=teacher_dropout,
+                         max_len=cfg.teacher_max_len, n_heads=cfg.teacher_heads,
+                         dropout=cfg.teacher_dropout,
                          detector_layers=[f"layers.{cfg.teacher_layers - 1}"], **common)  # fmt: skip
     student = SPNNConfig(d_model=cfg.student_d, n_layers=cfg.student_layers, max_len=cfg.max_len,
                          n_heads=cfg.student_heads, dropout=cfg.dropout, **common)  # fmt: skip
@@ -248,16 +254,6 @@ def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, log) -> Dict:
 _RUN_MAY_CHANGE = ("device", "seeds")
 
 
-def _as_trained(cfg: ExperimentConfig) -> dict:
-    """The configuration with the defaults it stands for spelled out (a teacher_dropout or
-    teacher_max_len of None is the common one), so two ways of asking for one run compare equal."""
-    d = cfg.to_dict()
-    if d["teacher_dropout"] is None:
-        d["teacher_dropout"] = d["dropout"]
-    d["teacher_max_len"] = d["teacher_max_len"] or d["max_len"]
-    return d
-
-
 def _check_same_run(cfg: ExperimentConfig, run_json: str) -> None:
     """ValueError if ``run_json`` records a run whose results ``cfg`` must not reuse."""
     if not os.path.exists(run_json):
@@ -265,7 +261,7 @@ def _check_same_run(cfg: ExperimentConfig, run_json: str) -> None:
     with open(run_json) as f:
         # this run's device: the saved one need not exist here
         saved = ExperimentConfig.from_saved({**json.load(f)["config"], "device": cfg.device})
-    saved, now = _as_trained(saved), _as_trained(cfg)
+    saved, now = saved.spelled_out().to_dict(), cfg.spelled_out().to_dict()
     differ = [k for k in now if k not in _RUN_MAY_CHANGE and saved.get(k) != now[k]]
     if differ:
         folder = os.path.dirname(run_json)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from spnn_fast.encode import _check_int
+
 
 def _check_sizes(owner: str, **sizes: object) -> None:
     """TypeError for a size that is not an integer (bool and float included), ValueError < 1."""
     for name, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{owner}: {name} must be an int, got {type(v).__name__} ({v!r})")
-        if v < 1:
-            raise ValueError(f"{owner}: {name} must be >= 1, got {v}")
+        _check_int(f"{owner}: {name}", v, 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,16 +58,14 @@ __all__ = [
 TEACHER_INPUTS = ("full", "cut")
 
 
-def check_window_stride(stride) -> None:
-    """ValueError unless ``stride`` is None or an integer >= 1 (TrainConfig.window_stride)."""
-    if stride is not None and (
-        isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1
-    ):
-        raise ValueError(f"window_stride={stride!r} must be None or an integer >= 1")
-
-
 def _integer(value, low: int) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def check_window_stride(stride) -> None:
+    """ValueError unless ``stride`` is None or an integer >= 1 (TrainConfig.window_stride)."""
+    if stride is not None and not _integer(stride, 1):
+        raise ValueError(f"window_stride={stride!r} must be None or an integer >= 1")
 
 
 def _real(value, low: float, high: float = math.inf, *, open_low: bool = False) -> bool:
