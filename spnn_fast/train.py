@@ -109,6 +109,10 @@ class TrainConfig:
     # what the teacher reads for each window: "full" (its whole window: privileged, the default)
     # or "cut" (the student's own, possibly cut, input: plain distillation)
     teacher_input: str = "full"
+    # With teacher_input="full" the frozen teacher's outputs on each window never change: they are
+    # computed once, over every training window, and kept on the training device when they take
+    # at most this many MiB (0: the teacher runs on every batch). Same values either way.
+    teacher_cache_mb: float = 1024.0
     d_knowledge: int = 64
     detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
 
@@ -133,6 +137,7 @@ class TrainConfig:
             "alpha": (_real(self.alpha, 0.0, 1.0), "a number in [0, 1]"),
             "temperature": (_real(self.temperature, 1e-6), "a finite number >= 1e-6"),
             "feature_weight": (_real(self.feature_weight, 0.0), "a finite number >= 0"),
+            "teacher_cache_mb": (_real(self.teacher_cache_mb, 0.0), "a finite number >= 0"),
             "d_knowledge": (_integer(self.d_knowledge, 1), "an integer >= 1"),
             "detector_weight": (_real(self.detector_weight, 0.0), "a finite number >= 0"),
         }  # fmt: skip
@@ -352,10 +357,26 @@ class _Objective(nn.Module):
     def teacher(self) -> Optional[SPNN]:
         return self._teacher[0] if self._teacher else None
 
-    def forward(self, b: Batch, b_full: Batch, norm: Dict[str, float]) -> Tuple[Tensor, Dict]:
-        """Loss of the student batch ``b``; ``b_full`` is the teacher's view of the same windows
-        (as long as the teacher's ``max_len``, its last columns lining up with ``b``; uncut, or
-        cut like ``b`` with ``teacher_input="cut"``)."""
+    def teacher_view(self, b_full: Batch, L: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The frozen teacher on ``b_full``: its hidden states and its paired layers' outputs over
+        the last ``L`` columns (the student's)."""
+        with torch.no_grad():
+            t_out = self.teacher(b_full.items, b_full.timestamps, b_full.time_buckets,
+                                 b_full.mask, b_full.users,
+                                 return_layers=tuple({p[1] for p in self.tcfg.layer_pairs}))  # fmt: skip
+        return t_out.hidden[:, -L:], {k: v[:, -L:] for k, v in t_out.layers.items()}
+
+    def forward(
+        self,
+        b: Batch,
+        norm: Dict[str, float],
+        b_full: Optional[Batch] = None,
+        t_view: Optional[Tuple[Tensor, Dict[str, Tensor]]] = None,
+    ) -> Tuple[Tensor, Dict]:
+        """Loss of the student batch ``b``. With a teacher: ``t_view`` is its
+        :meth:`teacher_view` of the same windows, or it is computed here from ``b_full``, the
+        teacher's view (as long as the teacher's ``max_len``, its last columns lining up with
+        ``b``; uncut, or cut like ``b`` with ``teacher_input="cut"``)."""
         tcfg, model, teacher = self.tcfg, self.model, self.teacher
         s_layers = tuple({p[0] for p in tcfg.layer_pairs}) if teacher is not None else ()
         det_layers = tuple(model.config.detector_layers)
@@ -369,14 +390,11 @@ class _Objective(nn.Module):
             loss = distillation_loss(h, model.item_table(), target=y, alpha=0.0, reduction="sum",
                                      backend=model.config.backend)  # fmt: skip
         else:
-            with torch.no_grad():
-                t_out = teacher(b_full.items, b_full.timestamps, b_full.time_buckets,
-                                b_full.mask, b_full.users,
-                                return_layers=tuple({p[1] for p in tcfg.layer_pairs}))  # fmt: skip
-            L = b.items.shape[1]  # the student's columns are the teacher's last L
-            t_layers = {k: v[:, -L:] for k, v in t_out.layers.items()}
+            if t_view is None:
+                t_view = self.teacher_view(b_full, b.items.shape[1])
+            t_hidden, t_layers = t_view
             loss = distillation_loss(
-                h, model.item_table(), t_out.hidden[:, -L:][sel], teacher.item_table(), y,
+                h, model.item_table(), t_hidden[sel], teacher.item_table(), y,
                 temperature=tcfg.temperature, alpha=tcfg.alpha, reduction="sum",
                 backend=model.config.backend,
             )  # fmt: skip
@@ -486,39 +504,78 @@ class Trainer:
         self.bad_epochs = 0
         self.train_seconds = 0.0
         self.windows_seen = 0
+        self._teacher_cache = None  # see teacher_cache
 
     # ---------------------------------------------------------------- one step
     def _batches(self, epoch: int):
+        """(indices into ``windows``, events kept per window) of each global batch of ``epoch``."""
         rng = np.random.default_rng([self.seed, epoch])
-        rows, ends = self.windows
-        order = rng.permutation(len(rows))
+        order = rng.permutation(len(self.windows[0]))
         B = self.tcfg.batch_size
         for s in range(0, len(order), B):
             idx = order[s : s + B]
             keep = np.full(len(idx), self.model.config.max_len, dtype=np.int64)
             cut = rng.random(len(idx)) < self.tcfg.cut_prob
             keep[cut] = rng.integers(self.tcfg.cut_min, self.tcfg.cut_max + 1, size=int(cut.sum()))
-            yield rows[idx], ends[idx], keep
+            yield idx, keep
 
-    def step(self, rows: np.ndarray, ends: np.ndarray, keep: np.ndarray) -> Dict[str, float]:
-        """One optimizer step on a global batch (this rank takes its share)."""
-        cfg = self.model.config
+    def _teacher_batch(self, rows: np.ndarray, ends: np.ndarray) -> Batch:
+        """Windows as long as the longer of the student's and the teacher's ``max_len`` (the
+        teacher sees up to its own max_len events before each window end)."""
         teacher = self.objective.teacher
-        # The teacher (when there is one) sees up to its own max_len events before each window end.
-        max_len = max(cfg.max_len, teacher.config.max_len if teacher is not None else 0)
-        local = slice(self.rank, None, self.size)
-        full = make_batch(self.log, rows[local], ends[local], max_len, cfg.num_time_buckets,
-                          self.train_end)  # fmt: skip
-        full = full.to(self.device)
-        keep_t = torch.as_tensor(keep[local], device=self.device)
+        max_len = max(self.model.config.max_len, teacher.config.max_len if teacher else 0)
+        return make_batch(self.log, rows, ends, max_len, self.model.config.num_time_buckets,
+                          self.train_end).to(self.device)  # fmt: skip
+
+    def teacher_cache(self) -> Optional[Tuple[Tensor, Dict[str, Tensor]]]:
+        """The frozen teacher's :meth:`_Objective.teacher_view` of every training window (rows in
+        ``windows`` order), built on first use; None where the teacher runs on every batch: no
+        teacher, ``teacher_input="cut"`` (its input depends on each batch's cuts), or a cache
+        larger than ``teacher_cache_mb``."""
+        teacher = self.objective.teacher
+        if teacher is None or self.tcfg.teacher_input != "full":
+            return None
+        if self._teacher_cache is None:
+            n, L = len(self.windows[0]), self.model.config.max_len
+            t_layers = {p[1] for p in self.tcfg.layer_pairs}
+            size = n * L * teacher.config.d_model * (1 + len(t_layers))
+            if size * teacher.item_table().element_size() > self.tcfg.teacher_cache_mb * 2**20:
+                self._teacher_cache = ()  # too large: the teacher runs on every batch
+                return None
+            rows, ends = self.windows
+            cache = None
+            for s in range(0, n, self.tcfg.eval_batch_size):
+                sl = slice(s, s + self.tcfg.eval_batch_size)
+                h, lay = self.objective.teacher_view(self._teacher_batch(rows[sl], ends[sl]), L)
+                if cache is None:  # filled in place: no second copy of the cache at any time
+                    new = lambda t: t.new_empty((n, *t.shape[1:]))  # noqa: E731
+                    cache = (new(h), {k: new(v) for k, v in lay.items()})
+                cache[0][sl] = h
+                for k, v in lay.items():
+                    cache[1][k][sl] = v
+            self._teacher_cache = cache
+        return self._teacher_cache or None
+
+    def step(self, idx: np.ndarray, keep: np.ndarray) -> Dict[str, float]:
+        """One optimizer step on a global batch: the windows ``windows[idx]``, window ``i`` cut
+        to its last ``keep[i]`` events (this rank takes its share)."""
+        cfg = self.model.config
+        local = idx[self.rank :: self.size]
+        rows, ends = (a[local] for a in self.windows)
+        full = self._teacher_batch(rows, ends)
+        keep_t = torch.as_tensor(keep[self.rank :: self.size], device=self.device)
         b = full.tail(cfg.max_len)
         b = dataclasses.replace(
-            b, targets=fresh_targets(b.targets, ends[local], cfg.max_len, self.stride)
+            b, targets=fresh_targets(b.targets, ends, cfg.max_len, self.stride)
         ).cut(keep_t)
-        if teacher is not None and self.tcfg.teacher_input == "cut":
+        cache, t_view = self.teacher_cache(), None
+        if cache is not None:
+            at = torch.as_tensor(local, device=self.device)
+            t_view = (cache[0][at], {k: v[at] for k, v in cache[1].items()})
+        elif self.objective.teacher is not None and self.tcfg.teacher_input == "cut":
             full = full.cut(keep_t)  # the teacher reads exactly what the student reads
         norm = self._norm(b)
-        loss, stats = self.step_module(b, full, norm)
+        loss, stats = self.step_module(b, norm, full, t_view)
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; the losses are normalised by global counts, so
         # scale by the world size to make the average a sum.
@@ -545,14 +602,14 @@ class Trainer:
         n_batches = math.ceil(len(self.windows[0]) / self.tcfg.batch_size)
         total, t0 = 0.0, time.perf_counter()
         bar = _bar(n_batches, f"{self.desc} ep {epoch + 1}", self.progress)
-        for i, (rows, ends, keep) in enumerate(self._batches(epoch)):
+        for i, (idx, keep) in enumerate(self._batches(epoch)):
             # The rate is a function of (epoch, step): a resumed run follows the same schedule.
             lr = self.tcfg.lr * self.tcfg.lr_factor(epoch + i / n_batches)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            stats = self.step(rows, ends, keep)
+            stats = self.step(idx, keep)
             total += stats["loss"]
-            self.windows_seen += len(rows)
+            self.windows_seen += len(idx)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}")

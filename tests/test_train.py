@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -181,9 +182,9 @@ def test_an_epoch_trains_each_target_once_whatever_the_stride(cycle_ds, stride):
     counts = []
     forward = tr.objective.forward
 
-    def spy(b, b_full, norm):
+    def spy(b, *args):
         counts.append(int((b.targets > 0).sum()))
-        return forward(b, b_full, norm)
+        return forward(b, *args)
 
     tr.objective.forward = spy
     tr.train_epoch(0)
@@ -329,12 +330,12 @@ def _ddp_steps(rank, data_path, out_path, steps, die_rank):
     model = _tiny_model(ds)
     # Overlapping windows: each rank drops the targets an older window holds (fresh_targets).
     tr = Trainer(model, ds, TrainConfig(batch_size=6, lr=5e-3, window_stride=3), seed=0)
-    for i, (rows, ends, keep) in enumerate(tr._batches(0)):
+    for i, (idx, keep) in enumerate(tr._batches(0)):
         if i == steps:
             break
         if rank == die_rank and i == 1:
             os._exit(3)  # a rank that dies mid-training
-        tr.step(rows, ends, keep)
+        tr.step(idx, keep)
     if rank == 0:
         torch.save(model.state_dict(), out_path)
 
@@ -575,8 +576,9 @@ def test_teacher_reads_full_or_cut_windows(cycle_ds, teacher_input):
     """Distillation: the teacher reads its full window (privileged) or the student's cut input."""
     torch.manual_seed(0)
     teacher, student = _tiny_model(cycle_ds, max_len=10), _tiny_model(cycle_ds, max_len=8)
+    # teacher_cache_mb=0: the teacher runs on every batch, so each of its inputs can be seen
     tcfg = TrainConfig(epochs=1, batch_size=4, cut_prob=1.0, cut_min=1, cut_max=2,
-                       teacher_input=teacher_input)  # fmt: skip
+                       teacher_input=teacher_input, teacher_cache_mb=0)  # fmt: skip
     tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
     seen = {"teacher": [], "student": []}
     for name, model in (("teacher", teacher), ("student", student)):
@@ -597,6 +599,59 @@ def test_teacher_reads_full_or_cut_windows(cycle_ds, teacher_input):
             assert all(t >= s for t, s in zip(t_rows, s_rows)) and t_rows != s_rows
     with pytest.raises(ValueError, match="teacher_input"):
         TrainConfig(teacher_input="half")
+
+
+@pytest.mark.parametrize("teacher_max_len", [8, 10])
+def test_cached_teacher_outputs_train_like_per_batch_teacher(cycle_ds, teacher_max_len):
+    """With teacher_input="full" the teacher's outputs are computed once for every window; the
+    distilled student trains as it does when the teacher runs on every batch."""
+    params, calls = {}, {}
+    for cache_mb in (0, 1024):
+        torch.manual_seed(0)
+        teacher = _tiny_model(cycle_ds, max_len=teacher_max_len, detector_layers=["layers.0"])
+        student = _tiny_model(cycle_ds, max_len=8, dropout=0.1)
+        tcfg = TrainConfig(epochs=2, batch_size=4, cut_prob=0.5, cut_min=1, cut_max=3,
+                           window_stride=4, alpha=0.5, feature_weight=1.0,
+                           layer_pairs=[("layers.0", "layers.0")], teacher_cache_mb=cache_mb,
+                           eval_batch_size=5)  # fmt: skip
+        tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
+        n = [0]
+        original = teacher.forward
+
+        def counting(*args, _orig=original, _n=n, **kw):
+            _n[0] += 1
+            return _orig(*args, **kw)
+
+        teacher.forward = counting
+        losses = [tr.train_epoch(e) for e in range(2)]
+        params[cache_mb] = ([p.detach().clone() for p in student.parameters()], losses)
+        calls[cache_mb] = n[0]
+        assert (tr.teacher_cache() is None) == (cache_mb == 0)
+    steps = 2 * math.ceil(len(tr.windows[0]) / 4)
+    assert calls[0] == steps  # once per batch
+    assert calls[1024] == math.ceil(len(tr.windows[0]) / 5)  # once per cache chunk
+    assert params[1024][1] == pytest.approx(params[0][1], rel=1e-6)
+    for cached, per_batch in zip(params[1024][0], params[0][0]):
+        torch.testing.assert_close(cached, per_batch, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_cache_respects_its_budget(cycle_ds):
+    torch.manual_seed(0)
+    teacher = _tiny_model(cycle_ds, detector_layers=["layers.0"])
+    student = _tiny_model(cycle_ds)
+    for mb, cached in ((1e-6, False), (1.0, True)):
+        tcfg = TrainConfig(layer_pairs=[("layers.0", "layers.0")], teacher_cache_mb=mb)
+        tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
+        cache = tr.teacher_cache()
+        assert (cache is not None) == cached
+        if cached:
+            n, d = len(tr.windows[0]), teacher.config.d_model
+            assert cache[0].shape == (n, 8, d) and cache[1]["layers.0"].shape == (n, 8, d)
+    assert Trainer(student, cycle_ds, TrainConfig(), seed=0).teacher_cache() is None
+    cut = TrainConfig(teacher_input="cut")
+    assert Trainer(student, cycle_ds, cut, teacher=teacher, seed=0).teacher_cache() is None
+    with pytest.raises(ValueError, match="teacher_cache_mb"):
+        TrainConfig(teacher_cache_mb=-1)
 
 
 def _train_cli_config(*flags):
