@@ -20,7 +20,7 @@ __all__ = ["main"]
 
 
 # train flags that apply to a resumed run too (the others come from its run.json)
-_RESUME_FLAGS = ("resume", "threads", "dist_timeout")
+_RESUME_FLAGS = ("resume", "threads", "dist_timeout", "teacher_cache_mb")
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -65,6 +65,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--kd-teacher-input", choices=TEACHER_INPUTS, default=d.kd_teacher_input,
                    help="what student_kd's teacher reads: its full window (privileged) or the "
                         "student's own, possibly cut, input")  # fmt: skip
+    p.add_argument("--teacher-cache-mb", type=float, default=d.teacher_cache_mb,
+                   help="student_kd keeps its teacher's outputs on every window when they fit in "
+                        "this many MiB (0: the teacher runs on every batch; same results)")  # fmt: skip
     p.add_argument("--no-side-features", action="store_true")
     p.add_argument("--backend", default=None, help="auto, triton or torch (attention and losses)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -95,7 +98,7 @@ def _config_from_args(args):
         teacher_cut_prob=args.teacher_cut_prob,
         student_d=args.student_d, student_layers=args.student_layers,
         alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_weight,
-        kd_teacher_input=args.kd_teacher_input,
+        kd_teacher_input=args.kd_teacher_input, teacher_cache_mb=args.teacher_cache_mb,
         use_side_features=not args.no_side_features, backend=args.backend,
     )  # fmt: skip
 
@@ -134,7 +137,8 @@ def _cmd_train(args, parser: argparse.ArgumentParser) -> int:
         if not os.path.exists(run_json):
             raise SystemExit(f"spnn-fast: --resume {args.resume}: no run.json there")
         with open(run_json) as f:
-            cfg = ExperimentConfig.from_saved(json.load(f)["config"])
+            saved = json.load(f)["config"]
+        cfg = ExperimentConfig.from_saved({**saved, "teacher_cache_mb": args.teacher_cache_mb})
         out = args.resume
     else:
         cfg = _config_from_args(args)

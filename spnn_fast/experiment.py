@@ -88,6 +88,10 @@ class ExperimentConfig:
     kd_teacher_input: str = "full"
     use_side_features: bool = True
     backend: Optional[str] = None
+    # student_kd keeps its teacher's outputs on every window when they fit in this many MiB
+    # (TrainConfig.teacher_cache_mb; 0: the teacher runs on every batch). Speed only: a run may
+    # change it.
+    teacher_cache_mb: float = 1024.0
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,6 +110,12 @@ class ExperimentConfig:
             raise ValueError(
                 f"teacher_dropout={t!r} must be None (the same as dropout; -1 on the command "
                 f"line) or a number in [0, 1)"
+            )
+        m = self.teacher_max_len
+        if m is not None and not (_integer(m, 1) and m >= self.max_len):
+            raise ValueError(
+                f"teacher_max_len={m!r} must be None (= max_len) or an integer >= max_len "
+                f"({self.max_len}): the teacher reads at least the student's window"
             )
         check_device(self.device)
         train_configs(self)  # every TrainConfig check (rates, distillation weights, windows)
@@ -185,7 +195,8 @@ def train_configs(cfg: ExperimentConfig) -> Dict[str, TrainConfig]:
         "student": TrainConfig(**base, **cold),
         "student_kd": TrainConfig(**base, **cold, alpha=cfg.alpha, temperature=cfg.temperature,
                                   feature_weight=cfg.feature_weight, layer_pairs=pairs,
-                                  teacher_input=cfg.kd_teacher_input),
+                                  teacher_input=cfg.kd_teacher_input,
+                                  teacher_cache_mb=cfg.teacher_cache_mb),
     }  # fmt: skip
 
 
@@ -249,9 +260,10 @@ def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, log) -> Dict:
     return result
 
 
-# What may change when a run folder is reused: the device (a run may go on elsewhere) and the
-# number of seeds (a run may gain seeds; the ones done are reused, see _train_one).
-_RUN_MAY_CHANGE = ("device", "seeds")
+# What may change when a run folder is reused: the device (a run may go on elsewhere), the
+# number of seeds (a run may gain seeds; the ones done are reused, see _train_one) and the
+# teacher cache's budget (speed only).
+_RUN_MAY_CHANGE = ("device", "seeds", "teacher_cache_mb")
 
 
 def _check_same_run(cfg: ExperimentConfig, run_json: str) -> None:

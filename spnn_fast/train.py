@@ -111,7 +111,9 @@ class TrainConfig:
     teacher_input: str = "full"
     # With teacher_input="full" the frozen teacher's outputs on each window never change: they are
     # computed once, over every training window, and kept on the training device when they take
-    # at most this many MiB (0: the teacher runs on every batch). Same values either way.
+    # at most this many MiB (0: the teacher runs on every batch). Same values either way (bitwise
+    # on the CPU; a GPU may round the last bit differently). Under DDP each rank builds and holds
+    # the whole cache (every rank meets every window over the epochs).
     teacher_cache_mb: float = 1024.0
     d_knowledge: int = 64
     detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
@@ -483,6 +485,11 @@ class Trainer:
         self.dataset, self.log, self.tcfg, self.seed = dataset, dataset.log, tcfg, seed
         self.model = model.to(self.device)
         if teacher is not None:
+            if teacher.config.max_len < model.config.max_len:
+                raise ValueError(
+                    f"the teacher's max_len ({teacher.config.max_len}) must be >= the student's "
+                    f"({model.config.max_len}): it reads at least the student's window"
+                )
             teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.objective = _Objective(self.model, tcfg, teacher).to(self.device)
         rank, size = world()

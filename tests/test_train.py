@@ -438,6 +438,8 @@ def test_pipeline_report_and_resume(tmp_path, monkeypatch):
     assert (tmp_path / "full" / "run.json").read_text() == saved
     more_seeds = _tiny_experiment(data, teacher_max_len=11, seeds=2)  # may grow: seed 0 is reused
     _check_same_run(more_seeds, str(tmp_path / "full" / "run.json"))
+    no_cache = _tiny_experiment(data, teacher_max_len=11, teacher_cache_mb=0)  # speed only
+    _check_same_run(no_cache, str(tmp_path / "full" / "run.json"))
     # A run saved on a GPU goes on here; a run saved before teacher_dropout existed (one dropout
     # for every model) is the same run as one that names that dropout for its teacher.
     old = json.loads(saved)
@@ -515,7 +517,7 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "TrainConfig.patience=0 must be an integer >= 1" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--seeds", "2", "--lr", "0.1"]) == 2
     assert "--seeds, --lr would be ignored" in capsys.readouterr().err  # run.json decides
-    assert main(["train", "--resume", str(out), "--threads", "1"]) == 0  # done: reused
+    assert main(["train", "--resume", str(out), "--threads", "1", "--teacher-cache-mb", "0"]) == 0
     assert "already done, reusing its result" in capsys.readouterr().out
 
 
@@ -601,10 +603,11 @@ def test_teacher_reads_full_or_cut_windows(cycle_ds, teacher_input):
         TrainConfig(teacher_input="half")
 
 
-@pytest.mark.parametrize("teacher_max_len", [8, 10])
-def test_cached_teacher_outputs_train_like_per_batch_teacher(cycle_ds, teacher_max_len):
+@pytest.mark.parametrize("teacher_max_len, rank", [(8, 0), (10, 0), (10, 1)])
+def test_cached_teacher_outputs_train_like_per_batch_teacher(cycle_ds, teacher_max_len, rank):
     """With teacher_input="full" the teacher's outputs are computed once for every window; the
-    distilled student trains as it does when the teacher runs on every batch."""
+    distilled student trains as it does when the teacher runs on every batch (rank 1: the
+    second of two ranks' share of each batch, without a process group)."""
     params, calls = {}, {}
     for cache_mb in (0, 1024):
         torch.manual_seed(0)
@@ -615,6 +618,8 @@ def test_cached_teacher_outputs_train_like_per_batch_teacher(cycle_ds, teacher_m
                            layer_pairs=[("layers.0", "layers.0")], teacher_cache_mb=cache_mb,
                            eval_batch_size=5)  # fmt: skip
         tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
+        if rank:
+            tr.rank, tr.size = rank, 2
         n = [0]
         original = teacher.forward
 
@@ -628,7 +633,7 @@ def test_cached_teacher_outputs_train_like_per_batch_teacher(cycle_ds, teacher_m
         calls[cache_mb] = n[0]
         assert (tr.teacher_cache() is None) == (cache_mb == 0)
     steps = 2 * math.ceil(len(tr.windows[0]) / 4)
-    assert calls[0] == steps  # once per batch
+    assert calls[0] == steps - 2 * (rank and len(tr.windows[0]) % 4 == 1)  # once per batch
     assert calls[1024] == math.ceil(len(tr.windows[0]) / 5)  # once per cache chunk
     assert params[1024][1] == pytest.approx(params[0][1], rel=1e-6)
     for cached, per_batch in zip(params[1024][0], params[0][0]):
@@ -639,19 +644,37 @@ def test_teacher_cache_respects_its_budget(cycle_ds):
     torch.manual_seed(0)
     teacher = _tiny_model(cycle_ds, detector_layers=["layers.0"])
     student = _tiny_model(cycle_ds)
-    for mb, cached in ((1e-6, False), (1.0, True)):
+    n = len(Trainer(student, cycle_ds, TrainConfig(), seed=0).windows[0])
+    need = n * 8 * 16 * 2 * 4 / 2**20  # windows x L x d x (hidden + one layer) x fp32, in MiB
+    for mb, cached in ((need * (1 - 1e-9), False), (need, True)):
         tcfg = TrainConfig(layer_pairs=[("layers.0", "layers.0")], teacher_cache_mb=mb)
         tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
         cache = tr.teacher_cache()
         assert (cache is not None) == cached
         if cached:
-            n, d = len(tr.windows[0]), teacher.config.d_model
-            assert cache[0].shape == (n, 8, d) and cache[1]["layers.0"].shape == (n, 8, d)
+            assert cache[0].shape == (n, 8, 16) and cache[1]["layers.0"].shape == (n, 8, 16)
     assert Trainer(student, cycle_ds, TrainConfig(), seed=0).teacher_cache() is None
     cut = TrainConfig(teacher_input="cut")
     assert Trainer(student, cycle_ds, cut, teacher=teacher, seed=0).teacher_cache() is None
     with pytest.raises(ValueError, match="teacher_cache_mb"):
         TrainConfig(teacher_cache_mb=-1)
+
+
+def test_a_teacher_reads_at_least_the_students_window(cycle_ds, tmp_path):
+    short = _tiny_model(cycle_ds, max_len=6, detector_layers=["layers.0"])
+    with pytest.raises(ValueError, match=r"teacher's max_len \(6\) must be >= the student's \(8\)"):
+        Trainer(_tiny_model(cycle_ds), cycle_ds, TrainConfig(), teacher=short)
+    with pytest.raises(ValueError, match=r"teacher_max_len=6 must be None \(= max_len\) or an "):
+        _tiny_experiment(_write_cycle_csv(tmp_path / "cycle.csv"), teacher_max_len=6)
+
+
+def test_teacher_cache_flag_reaches_the_distilled_student():
+    from spnn_fast.experiment import train_configs
+
+    for flag, want in (([], 1024.0), (["--teacher-cache-mb", "0"], 0.0)):
+        assert train_configs(_train_cli_config(*flag))["student_kd"].teacher_cache_mb == want
+    with pytest.raises(ValueError, match="teacher_cache_mb"):
+        _train_cli_config("--teacher-cache-mb", "-1")
 
 
 def _train_cli_config(*flags):
