@@ -12,9 +12,10 @@ trains on. One group holds:
 
 Two groups: the student's first epoch (the cached path builds its cache inside the timed epoch)
 and a later one (the second; the first runs untimed in the round's setup). A job trains each
-student for 10-30 epochs. Each round uses fresh trainers built from the same seeds. Shapes are the main job's defaults (teacher d=64, 2 layers; student d=24, 1 layer;
-30-event windows at stride 10, batches of 256, genre and user features) on a synthetic log of 943
-users, 1,682 items and about 100,000 events; the time depends on the shapes, not on the data. Smoke mode
+student for 10-30 epochs. Each round uses fresh trainers built from the same seeds. Shapes are
+the main job's defaults (teacher d=64, 2 layers; student d=24, 1 layer; 30-event windows at
+stride 10, batches of 256, genre and user features) on a synthetic log of 943 users, 1,682 items
+and about 100,000 events; the time depends on the shapes, not on the data. Smoke mode
 (``--benchmark-disable``): 60 users, 2,000 events.
 """
 
