@@ -112,7 +112,9 @@ class ExperimentConfig:
                 f"line) or a number in [0, 1)"
             )
         m = self.teacher_max_len
-        if m is not None and not (_integer(m, 1) and m >= self.max_len):
+        if m is not None and (
+            not _integer(m, 1) or (_integer(self.max_len, 1) and m < self.max_len)
+        ):
             raise ValueError(
                 f"teacher_max_len={m!r} must be None (= max_len) or an integer >= max_len "
                 f"({self.max_len}): the teacher reads at least the student's window"
