@@ -112,8 +112,8 @@ class TrainConfig:
     # With teacher_input="full" the frozen teacher's outputs on each window never change: they are
     # computed once, over every training window, and kept on the training device when they take
     # at most this many MiB (0: the teacher runs on every batch). Same values either way (bitwise
-    # on the CPU; a GPU may round the last bit differently). Under DDP each rank builds and holds
-    # the whole cache (every rank meets every window over the epochs).
+    # on the CPU; a GPU may round the last bit differently). Under DDP the ranks split the
+    # teacher's work and each holds the whole cache (every rank meets every window).
     teacher_cache_mb: float = 1024.0
     d_knowledge: int = 64
     detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
@@ -538,7 +538,8 @@ class Trainer:
         """The frozen teacher's :meth:`_Objective.teacher_view` of every training window (rows in
         ``windows`` order), built on first use; None where the teacher runs on every batch: no
         teacher, ``teacher_input="cut"`` (its input depends on each batch's cuts), or a cache
-        larger than ``teacher_cache_mb``."""
+        larger than ``teacher_cache_mb``. Under torch.distributed the first call is a collective
+        (the ranks share the teacher's work): the trainer makes it on every rank at once."""
         teacher = self.objective.teacher
         if teacher is None or self.tcfg.teacher_input != "full":
             return None
@@ -549,19 +550,39 @@ class Trainer:
             if size * teacher.item_table().element_size() > self.tcfg.teacher_cache_mb * 2**20:
                 self._teacher_cache = ()  # too large: the teacher runs on every batch
                 return None
-            rows, ends = self.windows
-            cache = None
-            for s in range(0, n, self.tcfg.eval_batch_size):
-                sl = slice(s, s + self.tcfg.eval_batch_size)
-                h, lay = self.objective.teacher_view(self._teacher_batch(rows[sl], ends[sl]), L)
-                if cache is None:  # filled in place: no second copy of the cache at any time
-                    new = lambda t: t.new_empty((n, *t.shape[1:]))  # noqa: E731
-                    cache = (new(h), {k: new(v) for k, v in lay.items()})
-                cache[0][sl] = h
-                for k, v in lay.items():
-                    cache[1][k][sl] = v
-            self._teacher_cache = cache
+            self._teacher_cache = self._build_teacher_cache(n, L, sorted(t_layers))
         return self._teacher_cache or None
+
+    def _build_teacher_cache(
+        self, n: int, L: int, t_layers: List[str]
+    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The teacher's view of every window, filled in place (no second copy of the cache).
+        Under torch.distributed each rank computes every ``size``-th window and the ranks
+        broadcast their shares in turn, so the teacher runs once per window in all (a collective:
+        every rank builds its cache at the same step)."""
+        teacher = self.objective.teacher
+        rank, size = world()
+        rows, ends = self.windows
+        like = teacher.item_table()
+        new = lambda: like.new_empty((n, L, teacher.config.d_model))  # noqa: E731
+        cache = (new(), {k: new() for k in t_layers})
+        mine = np.arange(rank, n, size)
+        B = self.tcfg.eval_batch_size
+        for s in range(0, len(mine), B):
+            w = mine[s : s + B]
+            h, lay = self.objective.teacher_view(self._teacher_batch(rows[w], ends[w]), L)
+            at = torch.as_tensor(w, device=h.device)
+            cache[0][at] = h
+            for k in t_layers:
+                cache[1][k][at] = lay[k]
+        if size > 1:
+            for src in range(min(size, n)):
+                at = torch.arange(src, n, size, device=like.device)
+                for t in (cache[0], *cache[1].values()):
+                    part = t[at].contiguous()
+                    dist.broadcast(part, src)
+                    t[at] = part
+        return cache
 
     def step(self, idx: np.ndarray, keep: np.ndarray) -> Dict[str, float]:
         """One optimizer step on a global batch: the windows ``windows[idx]``, window ``i`` cut

@@ -304,7 +304,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, data_path, out_path, steps, die_rank):
+def _ddp_worker(rank, world, port, data_path, out_path, steps, die_rank, kd_cache_mb=None):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -314,7 +314,7 @@ def _ddp_worker(rank, world, port, data_path, out_path, steps, die_rank):
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=20))  # fmt: skip
     try:
-        _ddp_steps(rank, data_path, out_path, steps, die_rank)
+        _ddp_steps(rank, data_path, out_path, steps, die_rank, kd_cache_mb)
         # As the CLI does: the DDP objects (which hold the process group) are gone, and every
         # rank is done, before any rank tears gloo down.
         gc.collect()
@@ -324,12 +324,25 @@ def _ddp_worker(rank, world, port, data_path, out_path, steps, die_rank):
             dist.destroy_process_group()
 
 
-def _ddp_steps(rank, data_path, out_path, steps, die_rank):
+def _ddp_steps(rank, data_path, out_path, steps, die_rank, kd_cache_mb=None):
     ds = load(data_path)
     torch.manual_seed(0)
     model = _tiny_model(ds)
     # Overlapping windows: each rank drops the targets an older window holds (fresh_targets).
-    tr = Trainer(model, ds, TrainConfig(batch_size=6, lr=5e-3, window_stride=3), seed=0)
+    tcfg = TrainConfig(batch_size=6, lr=5e-3, window_stride=3)
+    teacher, teacher_rows = None, [0]
+    if kd_cache_mb is not None:  # distillation, its teacher cached (or not, with 0)
+        teacher = _tiny_model(ds, max_len=10, detector_layers=["layers.0"])
+        tcfg = dataclasses.replace(tcfg, layer_pairs=[("layers.0", "layers.0")], cut_prob=0.5,
+                                   cut_max=3, teacher_cache_mb=kd_cache_mb)  # fmt: skip
+        original = teacher.forward
+
+        def counting(*args, **kw):
+            teacher_rows[0] += args[0].shape[0]
+            return original(*args, **kw)
+
+        teacher.forward = counting
+    tr = Trainer(model, ds, tcfg, teacher=teacher, seed=0)
     for i, (idx, keep) in enumerate(tr._batches(0)):
         if i == steps:
             break
@@ -338,13 +351,16 @@ def _ddp_steps(rank, data_path, out_path, steps, die_rank):
         tr.step(idx, keep)
     if rank == 0:
         torch.save(model.state_dict(), out_path)
+    if teacher is not None:
+        with open(f"{out_path}.teacher_rows{rank}", "w") as f:
+            f.write(str(teacher_rows[0]))
 
 
-def _run_ddp(world, data_path, out_path, steps=3, die_rank=-1, timeout=90.0):
+def _run_ddp(world, data_path, out_path, steps=3, die_rank=-1, timeout=90.0, kd_cache_mb=None):
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_ddp_worker,
-                         args=(r, world, port, data_path, out_path, steps, die_rank))
+                         args=(r, world, port, data_path, out_path, steps, die_rank, kd_cache_mb))
              for r in range(world)]  # fmt: skip
     for p in procs:
         p.start()
@@ -371,6 +387,22 @@ def test_two_processes_match_one_process(tmp_path):
     torch.manual_seed(0)
     fresh = _tiny_model(load(data)).state_dict()
     assert any(not torch.equal(fresh[k], one[k]) for k in one)
+
+
+def test_two_processes_share_the_teacher_cache(tmp_path):
+    """Distillation on 2 ranks: each rank runs the teacher on half the windows to build the
+    cache, and training matches 2 ranks that run the teacher on every batch."""
+    data = _write_cycle_csv(tmp_path / "cycle.csv", users=9)
+    out = {mb: str(tmp_path / f"kd{mb}.pt") for mb in (0, 1024)}
+    for mb, path in out.items():
+        codes, _, _ = _run_ddp(2, data, path, kd_cache_mb=mb)
+        assert codes == [0, 0]
+    cached, per_batch = torch.load(out[1024]), torch.load(out[0])
+    for name in cached:
+        torch.testing.assert_close(cached[name], per_batch[name], rtol=1e-6, atol=1e-7, msg=name)
+    rows = [int(open(f"{out[1024]}.teacher_rows{r}").read()) for r in (0, 1)]
+    n = len(Trainer(_tiny_model(load(data)), load(data), TrainConfig(window_stride=3)).windows[0])
+    assert sorted(rows) == [n // 2, n - n // 2]  # each window once, shared by the ranks
 
 
 def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
