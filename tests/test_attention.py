@@ -133,7 +133,7 @@ def run_op(inputs, causal, backend, grad_out=None, dtype=None):
 
 GRAD_NAMES = ("dq", "dk", "dv", "dtime_bias")
 
-# (B, H, L, D, mask, bias, causal): every value of every axis of the issue appears at least once
+# (B, H, L, D, mask, bias, causal): every value of every axis of the test grid appears at least once
 # (and D = 128, whose backward iterates over tiles of 16).
 CASES = [
     (2, 3, 1, 16, "right", True, True),
@@ -266,7 +266,7 @@ def test_low_precision_error_bounded_by_reference_error(case, dtype, backend):
 
 
 def _brute_force(q, k, v, mask, causal, ts, tb, scale):
-    """Loops over Python numbers: the issue's definition, word for word."""
+    """Loops over Python numbers: the documented definition, word for word."""
     B, H, L, D = q.shape
     out = torch.zeros_like(q)
     for b in range(B):
