@@ -337,6 +337,8 @@ class _Objective(nn.Module):
         super().__init__()
         self.model, self.tcfg = model, tcfg
         self._teacher = [teacher] if teacher is not None else []
+        # the teacher layers that the distillers read (teacher_view returns them)
+        self.teacher_layers = tuple(sorted({p[1] for p in tcfg.layer_pairs}))
         self.distillers = nn.ModuleDict()
         if teacher is not None and teacher.config.num_time_buckets != model.config.num_time_buckets:
             raise ValueError(
@@ -364,8 +366,7 @@ class _Objective(nn.Module):
         the last ``L`` columns (the student's)."""
         with torch.no_grad():
             t_out = self.teacher(b_full.items, b_full.timestamps, b_full.time_buckets,
-                                 b_full.mask, b_full.users,
-                                 return_layers=tuple({p[1] for p in self.tcfg.layer_pairs}))  # fmt: skip
+                                 b_full.mask, b_full.users, return_layers=self.teacher_layers)  # fmt: skip
         return t_out.hidden[:, -L:], {k: v[:, -L:] for k, v in t_out.layers.items()}
 
     def forward(
@@ -545,22 +546,19 @@ class Trainer:
             return None
         if self._teacher_cache is None:
             n, L = len(self.windows[0]), self.model.config.max_len
-            t_layers = {p[1] for p in self.tcfg.layer_pairs}
-            size = n * L * teacher.config.d_model * (1 + len(t_layers))
+            size = n * L * teacher.config.d_model * (1 + len(self.objective.teacher_layers))
             if size * teacher.item_table().element_size() > self.tcfg.teacher_cache_mb * 2**20:
                 self._teacher_cache = ()  # too large: the teacher runs on every batch
                 return None
-            self._teacher_cache = self._build_teacher_cache(n, L, sorted(t_layers))
+            self._teacher_cache = self._build_teacher_cache(n, L)
         return self._teacher_cache or None
 
-    def _build_teacher_cache(
-        self, n: int, L: int, t_layers: List[str]
-    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def _build_teacher_cache(self, n: int, L: int) -> Tuple[Tensor, Dict[str, Tensor]]:
         """The teacher's view of every window, filled in place (no second copy of the cache).
         Under torch.distributed each rank computes every ``size``-th window and the ranks
         broadcast their shares in turn, so the teacher runs once per window in all (a collective:
         every rank builds its cache at the same step)."""
-        teacher = self.objective.teacher
+        teacher, t_layers = self.objective.teacher, self.objective.teacher_layers
         rank, size = world()
         rows, ends = self.windows
         like = teacher.item_table()
