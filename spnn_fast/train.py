@@ -577,9 +577,10 @@ class Trainer:
             for src in range(min(size, n)):
                 at = torch.arange(src, n, size, device=like.device)
                 for t in (cache[0], *cache[1].values()):
-                    part = t[at].contiguous()
+                    part = t[at]  # a gathered (contiguous) copy of src's rows
                     dist.broadcast(part, src)
-                    t[at] = part
+                    if src != rank:
+                        t[at] = part
         return cache
 
     def step(self, idx: np.ndarray, keep: np.ndarray) -> Dict[str, float]:
