@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from spnn_fast.limits import ATTN_DTYPES, ATTN_HEAD_DIMS
+
 __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
@@ -46,8 +48,8 @@ __all__ = [
     "semantic_attention_fwd",
 ]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = ATTN_HEAD_DIMS
+SUPPORTED_DTYPES = ATTN_DTYPES
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -33,9 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
+from spnn_fast.limits import DISTILL_MAX_DIM
+
 __all__ = ["MAX_DIM", "distill_bwd", "distill_fwd"]
 
-MAX_DIM = 256
+MAX_DIM = DISTILL_MAX_DIM
 
 
 @triton.jit

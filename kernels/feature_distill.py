@@ -22,9 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from spnn_fast.limits import FEATURE_MAX_K
+
 __all__ = ["MAX_K", "feature_distill_bwd", "feature_distill_fwd"]
 
-MAX_K = 8192
+MAX_K = FEATURE_MAX_K
 
 
 @triton.jit

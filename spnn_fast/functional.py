@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from spnn_fast import backends
+from spnn_fast import backends, limits
 
 # --------------------------------------------------------------------------------------------
 # Shared by every op: argument descriptions, and Triton-or-torch dispatch
@@ -36,12 +36,6 @@ def _triton_or_torch(op: str, backend: Optional[str], device: torch.device, why_
 # --------------------------------------------------------------------------------------------
 # Semantic attention: semantic_attention
 # --------------------------------------------------------------------------------------------
-
-# What the Triton kernels take (kernels/attention.py), repeated so validation never imports Triton.
-_ATTN_HEAD_DIMS_TRITON = (16, 32, 64, 128)
-_ATTN_DTYPES_TRITON = (torch.float32, torch.float16, torch.bfloat16)
-_ATTN_MAX_BUCKETS = 64
-_ATTN_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
@@ -85,7 +79,7 @@ def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
                 f"timestamps must be [B, L] = [{B}, {L}] for q of shape {tuple(q.shape)}, "
                 f"got {_describe(timestamps)}"
             )
-        if timestamps.dtype not in _ATTN_INT_DTYPES:
+        if timestamps.dtype not in limits.ATTN_TIMESTAMP_DTYPES:
             raise ValueError(f"timestamps must be integer (seconds), got {_describe(timestamps)}")
     if time_bias is not None:
         if time_bias.dim() != 2 or time_bias.shape[0] != H:
@@ -93,9 +87,9 @@ def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
                 f"time_bias must be [H, NB] with H = {H} (q of shape {tuple(q.shape)}), "
                 f"got {_describe(time_bias)}"
             )
-        if not 1 <= time_bias.shape[1] <= _ATTN_MAX_BUCKETS:
+        if not 1 <= time_bias.shape[1] <= limits.MAX_TIME_BUCKETS:
             raise ValueError(
-                f"time_bias must have 1 <= NB <= {_ATTN_MAX_BUCKETS} buckets, "
+                f"time_bias must have 1 <= NB <= {limits.MAX_TIME_BUCKETS} buckets, "
                 f"got {_describe(time_bias)}"
             )
         if not time_bias.is_floating_point():
@@ -149,9 +143,9 @@ def semantic_attention(
     scale = float(scale)
 
     def why_not():
-        if D > _ATTN_HEAD_DIMS_TRITON[-1] or q.dtype not in _ATTN_DTYPES_TRITON:
+        if D > limits.ATTN_HEAD_DIMS[-1] or q.dtype not in limits.ATTN_DTYPES:
             return (
-                f"the kernels support head dims up to {_ATTN_HEAD_DIMS_TRITON[-1]} and dtypes "
+                f"the kernels support head dims up to {limits.ATTN_HEAD_DIMS[-1]} and dtypes "
                 f"float32/float16/bfloat16; got q of {_describe(q)}"
             )
         return None
@@ -162,11 +156,11 @@ def semantic_attention(
     elif timestamps.dtype != torch.int64:
         timestamps = timestamps.to(torch.int64)
     padded = D
-    if name == "triton" and D not in _ATTN_HEAD_DIMS_TRITON:
+    if name == "triton" and D not in limits.ATTN_HEAD_DIMS:
         # The kernels are compiled for D in 16/32/64/128: zero columns appended to q and k leave
         # every score unchanged (scale is that of the true D), those of v give output columns
         # that are cut off again, and autograd carries the gradients through the pad and the cut.
-        padded = next(d for d in _ATTN_HEAD_DIMS_TRITON if d >= D)
+        padded = next(d for d in limits.ATTN_HEAD_DIMS if d >= D)
         q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
     from spnn_fast.ops.attention import semantic_attention_fwd
 
@@ -182,10 +176,6 @@ def semantic_attention(
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
-# Limits of the Triton kernels (kernels/distill.py MAX_DIM, kernels/feature_distill.py MAX_K),
-# repeated here so that validation never imports Triton.
-_DISTILL_MAX_DIM_TRITON = 256
-_FEATURE_MAX_K_TRITON = 8192
 
 
 def _check_matrix(name: str, t: object) -> Tensor:
@@ -262,8 +252,8 @@ def _distill_backend(backend: Optional[str], hs: Tensor, ht: Optional[Tensor]) -
         dims = [hs.shape[1]] + ([ht.shape[1]] if ht is not None else [])
         if hs.dtype == torch.float64:
             return "the kernels take fp32/fp16/bf16, got float64"
-        if max(dims) > _DISTILL_MAX_DIM_TRITON:
-            return f"the kernels take hidden sizes <= {_DISTILL_MAX_DIM_TRITON}, got {max(dims)}"
+        if max(dims) > limits.DISTILL_MAX_DIM:
+            return f"the kernels take hidden sizes <= {limits.DISTILL_MAX_DIM}, got {max(dims)}"
         return None
 
     return _triton_or_torch("distillation_loss", backend, hs.device, why_not)
@@ -367,8 +357,8 @@ def feature_distillation_loss(
     def why_not():
         if student_emb.dtype == torch.float64:
             return "the kernel takes fp32/fp16/bf16, got float64"
-        if student_emb.shape[1] > _FEATURE_MAX_K_TRITON:
-            return f"the kernel takes K <= {_FEATURE_MAX_K_TRITON}, got {student_emb.shape[1]}"
+        if student_emb.shape[1] > limits.FEATURE_MAX_K:
+            return f"the kernel takes K <= {limits.FEATURE_MAX_K}, got {student_emb.shape[1]}"
         return None
 
     name = _triton_or_torch("feature_distillation_loss", backend, student_emb.device, why_not)

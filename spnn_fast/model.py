@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spnn_fast.limits import MAX_TIME_BUCKETS
 from spnn_fast.nn import KnowledgeDetector, SemanticAttention
 
 __all__ = ["SPNN", "SPNNConfig", "SPNNOutput"]
@@ -66,7 +67,7 @@ class SPNNConfig:
             "n_heads": self.n_heads >= 1,
             "n_layers": self.n_layers >= 1,
             "dropout": 0.0 <= self.dropout < 1.0,
-            "num_time_buckets": 1 <= self.num_time_buckets <= 64,
+            "num_time_buckets": 1 <= self.num_time_buckets <= MAX_TIME_BUCKETS,
         }
         for name, ok in checks.items():
             if not ok:

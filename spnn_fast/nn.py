@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from spnn_fast.encode import _check_int
+from spnn_fast.limits import MAX_TIME_BUCKETS
 
 
 def _check_sizes(owner: str, **sizes: object) -> None:
@@ -48,8 +49,10 @@ class SemanticAttention(nn.Module):
                      num_time_buckets=num_time_buckets)  # fmt: skip
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be a positive multiple of n_heads={n_heads}")
-        if not 1 <= num_time_buckets <= 64:
-            raise ValueError(f"num_time_buckets={num_time_buckets} must be in [1, 64]")
+        if not 1 <= num_time_buckets <= MAX_TIME_BUCKETS:
+            raise ValueError(
+                f"num_time_buckets={num_time_buckets} must be in [1, {MAX_TIME_BUCKETS}]"
+            )
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.num_time_buckets, self.causal, self.backend = num_time_buckets, causal, backend
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)

@@ -587,17 +587,18 @@ def test_triton_pads_other_head_dims(D):
         assert_close(a, e, name, rtol=1e-4, atol=1e-5)
 
 
-def test_functional_limits_match_the_kernels():
-    """spnn_fast.functional repeats the kernels' limits so that validation never imports Triton."""
+def test_kernels_take_their_limits_from_the_triton_free_module():
+    """The kernels and the functional API's validation read one set of limits (spnn_fast.limits),
+    so validation never imports Triton and the two cannot disagree."""
     pytest.importorskip("triton")
     from spnn_fast.kernels import attention, distill, feature_distill
 
-    from spnn_fast import functional
+    from spnn_fast import limits
 
-    assert functional._ATTN_HEAD_DIMS_TRITON == attention.SUPPORTED_HEAD_DIMS
-    assert functional._ATTN_DTYPES_TRITON == attention.SUPPORTED_DTYPES
-    assert functional._DISTILL_MAX_DIM_TRITON == distill.MAX_DIM
-    assert functional._FEATURE_MAX_K_TRITON == feature_distill.MAX_K
+    assert attention.SUPPORTED_HEAD_DIMS is limits.ATTN_HEAD_DIMS
+    assert attention.SUPPORTED_DTYPES is limits.ATTN_DTYPES
+    assert distill.MAX_DIM == limits.DISTILL_MAX_DIM
+    assert feature_distill.MAX_K == limits.FEATURE_MAX_K
 
 
 def test_unknown_backend():

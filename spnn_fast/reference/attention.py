@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from spnn_fast.reference.time_bucket import time_bucket
 
 __all__ = [
-    "MAX_TIME_BUCKETS",
     "admissible",
     "bias_scores",
     "flex_unavailable_reason",
@@ -44,7 +43,6 @@ __all__ = [
     "semantic_attention_torch_fwd",
 ]
 
-MAX_TIME_BUCKETS = 64
 
 # Elements of one chunk of scores [B, H, rows, L] in the PyTorch path (16 Mi fp32 = 64 MiB).
 _CHUNK_ELEMENTS = 1 << 24
