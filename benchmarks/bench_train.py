@@ -29,8 +29,8 @@ import pytest
 import torch
 from _common import record
 
+from spnn_fast.config import ExperimentConfig
 from spnn_fast.data import Dataset
-from spnn_fast.experiment import ExperimentConfig, model_configs, train_configs
 from spnn_fast.log import InteractionLog
 from spnn_fast.model import SPNN
 from spnn_fast.train import Trainer
@@ -63,7 +63,7 @@ def _dataset(users: int, items: int, events: int) -> Dataset:
 def workload():
     ds = _dataset(60, 300, 2_000) if _common.SMOKE else _dataset(943, 1_682, 100_000)
     cfg = ExperimentConfig(device=str(_common.device()))
-    mcfgs, tcfgs = model_configs(cfg, ds), train_configs(cfg)
+    mcfgs, tcfgs = cfg.model_configs(ds), cfg.train_configs()
     torch.manual_seed(0)
     teacher = SPNN(mcfgs["teacher"], ds.item_features, ds.user_features)
     return ds, mcfgs, tcfgs, teacher

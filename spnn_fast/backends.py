@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from spnn_fast import _ext
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
@@ -43,14 +45,6 @@ class BackendUnavailableError(RuntimeError):
 class SpnnFastWarning(UserWarning):
     """Warnings about optional pieces that were skipped (filter with this category)."""
 
-
-try:  # the compiled encoder; absent when the package was installed without a C++ toolchain
-    from spnn_fast import _C  # noqa: F401
-
-    _CPP_ERROR: Optional[str] = None
-except ImportError as e:  # pragma: no cover - depends on the install
-    _C = None
-    _CPP_ERROR = str(e)
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -75,7 +69,7 @@ def status() -> dict:
     cuda = _cuda_available()
     interp = interpret_mode()
     return {
-        "cpp": _C is not None,
+        "cpp": _ext.C is not None,
         "triton": _TRITON_INSTALLED and (cuda or interp),
         "cuda": cuda,
         "interpret": interp,
@@ -85,10 +79,10 @@ def status() -> dict:
 
 def _warn_missing_once() -> None:
     skipped = []
-    if _C is None:
+    if _ext.C is None:
         skipped.append(
             "the C++ extension spnn_fast._C did not load "
-            f"({_CPP_ERROR}); encode_batch uses the numpy fallback. Reinstall with a C++17 "
+            f"({_ext.ERROR}); encode_batch uses the numpy fallback. Reinstall with a C++17 "
             "compiler present: pip install --force-reinstall --no-deps ."
         )
     if not _TRITON_INSTALLED and _cuda_available():
@@ -120,8 +114,8 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 
 
 def _cpp_reason(device: torch.device) -> Optional[str]:
-    if _C is None:
-        return f"the C++ extension spnn_fast._C did not load ({_CPP_ERROR})"
+    if _ext.C is None:
+        return f"the C++ extension spnn_fast._C did not load ({_ext.ERROR})"
     if device.type != "cpu":
         return f"the C++ backend runs on CPU data, got device {device}"
     return None

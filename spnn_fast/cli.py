@@ -1,7 +1,8 @@
 """Command line: ``spnn-fast train`` (the main job), ``spnn-fast eval CHECKPOINT``, ``spnn-fast info``.
 
 Also runs as ``python -m spnn_fast ...`` and under ``torchrun --nproc_per_node=N -m spnn_fast
-train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA).
+train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA). The flags of ``train`` are
+the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it.
 """
 
 from __future__ import annotations
@@ -14,93 +15,99 @@ import json
 import logging
 import os
 import sys
-from typing import List, Optional
+import typing
+from typing import Dict, List, Optional
 
 __all__ = ["main"]
 
+# Flags of the train command that are not settings of the run (never saved in run.json).
+_RUN_OPTIONS = ("out", "resume", "threads", "dist_timeout")
 
-# train flags that apply to a resumed run too (the others come from its run.json)
-_RESUME_FLAGS = ("resume", "threads", "dist_timeout", "teacher_cache_mb")
+
+_METAVARS = {int: "N", float: "X", str: "NAME"}
+
+
+def _parse_optional(kind):
+    """argparse ``type`` for an ``Optional[kind]`` field: the word None, or a ``kind``."""
+
+    def parse(text: str):
+        return None if text == "None" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per field of ExperimentConfig: ``--max-len`` for ``max_len``, its help text and
+    choices from the field, its default shown; a flag not given is left out of the namespace."""
+    from spnn_fast.config import ExperimentConfig
+
+    hints = typing.get_type_hints(ExperimentConfig)
+    for f in dataclasses.fields(ExperimentConfig):
+        kind, meta = hints[f.name], f.metadata
+        names = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        kw = dict(dest=f.name, default=argparse.SUPPRESS,
+                  help=f"{meta['help']} (default: {f.default})")  # fmt: skip
+        if kind is bool:
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        args = typing.get_args(kind)
+        if type(None) in args:  # Optional[X]
+            inner = next(a for a in args if a is not type(None))
+            kw.update(type=_parse_optional(inner), metavar=_METAVARS[inner] + "|None")
+        else:
+            kw.update(type=kind, metavar=_METAVARS[kind])
+        if "choices" in meta:
+            kw.update(choices=meta["choices"], metavar=None)
+        p.add_argument(*names, **kw)
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from spnn_fast.experiment import ExperimentConfig
-    from spnn_fast.train import TEACHER_INPUTS
-
-    d = ExperimentConfig()
-    p = sub.add_parser("train", help="train teacher, student and distilled student; write a report")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", default=None, help=f"a known data set name (default {d.dataset})")
-    src.add_argument("--data", default=None, help="path to a RecBole .inter, ratings.dat or CSV")
+    p = sub.add_parser(
+        "train", help="train teacher, student and distilled student; write a report",
+        description="Train a teacher, a student and a distilled student per seed and write a "
+                    "report. Every setting flag takes its default from ExperimentConfig.",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
-    p.add_argument("--seeds", type=int, default=d.seeds)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--max-len", type=int, default=d.max_len)
-    p.add_argument("--teacher-max-len", type=int, default=d.teacher_max_len,
-                   help="events the teacher sees (default: --max-len)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--schedule", choices=("constant", "cosine"), default=d.schedule,
-                   help="learning rate: constant, or warmup + cosine decay over --epochs")  # fmt: skip
-    p.add_argument("--dropout", type=float, default=d.dropout,
-                   help="the students' dropout (and the teacher's with --teacher-dropout -1)")  # fmt: skip
-    p.add_argument("--teacher-dropout", type=float, default=d.teacher_dropout,
-                   help="the teacher's dropout; -1: the same as --dropout")  # fmt: skip
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--window-stride", type=int, default=d.window_stride,
-                   help="a training window ends every N events; each target of an uncut window "
-                        "is trained once, after at least max-len - N earlier events (0: windows "
-                        "that do not overlap)")  # fmt: skip
-    p.add_argument("--teacher-d", type=int, default=d.teacher_d)
-    p.add_argument("--teacher-layers", type=int, default=d.teacher_layers)
-    p.add_argument("--teacher-cut-prob", type=float, default=d.teacher_cut_prob,
-                   help="share of the teacher's windows cut short, as augmentation")  # fmt: skip
-    p.add_argument("--student-d", type=int, default=d.student_d)
-    p.add_argument("--student-layers", type=int, default=d.student_layers)
-    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of logit KD vs CE")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--feature-weight", type=float, default=d.feature_weight)
-    p.add_argument("--kd-teacher-input", choices=TEACHER_INPUTS, default=d.kd_teacher_input,
-                   help="what student_kd's teacher reads: its full window (privileged) or the "
-                        "student's own, possibly cut, input")  # fmt: skip
-    p.add_argument("--teacher-cache-mb", type=float, default=d.teacher_cache_mb,
-                   help="student_kd keeps its teacher's outputs on every window when they fit in "
-                        "this many MiB (0: the teacher runs on every batch; same results)")  # fmt: skip
-    p.add_argument("--no-side-features", action="store_true")
-    p.add_argument("--backend", default=None, help="auto, triton or torch (attention and losses)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR with the settings saved in its run.json")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a rank waits for the others before failing")  # fmt: skip
+    _add_config_flags(p.add_argument_group("settings of the run (saved in run.json)"))
     return p
 
 
-def _settings_given(parser: argparse.ArgumentParser, args) -> List[str]:
-    """The flags of ``parser`` that ``args`` sets away from their defaults, but for those that
-    apply to a resumed run too."""
-    return [a.option_strings[0] for a in parser._actions
-            if a.option_strings and a.dest not in (*_RESUME_FLAGS, "help")
-            and getattr(args, a.dest) != a.default]  # fmt: skip
+def _settings(args) -> Dict[str, object]:
+    """The settings flags that were given (the others keep ExperimentConfig's defaults)."""
+    return {k: v for k, v in vars(args).items() if k not in (*_RUN_OPTIONS, "command")}
 
 
-def _config_from_args(args):
-    from spnn_fast.experiment import ExperimentConfig
+def _run_config(args):
+    """(configuration, run folder) of a train command."""
+    from spnn_fast.config import ExperimentConfig
+    from spnn_fast.runfolder import read_run_config
 
-    return ExperimentConfig(
-        dataset=args.data or args.dataset or ExperimentConfig.dataset,
-        seeds=args.seeds, epochs=args.epochs, device=args.device, max_len=args.max_len,
-        teacher_max_len=args.teacher_max_len,
-        batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, dropout=args.dropout,
-        teacher_dropout=None if args.teacher_dropout == -1 else args.teacher_dropout,
-        patience=args.patience, window_stride=args.window_stride or None,
-        teacher_d=args.teacher_d, teacher_layers=args.teacher_layers,
-        teacher_cut_prob=args.teacher_cut_prob,
-        student_d=args.student_d, student_layers=args.student_layers,
-        alpha=args.alpha, temperature=args.temperature, feature_weight=args.feature_weight,
-        kd_teacher_input=args.kd_teacher_input, teacher_cache_mb=args.teacher_cache_mb,
-        use_side_features=not args.no_side_features, backend=args.backend,
-    )  # fmt: skip
+    given = _settings(args)
+    if not args.resume:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return ExperimentConfig(**given), args.out or os.path.join("runs", stamp)
+    ignored = [k for k in given if k not in ("device", "teacher_cache_mb")]
+    if ignored or args.out:
+        flags = ", ".join(
+            "--" + k.replace("_", "-") for k in ignored + (["out"] if args.out else [])
+        )
+        raise ValueError(
+            f"--resume {args.resume} continues the run with the settings in its run.json; "
+            f"{flags} would be ignored (to add seeds: --out {args.resume} --seeds N with the "
+            f"run's settings)"
+        )
+    if not os.path.exists(os.path.join(args.resume, "run.json")):
+        raise ValueError(f"--resume {args.resume}: no run.json there")
+    cfg = read_run_config(args.resume, given.get("device"))
+    if "teacher_cache_mb" in given:
+        cfg = dataclasses.replace(cfg, teacher_cache_mb=given["teacher_cache_mb"])
+    return cfg, args.resume
 
 
 def _init_distributed(device: str, timeout: float) -> bool:
@@ -116,46 +123,26 @@ def _init_distributed(device: str, timeout: float) -> bool:
     return True
 
 
-def _cmd_train(args, parser: argparse.ArgumentParser) -> int:
-    import torch
+def _cmd_train(args) -> int:
+    from spnn_fast._threads import fix_threads
+    from spnn_fast.experiment import run
+    from spnn_fast.report import markdown
 
-    from spnn_fast.experiment import ExperimentConfig, run
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.resume:
-        ignored = _settings_given(parser, args)
-        if ignored:
-            raise ValueError(
-                f"--resume {args.resume} continues the run with the settings in its run.json; "
-                f"{', '.join(ignored)} would be ignored (to add seeds: --out {args.resume} "
-                f"--seeds N with the run's settings)"
-            )
-        run_json = os.path.join(args.resume, "run.json")
-        if not os.path.exists(run_json):
-            raise SystemExit(f"spnn-fast: --resume {args.resume}: no run.json there")
-        with open(run_json) as f:
-            saved = json.load(f)["config"]
-        cfg = ExperimentConfig.from_saved({**saved, "teacher_cache_mb": args.teacher_cache_mb})
-        out = args.resume
-    else:
-        cfg = _config_from_args(args)
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = args.out or os.path.join("runs", stamp)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    # The same sums in the same order on every run: a fixed thread count for every op.
+    fix_threads(args.threads)
+    cfg, out = _run_config(args)
     distributed = _init_distributed(cfg.device, args.dist_timeout)
+    log = print
     if distributed:
         import torch.distributed as dist
 
         if cfg.device.startswith("cuda"):
             cfg = dataclasses.replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
-        log = print if dist.get_rank() == 0 else (lambda *a, **k: None)
-    else:
-        log = print
+        if dist.get_rank() != 0:
+            log = lambda *a, **k: None  # noqa: E731
     try:
-        from spnn_fast.report import markdown
-
         report = run(cfg, out, log=log)
         log(markdown(report))
         log(f"report: {os.path.join(out, 'report.md')}")
@@ -167,8 +154,6 @@ def _cmd_train(args, parser: argparse.ArgumentParser) -> int:
             dist.barrier()
     finally:
         if distributed:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
     return 0
 
@@ -199,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(prog="spnn-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train_parser = _train_parser(sub)
+    _train_parser(sub)
     pe = sub.add_parser("eval", help="evaluate a saved model (best.pt) on every split")
     pe.add_argument("checkpoint")
     pe.add_argument("--device", default="cpu")
@@ -207,11 +192,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     pe.add_argument("--json", action="store_true")
     sub.add_parser("info", help="print what runs here (backends)")
     args = parser.parse_args(argv)
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info}
     try:
-        if args.command == "train":
-            return _cmd_train(args, train_parser)
-        return {"eval": _cmd_eval, "info": _cmd_info}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+        return commands[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"spnn-fast: error: {e}", file=sys.stderr)
         return 2
 

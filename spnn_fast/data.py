@@ -46,23 +46,17 @@ item field and a user field with the same name are an error (rename one with a m
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
-import re
-import subprocess
-import sys
-import tempfile
-import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from spnn_fast._io import atomic_write
+from spnn_fast._formats import Raw, Side, read_atomic, read_csv, read_ml1m, resolve
+from spnn_fast._tables import canonical_ints
+from spnn_fast.download import KNOWN_DATASETS, DatasetUnavailableError, check_counts, fetch
 from spnn_fast.log import InteractionLog
 
 __all__ = [
@@ -70,7 +64,6 @@ __all__ = [
     "KNOWN_DATASETS",
     "Dataset",
     "DatasetUnavailableError",
-    "cache_dir",
     "fetch",
     "load",
     "multi_hot",
@@ -83,29 +76,9 @@ Fields = Optional[Union[Sequence[str], Mapping[str, str]]]
 
 AGE_BUCKETS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 _AGE_EDGES = np.array([18, 25, 35, 45, 50, 56], dtype=np.int64)
-_FORMATS = ("atomic", "ml-1m", "csv")
-_COLUMN_NAMES = {
-    "user": ("user", "user_id"),
-    "item": ("item", "item_id"),
-    "timestamp": ("timestamp", "time"),
-}
-
-_RECBOLE = "recbole==1.2.1"
-_ML100K_MEMBER = "recbole/dataset_example/ml-100k/"
-_ML100K_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
-# (events, users, items) of the raw files; checked after parsing.
-_ML100K_COUNTS = (100000, 943, 1682)
-
-KNOWN_DATASETS: Dict[str, str] = {
-    "ml-100k": "MovieLens-100K (RecBole atomic files from the recbole==1.2.1 wheel on PyPI)",
-}
 _NAMED_FIELDS = {
     "ml-100k": ({"class": "genre"}, ("age", "gender", "occupation")),
 }
-
-
-class DatasetUnavailableError(RuntimeError):
-    """A named data set is neither cached nor downloadable (the message says how to provide it)."""
 
 
 @dataclass
@@ -152,275 +125,8 @@ def multi_hot(codes: np.ndarray, vocab: int) -> np.ndarray:
     return out[:, 1:]
 
 
-# ---------------------------------------------------------------------------- cache / download
-def cache_dir() -> Path:
-    """``$SPNN_FAST_CACHE``, else ``$XDG_CACHE_HOME/spnn_fast``, else ``~/.cache/spnn_fast``."""
-    env = os.environ.get("SPNN_FAST_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(base).expanduser() / "spnn_fast"
-
-
-def _pip_download_command(dest: str) -> List[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--retries",
-        "1",
-        "--timeout",
-        "30",
-        _RECBOLE,
-        "-d",
-        dest,
-    ]
-
-
-def _manual_help(folder: Path) -> str:
-    files = ", ".join(_ML100K_FILES)
-    return (
-        f"To provide the files by hand, place {files} (RecBole atomic files, found in the "
-        f"{_RECBOLE} wheel under {_ML100K_MEMBER}) into the folder {folder} "
-        f"(set SPNN_FAST_CACHE to use another cache folder), or pass their folder or the .inter "
-        f"file: spnn_fast.data.load('/path/to/ml-100k'). On a machine with network access, "
-        f"'pip download --no-deps --only-binary=:all: {_RECBOLE}' fetches the wheel, a zip file."
-    )
-
-
-def fetch(name: str = "ml-100k", *, download: bool = True) -> Path:
-    """Make sure the files of a named data set are in the cache; return their folder.
-
-    Downloads the ``recbole==1.2.1`` wheel (once, without dependencies) with this Python's pip
-    and extracts the three atomic files atomically. ``download=False`` only checks the cache.
-    Raises :class:`DatasetUnavailableError` with instructions when the files cannot be had.
-    """
-    if name not in KNOWN_DATASETS:
-        raise ValueError(f"unknown dataset name {name!r}; known: {sorted(KNOWN_DATASETS)}")
-    folder = cache_dir() / name
-    if all((folder / f).is_file() for f in _ML100K_FILES):
-        return folder
-    if not download:
-        raise DatasetUnavailableError(
-            f"{name} is not in the cache folder {folder} and download=False. {_manual_help(folder)}"
-        )
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="spnn_fast_") as tmp:
-        cmd = _pip_download_command(tmp)
-        shown = " ".join(cmd)
-        logger.info("downloading %s: %s", name, shown)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise DatasetUnavailableError(
-                f"could not fetch {name}: the command `{shown}` failed ({e}). {_manual_help(folder)}"
-            ) from e
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout or "").strip()[-1500:]
-            raise DatasetUnavailableError(
-                f"could not fetch {name}: the command `{shown}` exited with status "
-                f"{proc.returncode}:\n{tail}\n{_manual_help(folder)}"
-            )
-        wheels = sorted(Path(tmp).glob("recbole-*.whl"))
-        if not wheels:
-            raise DatasetUnavailableError(
-                f"could not fetch {name}: `{shown}` left no recbole wheel in {tmp}. "
-                f"{_manual_help(folder)}"
-            )
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                payload = {f: wheel.read(_ML100K_MEMBER + f) for f in _ML100K_FILES}
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise DatasetUnavailableError(
-                f"could not fetch {name}: {wheels[0].name} does not hold the expected files "
-                f"({e}). {_manual_help(folder)}"
-            ) from e
-    folder.mkdir(parents=True, exist_ok=True)
-    for fname, data in payload.items():
-        atomic_write(folder / fname, lambda f, data=data: f.write(data))
-    logger.info("fetched %s into %s in %.1f s", name, folder, time.perf_counter() - start)
-    return folder
-
-
-# ---------------------------------------------------------------------------- text parsing
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:  # MovieLens .dat files are latin-1
-        text = raw.decode("latin-1")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
-
-
-@dataclass
-class _Table:
-    """Columns of a delimited file, with the 1-based line number of each row for errors."""
-
-    path: Path
-    header: List[str]
-    columns: List[List[str]]
-    lines: np.ndarray
-
-    def where(self, i: int) -> str:
-        return f"{self.path}:{int(self.lines[i])}"
-
-    def column(self, j: int) -> List[str]:
-        return self.columns[j]
-
-
-def _split_lines(path: Path, text: str, sep: str, header: Optional[List[str]]) -> _Table:
-    """Split ``text`` into rows of ``len(header)`` fields; with ``header=None`` the first line is
-    the header. Blank lines are skipped; any other row of the wrong width is an error."""
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty")
-    lines = text.split("\n")
-    first = 0
-    if header is None:
-        header = lines[0].split(sep)
-        first = 1
-    width = len(header)
-    body = lines[first:]
-    numbers = np.arange(first + 1, first + 1 + len(body), dtype=np.int64)
-    # Counting separators per line and splitting the joined text once is several times faster
-    # than splitting each line into its own list.
-    seps = np.fromiter((line.count(sep) for line in body), dtype=np.int64, count=len(body))
-    bad = np.flatnonzero(seps != width - 1)
-    if len(bad):
-        blank = [i for i in bad.tolist() if not body[i].strip()]
-        real = np.setdiff1d(bad, np.asarray(blank, dtype=np.int64))
-        if len(real):
-            i = int(real[0])
-            raise ValueError(
-                f"{path}:{int(numbers[i])}: malformed row: expected {width} fields separated by "
-                f"{sep!r}, got {int(seps[i]) + 1}: {body[i][:120]!r}"
-            )
-        keep = np.ones(len(body), dtype=bool)
-        keep[blank] = False
-        body = [line for line, k in zip(body, keep.tolist()) if k]
-        numbers = numbers[keep]
-    if not body:
-        raise ValueError(f"{path}: the file holds no data rows")
-    flat = sep.join(body).split(sep)
-    return _Table(path, header, [flat[j::width] for j in range(width)], numbers)
-
-
-def _split_table(path: Path, sep: str, header: Optional[List[str]]) -> _Table:
-    return _split_lines(path, _read_text(path), sep, header)
-
-
-def _read_csv_table(path: Path, delimiter: str) -> _Table:
-    text = _read_text(path)
-    if '"' not in text:  # no quoting: the fast splitter reads it the same way
-        table = _split_lines(path, text, delimiter, None)
-        table.header = [h.strip() for h in table.header]
-        return table
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
-    header = next(reader, None)
-    if not header:
-        raise ValueError(f"{path}: the file is empty (a header row with column names is needed)")
-    header = [h.strip() for h in header]
-    rows: List[List[str]] = []
-    numbers: List[int] = []
-    for row in reader:
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if len(row) != len(header):
-            raise ValueError(
-                f"{path}:{reader.line_num}: malformed row: expected {len(header)} fields "
-                f"separated by {delimiter!r}, got {len(row)}: {delimiter.join(row)[:120]!r}"
-            )
-        rows.append(row)
-        numbers.append(reader.line_num)
-    if not rows:
-        raise ValueError(f"{path}: the file holds no data rows")
-    columns = [list(c) for c in zip(*rows)]
-    return _Table(path, header, columns, np.asarray(numbers, dtype=np.int64))
-
-
-_POW10 = 10 ** np.arange(1, 19, dtype=np.int64)
-
-
-_ASCII_INT = re.compile(r"\s*[+-]?[0-9]+\s*")
-_ASCII_FLOAT = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
-
-
-def _ints(values: List[str]) -> Optional[np.ndarray]:
-    """int64 values when every string is an integer in ASCII digits (None otherwise): Python's
-    int() also reads other scripts' digits ("\u0663" is 3) and "1_000", which are not numbers
-    here."""
-    if not all(map(_ASCII_INT.fullmatch, values)):
-        return None
-    try:
-        return np.fromiter(map(int, values), dtype=np.int64, count=len(values))
-    except (ValueError, OverflowError):
-        return None
-
-
-def _canonical_ints(values: List[str]) -> Optional[np.ndarray]:
-    """int64 values when every string is an integer written canonically ("7", not "07" or
-    "+7"), so converting loses no distinction between ids; None otherwise."""
-    ints = _ints(values)
-    if ints is None:
-        return None
-    # A non-canonical spelling of a number is longer than the canonical one.
-    digits = np.searchsorted(_POW10, np.abs(ints), side="right") + 1 + (ints < 0)
-    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-    return ints if np.array_equal(digits, lengths) else None
-
-
-def _parse_ids(table: _Table, j: int, what: str) -> np.ndarray:
-    """Raw ids: int64 when every value is a canonical integer, else the strings."""
-    values = table.column(j)
-    if "" in values:
-        raise ValueError(f"{table.where(values.index(''))}: empty {what} id")
-    ints = _canonical_ints(values)
-    return ints if ints is not None else np.array(values)
-
-
-def _parse_timestamps(table: _Table, j: int) -> np.ndarray:
-    """int64 seconds, exactly; fractional, non-finite or huge float values are errors."""
-    values = table.column(j)
-    ints = _ints(values)
-    if ints is not None:
-        return ints
-    for i, v in enumerate(values):
-        if not _ASCII_FLOAT.fullmatch(v):
-            raise ValueError(
-                f"{table.where(i)}: timestamp {v!r} is not a number (seconds expected)"
-            )
-    f = np.array(values).astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(f) | (f != np.floor(f)) | (np.abs(f) >= 2.0**53)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"{table.where(i)}: timestamp {values[i]!r} is not a whole number of seconds "
-            f"(it must be finite, integral and below 2**53 to convert to int64 exactly)"
-        )
-    return f.astype(np.int64)
-
-
 # ---------------------------------------------------------------------------- side tables
-@dataclass
-class _Side:
-    """A side file (items or users): its ids and, per field, (kind, values, separator)."""
-
-    table: _Table
-    id_col: int
-    fields: Dict[str, Tuple[str, int, str]]  # name -> (kind "token"/"token_seq", column, sep)
-    default: Tuple[str, ...]
-
-
-def _select_fields(side: Optional[_Side], fields: Fields, what: str) -> Dict[str, str]:
+def _select_fields(side: Optional[Side], fields: Fields, what: str) -> Dict[str, str]:
     """Map file field -> output name for the requested (or default) fields."""
     if fields is None:
         if side is None:
@@ -444,7 +150,7 @@ def _select_fields(side: Optional[_Side], fields: Fields, what: str) -> Dict[str
     return mapping
 
 
-def _match_rows(side: _Side, raw_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _match_rows(side: Side, raw_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(side row indices, 0-based positions in ``raw_ids``) of the side rows whose id is known."""
     keys = raw_ids.astype(str)
     order = np.argsort(keys, kind="stable")
@@ -459,14 +165,14 @@ def _match_rows(side: _Side, raw_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarra
 
 def _encode_tokens(values: np.ndarray) -> Tuple[np.ndarray, List[str]]:
     """Codes 1..C for the distinct values, in numeric order when all are integers."""
-    ints = _canonical_ints(values.tolist())
+    ints = canonical_ints(values.tolist())
     keys = values if ints is None else ints
     labels, inv = np.unique(keys, return_inverse=True)
     return inv.reshape(-1).astype(np.int64) + 1, [""] + [str(v) for v in labels]
 
 
 def _feature(
-    side: _Side, fname: str, out_name: str, rows: np.ndarray, dest: np.ndarray, size: int
+    side: Side, fname: str, out_name: str, rows: np.ndarray, dest: np.ndarray, size: int
 ) -> Tuple[np.ndarray, int, List[str]]:
     kind, col, sep = side.fields[fname]
     values = np.array(side.table.column(col), dtype=str)[rows]
@@ -498,7 +204,7 @@ def _feature(
 
 
 def _features(
-    side: Optional[_Side], fields: Fields, what: str, raw_ids: np.ndarray, offset: int
+    side: Optional[Side], fields: Fields, what: str, raw_ids: np.ndarray, offset: int
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, int], Dict[str, List[str]]]:
     mapping = _select_fields(side, fields, what)
     feats: Dict[str, np.ndarray] = {}
@@ -512,154 +218,6 @@ def _features(
     for fname, out in mapping.items():
         feats[out], vocab[out], labels[out] = _feature(side, fname, out, rows, pos + offset, size)
     return feats, vocab, labels
-
-
-# ---------------------------------------------------------------------------- formats
-@dataclass
-class _Raw:
-    name: str
-    users: np.ndarray
-    items: np.ndarray
-    timestamps: np.ndarray
-    item_side: Optional[_Side] = None
-    user_side: Optional[_Side] = None
-
-
-def _find_column(table: _Table, wanted: Optional[str], role: str, names: Sequence[str]) -> int:
-    lowered = [h.lower() for h in table.header]
-    candidates = [wanted] if wanted is not None else list(names)
-    for c in candidates:
-        if c.lower() in lowered:
-            return lowered.index(c.lower())
-    hint = f"{role}_col={wanted!r}" if wanted is not None else f"one of {list(names)}"
-    raise ValueError(
-        f"{table.path}: no {role} column ({hint}); the header has {table.header}. "
-        f"Pass {role}_col= to name it"
-    )
-
-
-def _find_columns(table: _Table, cols: Sequence[Optional[str]],
-                  names: Sequence[Sequence[str]]) -> Tuple[int, int, int]:  # fmt: skip
-    """The user, item and timestamp columns (``cols``: the names asked for, or None for the
-    first of ``names`` found); three distinct columns."""
-    roles = ("user", "item", "timestamp")
-    found = tuple(_find_column(table, c, r, n) for c, r, n in zip(cols, roles, names))
-    if len(set(found)) < 3:
-        taken = [f"{r}={table.header[j]!r}" for r, j in zip(roles, found)]
-        raise ValueError(f"{table.path}: the user, item and timestamp columns must differ, got "
-                         f"{', '.join(taken)}")  # fmt: skip
-    return found
-
-
-def _read_atomic_table(path: Path) -> Tuple[_Table, List[str]]:
-    """The rows of a RecBole atomic file; the header becomes the field names, and their types."""
-    table = _split_table(path, "\t", None)
-    names, kinds = [], []
-    for tok in table.header:
-        name, colon, kind = tok.strip().partition(":")
-        if not colon or not name:
-            raise ValueError(f"{path}:1: header field {tok!r} is not of the form 'name:type'")
-        names.append(name)
-        kinds.append(kind)
-    table.header = names
-    return table, kinds
-
-
-def _read_atomic_side(path: Path, id_field: str) -> _Side:
-    table, kinds = _read_atomic_table(path)
-    if id_field not in table.header:
-        raise ValueError(f"{path}: no {id_field!r} field; the header has {table.header}")
-    id_col = table.header.index(id_field)
-    fields = {
-        n: (k, j, " ")
-        for j, (n, k) in enumerate(zip(table.header, kinds))
-        if j != id_col and k in ("token", "token_seq")
-    }
-    return _Side(table, id_col, fields, tuple(fields))
-
-
-def _read_atomic(path: Path, user_col, item_col, time_col) -> _Raw:
-    table, _ = _read_atomic_table(path)
-    u, i, t = _find_columns(table, (user_col, item_col, time_col),
-                            (("user_id", "user"), ("item_id", "item"), ("timestamp", "time")))  # fmt: skip
-    users, items = _parse_ids(table, u, "user"), _parse_ids(table, i, "item")
-    raw = _Raw(path.stem, users, items, _parse_timestamps(table, t))
-    item_path, user_path = path.with_suffix(".item"), path.with_suffix(".user")
-    if item_path.is_file():
-        raw.item_side = _read_atomic_side(item_path, table.header[i])
-    if user_path.is_file():
-        raw.user_side = _read_atomic_side(user_path, table.header[u])
-    return raw
-
-
-def _read_ml1m(path: Path) -> _Raw:
-    table = _split_table(path, "::", ["user", "item", "rating", "timestamp"])
-    name = path.parent.name or path.stem
-    raw = _Raw(
-        name,
-        _parse_ids(table, 0, "user"),
-        _parse_ids(table, 1, "item"),
-        _parse_timestamps(table, 3),
-    )
-    movies, users = path.parent / "movies.dat", path.parent / "users.dat"
-    if movies.is_file():
-        t = _split_table(movies, "::", ["item", "title", "genre"])
-        raw.item_side = _Side(t, 0, {"genre": ("token_seq", 2, "|")}, ("genre",))
-    if users.is_file():
-        t = _split_table(users, "::", ["user", "gender", "age", "occupation", "zip_code"])
-        fields = {n: ("token", j, "") for j, n in enumerate(t.header) if j > 0}
-        raw.user_side = _Side(t, 0, fields, ("gender", "age", "occupation"))
-    return raw
-
-
-def _read_csv(path: Path, delimiter: Optional[str], user_col, item_col, time_col) -> _Raw:
-    if delimiter is None:
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    table = _read_csv_table(path, delimiter)
-    u, i, t = _find_columns(table, (user_col, item_col, time_col),
-                            [_COLUMN_NAMES[r] for r in ("user", "item", "timestamp")])  # fmt: skip
-    for j in (u, i, t):
-        table.columns[j] = [v.strip() for v in table.columns[j]]
-    return _Raw(
-        path.stem,
-        _parse_ids(table, u, "user"),
-        _parse_ids(table, i, "item"),
-        _parse_timestamps(table, t),
-    )
-
-
-def _resolve(path: Path, fmt: Optional[str]) -> Tuple[Path, str]:
-    """(file, format) for a path given to :func:`load`."""
-    if fmt is not None and fmt not in _FORMATS:
-        raise ValueError(f"format={fmt!r} is not one of {list(_FORMATS)}")
-    if path.is_dir():
-        inters = sorted(path.glob("*.inter"))
-        if (fmt in (None, "atomic")) and len(inters) == 1:
-            return inters[0], "atomic"
-        if fmt in (None, "ml-1m") and (path / "ratings.dat").is_file():
-            return path / "ratings.dat", "ml-1m"
-        csvs = sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".tsv"))
-        if fmt in (None, "csv") and len(csvs) == 1:
-            return csvs[0], "csv"
-        raise ValueError(
-            f"{path}: found no single data file to read (looked for one *.inter, ratings.dat, "
-            f"or one *.csv / *.tsv; found {len(inters)} .inter and {len(csvs)} csv files). "
-            f"Pass the file itself"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    if fmt is not None:
-        return path, fmt
-    suffix = path.suffix.lower()
-    if suffix == ".inter":
-        return path, "atomic"
-    if suffix == ".dat":
-        return path, "ml-1m"
-    if suffix in (".csv", ".tsv", ".txt"):
-        return path, "csv"
-    raise ValueError(
-        f"{path}: cannot tell the format from the name; pass format= one of {list(_FORMATS)}"
-    )
 
 
 # ---------------------------------------------------------------------------- load
@@ -704,9 +262,9 @@ def load(
     named = text in KNOWN_DATASETS and os.sep not in text and "/" not in text
     if named:
         folder = fetch(text, download=download)
-        raw = _read_atomic(folder / f"{text}.inter", user_col, item_col, time_col)
+        raw = read_atomic(folder / f"{text}.inter", user_col, item_col, time_col)
         raw.name = text
-        _check_counts(raw, folder)
+        check_counts(folder, (len(raw.users), len(np.unique(raw.users)), len(np.unique(raw.items))))
         default_items, default_users = _NAMED_FIELDS[text]
         item_fields = default_items if item_fields is None else item_fields
         user_fields = default_users if user_fields is None else user_fields
@@ -717,26 +275,17 @@ def load(
                 f"unknown dataset name {text!r}; known names: {sorted(KNOWN_DATASETS)}. Or pass "
                 f"the path of a RecBole .inter file, a MovieLens-1M ratings.dat or a CSV file"
             )
-        file, fmt = _resolve(path, format)
+        file, fmt = resolve(path, format)
         if fmt == "atomic":
-            raw = _read_atomic(file, user_col, item_col, time_col)
+            raw = read_atomic(file, user_col, item_col, time_col)
         elif fmt == "ml-1m":
-            raw = _read_ml1m(file)
+            raw = read_ml1m(file)
         else:
-            raw = _read_csv(file, delimiter, user_col, item_col, time_col)
+            raw = read_csv(file, delimiter, user_col, item_col, time_col)
     return _build(raw, min_events, item_fields, user_fields)
 
 
-def _check_counts(raw: _Raw, folder: Path) -> None:
-    got = (len(raw.users), len(np.unique(raw.users)), len(np.unique(raw.items)))
-    if got != _ML100K_COUNTS:
-        raise ValueError(
-            f"{folder}: the ml-100k files hold (events, users, items) = {got}, expected "
-            f"{_ML100K_COUNTS}; delete the folder to fetch the files again"
-        )
-
-
-def _build(raw: _Raw, min_events: int, item_fields: Fields, user_fields: Fields) -> Dataset:
+def _build(raw: Raw, min_events: int, item_fields: Fields, user_fields: Fields) -> Dataset:
     _, inv, counts = np.unique(raw.users, return_inverse=True, return_counts=True)
     keep = counts[inv.reshape(-1)] >= min_events
     dropped = int((counts < min_events).sum())

@@ -14,7 +14,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from spnn_fast import backends
+from spnn_fast import _ext, backends
+from spnn_fast._checks import check_int
 from spnn_fast.reference.encode import encode_batch_ref
 
 __all__ = ["SequenceBatch", "default_num_threads", "encode_batch", "release_cached_buffers"]
@@ -31,7 +32,8 @@ class SequenceBatch:
     """A padded batch of ``B`` windows of length ``L`` (CPU tensors unless moved with ``to``).
 
     ``items``, ``timestamps``, ``time_buckets``, ``targets``: int64 ``[B, L]``; ``mask``: bool
-    ``[B, L]``, True at events; ``negatives``: int64 ``[B, L, K]`` or None when ``K = 0``.
+    ``[B, L]``, True at events; ``negatives``: int64 ``[B, L, K]`` or None when ``K = 0``;
+    ``users``: int64 ``[B]``, the user row (in the log) of each window, or None.
     """
 
     items: torch.Tensor
@@ -40,14 +42,16 @@ class SequenceBatch:
     mask: torch.Tensor
     targets: torch.Tensor
     negatives: Optional[torch.Tensor] = None
+    users: Optional[torch.Tensor] = None
 
-    def _map(self, fn) -> SequenceBatch:
-        return SequenceBatch(
-            **{
-                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                for f in dataclasses.fields(self)
-            }
-        )
+    def _map(self, fn, per_row=None) -> SequenceBatch:
+        """Every tensor through ``fn`` (``users``, one value per row, through ``per_row``)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            g = per_row if f.name == "users" and per_row is not None else fn
+            out[f.name] = None if t is None else g(t)
+        return SequenceBatch(**out)
 
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> SequenceBatch:
         """Every tensor moved to ``device`` (``non_blocking`` as in ``Tensor.to``)."""
@@ -56,6 +60,25 @@ class SequenceBatch:
     def pin_memory(self) -> SequenceBatch:
         """Every tensor in page-locked memory (``DataLoader(pin_memory=True)`` calls this)."""
         return self._map(lambda t: t.pin_memory())
+
+    def tail(self, n: int) -> SequenceBatch:
+        """The last ``n`` columns: with left padding, each window's ``n`` newest events."""
+        if n >= self.max_len:
+            return self
+        return self._map(lambda t: t[:, -n:], per_row=lambda t: t)
+
+    def cut(self, keep: torch.Tensor) -> SequenceBatch:
+        """Each row ``b`` with only its last ``keep[b]`` columns (a left-padded window cut to its
+        ``keep[b]`` newest events: a cold-start input); the other columns become padding."""
+        cols = torch.arange(self.max_len, device=self.items.device)
+        visible = cols.unsqueeze(0) >= (self.max_len - keep).unsqueeze(1)
+
+        def hide(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype == torch.bool:
+                return t & visible
+            return t * (visible if t.dim() == 2 else visible.unsqueeze(-1))
+
+        return self._map(hide, per_row=lambda t: t)
 
     @property
     def batch_size(self) -> int:
@@ -79,7 +102,7 @@ def release_cached_buffers() -> int:
     Blocks come back to a small cache (at most 4 blocks, 1 GiB) when the last tensor of a batch
     dies, so that the next batch of the same shape writes into memory that is already mapped.
     """
-    return 0 if backends._C is None else int(backends._C.release_cached_buffers())
+    return 0 if _ext.C is None else int(_ext.C.release_cached_buffers())
 
 
 def _as_int64(name: str, x: ArrayLike) -> np.ndarray:
@@ -104,14 +127,6 @@ def _as_int64(name: str, x: ArrayLike) -> np.ndarray:
     if x.dtype == np.int64 and x.flags.c_contiguous:
         return x
     return np.ascontiguousarray(x, dtype=np.int64)
-
-
-def _check_int(name: str, value: object, minimum: int, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}{why}, got {value}")
-    return int(value)
 
 
 def _check_log(offsets: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -> None:
@@ -197,7 +212,7 @@ def encode_batch(
         ``targets [B, L]`` = the user's item at ``p + 1`` (0 after the last event), and
         ``negatives [B, L, K]`` (None when ``K = 0``): items uniform on ``[1, V]`` without the
         target, at positions whose target is nonzero. All are 0 at padding. The sampling formula
-        is in :mod:`spnn_fast.reference.encode`.
+        is in :mod:`spnn_fast.reference.encode`. ``users [B]`` is a copy of ``rows``.
 
     Raises:
         TypeError: a non-integer array or argument. ValueError: a bad argument, naming it, the
@@ -206,10 +221,10 @@ def encode_batch(
         target after it), so a bad event elsewhere goes unnoticed: ``InteractionLog.validate()``
         checks a whole log once.
     """
-    max_len = _check_int("max_len", max_len, 1)
-    num_time_buckets = _check_int("num_time_buckets", num_time_buckets, 1)
-    num_negatives = _check_int("num_negatives", num_negatives, 0)
-    num_items = _check_int(
+    max_len = check_int("max_len", max_len, 1)
+    num_time_buckets = check_int("num_time_buckets", num_time_buckets, 1)
+    num_negatives = check_int("num_negatives", num_negatives, 0)
+    num_items = check_int(
         "num_items",
         num_items,
         2 if num_negatives > 0 else 1,
@@ -222,7 +237,7 @@ def encode_batch(
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
     threads_given = num_threads is not None
     if threads_given:
-        num_threads = _check_int("num_threads", num_threads, 1)
+        num_threads = check_int("num_threads", num_threads, 1)
 
     offsets = _as_int64("offsets", offsets)
     items = _as_int64("items", items)
@@ -238,7 +253,8 @@ def encode_batch(
         if not threads_given:
             slots = len(rows) * max_len * (1 + num_negatives)
             num_threads = max(1, min(default_num_threads(), slots // _SLOTS_PER_THREAD))
-        out = backends._C.encode_batch(*args, num_negatives, seed, pad_side == "left", num_threads)
+        out = _ext.C.encode_batch(*args, num_negatives, seed, pad_side == "left", num_threads)
     else:
         out = encode_batch_ref(*args, num_negatives, seed, pad_side == "left")
-    return SequenceBatch(*(None if a is None else torch.from_numpy(a) for a in out))
+    fields = (None if a is None else torch.from_numpy(a) for a in out)
+    return SequenceBatch(*fields, users=torch.from_numpy(rows.copy()))

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from spnn_fast import backends, limits
+from spnn_fast._checks import FLOAT_DTYPES, check_matrix, check_same, describe, is_int, is_real
 
 # --------------------------------------------------------------------------------------------
 # Shared by every op: argument descriptions, and Triton-or-torch dispatch
 # --------------------------------------------------------------------------------------------
-
-
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
 
 
 def _triton_or_torch(op: str, backend: Optional[str], device: torch.device, why_not) -> str:
@@ -43,9 +39,9 @@ def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor [B, H, L, D], got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, L, D] (4-D), got {_describe(t)}")
+            raise ValueError(f"{name} must be [B, H, L, D] (4-D), got {describe(t)}")
         if not t.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {_describe(t)}")
+            raise ValueError(f"{name} must be floating point, got {describe(t)}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k, v must have the same shape [B, H, L, D]; got q {tuple(q.shape)}, "
@@ -55,7 +51,7 @@ def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, L, D = q.shape
     if D < 1:
-        raise ValueError(f"q, k, v must have a head dim D >= 1, got {_describe(q)}")
+        raise ValueError(f"q, k, v must have a head dim D >= 1, got {describe(q)}")
     named = {"k": k, "v": v, "key_padding_mask": key_padding_mask, "timestamps": timestamps}
     named["time_bias"] = time_bias
     for name, t in named.items():
@@ -67,33 +63,33 @@ def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
         if tuple(key_padding_mask.shape) != (B, L):
             raise ValueError(
                 f"key_padding_mask must be [B, L] = [{B}, {L}] for q of shape {tuple(q.shape)}, "
-                f"got {_describe(key_padding_mask)}"
+                f"got {describe(key_padding_mask)}"
             )
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(
-                f"key_padding_mask must be bool (True = real key), got {_describe(key_padding_mask)}"
+                f"key_padding_mask must be bool (True = real key), got {describe(key_padding_mask)}"
             )
     if timestamps is not None:
         if tuple(timestamps.shape) != (B, L):
             raise ValueError(
                 f"timestamps must be [B, L] = [{B}, {L}] for q of shape {tuple(q.shape)}, "
-                f"got {_describe(timestamps)}"
+                f"got {describe(timestamps)}"
             )
         if timestamps.dtype not in limits.ATTN_TIMESTAMP_DTYPES:
-            raise ValueError(f"timestamps must be integer (seconds), got {_describe(timestamps)}")
+            raise ValueError(f"timestamps must be integer (seconds), got {describe(timestamps)}")
     if time_bias is not None:
         if time_bias.dim() != 2 or time_bias.shape[0] != H:
             raise ValueError(
                 f"time_bias must be [H, NB] with H = {H} (q of shape {tuple(q.shape)}), "
-                f"got {_describe(time_bias)}"
+                f"got {describe(time_bias)}"
             )
         if not 1 <= time_bias.shape[1] <= limits.MAX_TIME_BUCKETS:
             raise ValueError(
                 f"time_bias must have 1 <= NB <= {limits.MAX_TIME_BUCKETS} buckets, "
-                f"got {_describe(time_bias)}"
+                f"got {describe(time_bias)}"
             )
         if not time_bias.is_floating_point():
-            raise ValueError(f"time_bias must be floating point, got {_describe(time_bias)}")
+            raise ValueError(f"time_bias must be floating point, got {describe(time_bias)}")
         if timestamps is None:
             raise ValueError("timestamps [B, L] are required when time_bias is given")
 
@@ -138,7 +134,7 @@ def semantic_attention(
     B, H, L, D = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    elif not is_real(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = float(scale)
 
@@ -146,7 +142,7 @@ def semantic_attention(
         if D > limits.ATTN_HEAD_DIMS[-1] or q.dtype not in limits.ATTN_DTYPES:
             return (
                 f"the kernels support head dims up to {limits.ATTN_HEAD_DIMS[-1]} and dtypes "
-                f"float32/float16/bfloat16; got q of {_describe(q)}"
+                f"float32/float16/bfloat16; got q of {describe(q)}"
             )
         return None
 
@@ -174,33 +170,13 @@ def semantic_attention(
 # Distillation losses: distillation_loss, feature_distillation_loss
 # --------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_matrix(name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got {_describe(t)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {_describe(t)}")
-    return t
-
-
-def _check_same(name_a: str, a: Tensor, name_b: str, b: Tensor, dtype: bool = True) -> None:
-    if a.device != b.device:
-        raise ValueError(
-            f"{name_a} ({_describe(a)}) and {name_b} ({_describe(b)}) are on different devices"
-        )
-    if dtype and a.dtype != b.dtype:
-        raise ValueError(f"{name_a} ({_describe(a)}) and {name_b} ({_describe(b)}) differ in dtype")
-
-
 def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index, reduction):
-    _check_matrix("student_hidden", hs)
-    _check_matrix("student_items", ws)
-    _check_same("student_hidden", hs, "student_items", ws)
+    check_matrix("student_hidden", hs)
+    check_matrix("student_items", ws)
+    check_same("student_hidden", hs, "student_items", ws)
     n, ds = hs.shape
     if ws.shape[0] < 1 or ws.shape[1] != ds or ds < 1:
         raise ValueError(
@@ -208,18 +184,16 @@ def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index
             f"got student_hidden {tuple(hs.shape)}, student_items {tuple(ws.shape)}"
         )
     v = ws.shape[0]
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not is_real(temperature, 0.0, open_low=True):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if temperature < 1e-6:
         # Logits divided by T overflow float32 long before T reaches 0.
         raise ValueError(f"temperature must be >= 1e-6 (logits / T overflow), got {temperature}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    if not is_real(alpha, 0.0, 1.0):
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if not is_int(ignore_index):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if alpha > 0 and (ht is None or wt is None):
         raise ValueError(
@@ -228,10 +202,10 @@ def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index
     if ht is not None or wt is not None:
         if ht is None or wt is None:
             raise ValueError("teacher_hidden and teacher_items must be given together")
-        _check_matrix("teacher_hidden", ht)
-        _check_matrix("teacher_items", wt)
-        _check_same("student_hidden", hs, "teacher_hidden", ht)
-        _check_same("student_hidden", hs, "teacher_items", wt)
+        check_matrix("teacher_hidden", ht)
+        check_matrix("teacher_items", wt)
+        check_same("student_hidden", hs, "teacher_hidden", ht)
+        check_same("student_hidden", hs, "teacher_items", wt)
         dt = ht.shape[1]
         if ht.shape[0] != n or wt.shape != (v, dt) or dt < 1:
             raise ValueError(
@@ -242,9 +216,26 @@ def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index
         raise ValueError(f"alpha={alpha} < 1 includes cross-entropy: target is required")
     if target is not None:
         if not isinstance(target, Tensor) or target.dtype != torch.int64 or target.shape != (n,):
-            got = _describe(target) if isinstance(target, Tensor) else type(target).__name__
+            got = describe(target) if isinstance(target, Tensor) else type(target).__name__
             raise ValueError(f"target must be an int64 tensor of shape [N={n}], got {got}")
-        _check_same("student_hidden", hs, "target", target, dtype=False)
+        check_same("student_hidden", hs, "target", target, dtype=False)
+        _check_target_values(target, v, ignore_index)
+
+
+def _check_target_values(target: Tensor, v: int, ignore_index: int) -> None:
+    """Every target in ``[0, V)`` or ``ignore_index``. Eagerly a ValueError naming the first bad
+    value (reading it waits for the device: this check, not the op, holds the one sync); under
+    torch.compile an asynchronous device-side assert, which traces without a graph break."""
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= v))
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"target outside [0, V={v}) and not ignore_index")
+    elif bool(bad.any()):
+        raise ValueError(
+            f"target holds {int(target[bad][0])}, outside [0, V={v}) and not "
+            f"ignore_index={ignore_index} ({int(bad.sum())} such rows)"
+        )
 
 
 def _distill_backend(backend: Optional[str], hs: Tensor, ht: Optional[Tensor]) -> str:
@@ -338,21 +329,21 @@ def feature_distillation_loss(
     from spnn_fast.ops.feature_distill import feature_distill_rows
     from spnn_fast.reference.feature_distill import feature_distillation_loss_reference
 
-    _check_matrix("student_emb", student_emb)
-    _check_matrix("teacher_emb", teacher_emb)
-    _check_same("student_emb", student_emb, "teacher_emb", teacher_emb)
+    check_matrix("student_emb", student_emb)
+    check_matrix("teacher_emb", teacher_emb)
+    check_same("student_emb", student_emb, "teacher_emb", teacher_emb)
     if student_emb.shape != teacher_emb.shape or student_emb.shape[1] < 1:
         raise ValueError(
             f"student_emb and teacher_emb must both be [N, K >= 1]; got "
             f"{tuple(student_emb.shape)} and {tuple(teacher_emb.shape)}"
         )
-    if not isinstance(weights, Tensor) or weights.dtype not in _FLOAT_DTYPES:
+    if not isinstance(weights, Tensor) or weights.dtype not in FLOAT_DTYPES:
         raise ValueError(f"weights must be a float tensor, got {weights!r:.80}")
     if weights.shape != (student_emb.shape[0],):
-        raise ValueError(f"weights must be [N={student_emb.shape[0]}], got {_describe(weights)}")
-    _check_same("student_emb", student_emb, "weights", weights, dtype=False)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+        raise ValueError(f"weights must be [N={student_emb.shape[0]}], got {describe(weights)}")
+    check_same("student_emb", student_emb, "weights", weights, dtype=False)
+    if not is_real(eps, 0.0, open_low=True):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
     def why_not():
         if student_emb.dtype == torch.float64:

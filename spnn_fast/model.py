@@ -43,16 +43,17 @@ class SPNNConfig:
 
     ``item_feature_vocab`` / ``user_feature_vocab`` map each side feature to its number of codes
     (code 0 = unknown / padding); the code tables themselves are given to :class:`SPNN`.
-    ``detector_layers`` (teachers) names the layers that carry a knowledge detector.
+    ``detector_layers`` (teachers) names the layers that carry a knowledge detector. The
+    defaults are the main job's teacher (:class:`spnn_fast.config.ExperimentConfig`).
     """
 
     num_items: int
-    max_len: int = 50
+    max_len: int = 30
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2
     d_ff: Optional[int] = None
-    dropout: float = 0.2
+    dropout: float = 0.35
     num_time_buckets: int = 32
     item_feature_vocab: Dict[str, int] = field(default_factory=dict)
     user_feature_vocab: Dict[str, int] = field(default_factory=dict)

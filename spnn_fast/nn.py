@@ -7,14 +7,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from spnn_fast.encode import _check_int
+from spnn_fast._checks import check_int
 from spnn_fast.limits import MAX_TIME_BUCKETS
 
 
 def _check_sizes(owner: str, **sizes: object) -> None:
     """TypeError for a size that is not an integer (bool and float included), ValueError < 1."""
     for name, v in sizes.items():
-        _check_int(f"{owner}: {name}", v, 1)
+        check_int(f"{owner}: {name}", v, 1)
 
 
 # --------------------------------------------------------------------------------------------

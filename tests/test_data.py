@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import spnn_fast.data as data
+import spnn_fast.download as download
 from spnn_fast.data import Dataset, DatasetUnavailableError, load, multi_hot
 
 INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
@@ -140,14 +140,14 @@ def _fake_pip(src: Path, exit_code: int = 0, write_wheel: bool = True):
 def cache(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
     monkeypatch.setenv("SPNN_FAST_CACHE", str(folder))
-    monkeypatch.setattr(data, "_ML100K_COUNTS", (13, 4, 7))
+    monkeypatch.setattr(download, "_ML100K_COUNTS", (13, 4, 7))
     return folder
 
 
 def test_ml100k_download_then_cache(tmp_path, cache, monkeypatch):
     src = tmp_path / "src"
     _atomic(src, "ml-100k")
-    monkeypatch.setattr(data, "_pip_download_command", _fake_pip(src))
+    monkeypatch.setattr(download, "_pip_download_command", _fake_pip(src))
     ds = load("ml-100k")
     assert ds.name == "ml-100k"
     _check_mini_log(ds)
@@ -159,14 +159,14 @@ def test_ml100k_download_then_cache(tmp_path, cache, monkeypatch):
     )
 
     # Cached: a failing downloader is never called, even with download=False.
-    monkeypatch.setattr(data, "_pip_download_command", _fake_pip(src, exit_code=1))
+    monkeypatch.setattr(download, "_pip_download_command", _fake_pip(src, exit_code=1))
     _check_mini_log(load("ml-100k", download=False))
 
 
 def test_ml100k_download_failure(tmp_path, cache, monkeypatch):
     src = tmp_path / "src"
     _atomic(src, "ml-100k")
-    monkeypatch.setattr(data, "_pip_download_command", _fake_pip(src, 3, write_wheel=False))
+    monkeypatch.setattr(download, "_pip_download_command", _fake_pip(src, 3, write_wheel=False))
     with pytest.raises(DatasetUnavailableError) as err:
         load("ml-100k")
     msg = str(err.value)
@@ -176,7 +176,7 @@ def test_ml100k_download_failure(tmp_path, cache, monkeypatch):
     assert "load('/path/to/ml-100k')" in msg and "SPNN_FAST_CACHE" in msg
     assert not (cache / "ml-100k" / "ml-100k.inter").exists()
 
-    monkeypatch.setattr(data, "_pip_download_command", _fake_pip(src, 0, write_wheel=False))
+    monkeypatch.setattr(download, "_pip_download_command", _fake_pip(src, 0, write_wheel=False))
     with pytest.raises(DatasetUnavailableError, match="left no recbole wheel"):
         load("ml-100k")
     with pytest.raises(DatasetUnavailableError, match="download=False.*place ml-100k.inter"):
@@ -186,19 +186,19 @@ def test_ml100k_download_failure(tmp_path, cache, monkeypatch):
 def test_ml100k_wrong_counts(tmp_path, cache, monkeypatch):
     src = tmp_path / "src"
     _atomic(src, "ml-100k")
-    monkeypatch.setattr(data, "_pip_download_command", _fake_pip(src))
-    monkeypatch.setattr(data, "_ML100K_COUNTS", (100000, 943, 1682))
+    monkeypatch.setattr(download, "_pip_download_command", _fake_pip(src))
+    monkeypatch.setattr(download, "_ML100K_COUNTS", (100000, 943, 1682))
     with pytest.raises(ValueError, match=r"\(13, 4, 7\), expected \(100000, 943, 1682\)"):
         load("ml-100k")
 
 
 def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SPNN_FAST_CACHE", str(tmp_path / "x"))
-    assert data.cache_dir() == tmp_path / "x"
+    assert download.cache_dir() == tmp_path / "x"
     monkeypatch.delenv("SPNN_FAST_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.cache_dir() == tmp_path / ".cache" / "spnn_fast"
+    assert download.cache_dir() == tmp_path / ".cache" / "spnn_fast"
 
 
 def test_ml1m(tmp_path):

@@ -12,15 +12,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spnn_fast import backends
+from spnn_fast import _ext, backends
 from spnn_fast.encode import SequenceBatch, encode_batch, release_cached_buffers
 from spnn_fast.reference.encode import mix_seed, splitmix64_np
 
 BACKENDS = ["cpp", "torch"]
-FIELDS = ("items", "timestamps", "time_buckets", "mask", "targets", "negatives")
+FIELDS = ("items", "timestamps", "time_buckets", "mask", "targets", "negatives", "users")
 M64 = (1 << 64) - 1
 
-needs_cpp = pytest.mark.skipif(backends._C is None, reason="spnn_fast._C did not build")
+needs_cpp = pytest.mark.skipif(_ext.C is None, reason="spnn_fast._C did not build")
 
 
 def _backend_params():
@@ -102,6 +102,7 @@ def _oracle(offsets, items, times, rows, ends, max_len, *, num_items, num_time_b
     return SequenceBatch(
         **{f: torch.from_numpy(v) for f, v in out.items()},
         negatives=torch.from_numpy(neg) if K else None,
+        users=torch.as_tensor(np.asarray(rows, dtype=np.int64)),
     )
 
 
@@ -468,7 +469,7 @@ def test_cpp_direct_call_checks_what_it_reads(change, match):
                 ends=np.array([3, 4, 1]), max_len=3, num_items=5, num_time_buckets=32,
                 num_negatives=0, seed=0, pad_left=True, num_threads=2)  # fmt: skip
     with pytest.raises(ValueError, match=match):
-        backends._C.encode_batch(**{**call, **change})
+        _ext.C.encode_batch(**{**call, **change})
 
 
 # ----------------------------------------------------------------------------- backends
@@ -480,7 +481,7 @@ def test_unknown_backend():
 
 
 def test_cpp_unavailable(monkeypatch):
-    monkeypatch.setattr(backends, "_C", None)
+    monkeypatch.setattr(_ext, "C", None)
     with pytest.raises(backends.BackendUnavailableError, match=r"encode_batch: backend='cpp'"):
         encode_batch(**BASE_CALL, backend="cpp")
     # auto falls back to the reference, with the same result.
@@ -503,13 +504,13 @@ def test_env_var_selects_backend(monkeypatch):
 @needs_cpp
 def test_outputs_are_the_extension_buffers(monkeypatch):
     seen = {}
-    real = backends._C.encode_batch
+    real = _ext.C.encode_batch
 
     def spy(*args):
         seen["args"], seen["out"] = args, real(*args)
         return seen["out"]
 
-    monkeypatch.setattr(backends._C, "encode_batch", spy)
+    monkeypatch.setattr(_ext.C, "encode_batch", spy)
     b = encode_batch(**BASE_CALL, num_negatives=2, backend="cpp")
     # Inputs already int64 and contiguous reach the extension as the same objects.
     assert seen["args"][1] is ITEMS and seen["args"][2] is TIMES
@@ -528,7 +529,7 @@ def test_outputs_are_the_extension_buffers(monkeypatch):
 @needs_cpp
 def test_pool_reuses_only_released_blocks():
     kw = dict(**BASE_CALL, num_negatives=2, backend="cpp")
-    backends._C.release_cached_buffers()
+    _ext.C.release_cached_buffers()
     a = encode_batch(**kw)
     keep = a.items[1:]  # a view outliving the batch keeps the block alive
     want = keep.clone()
@@ -540,20 +541,20 @@ def test_pool_reuses_only_released_blocks():
     assert torch.equal(keep, want)
     ptr_b = b.items.data_ptr()
     del b
-    assert backends._C.cached_buffers()[0] == 1
+    assert _ext.C.cached_buffers()[0] == 1
     c = encode_batch(**kw)
     assert c.items.data_ptr() == ptr_b  # a released block of the same size is reused
     assert_batch_equal(c, encode_batch(**{**kw, "backend": "torch"}))  # and fully rewritten
     del keep, c
     assert release_cached_buffers() > 0
-    assert backends._C.cached_buffers() == (0, 0)
+    assert _ext.C.cached_buffers() == (0, 0)
 
 
 @needs_cpp
 def test_gil_released_while_encoding(monkeypatch):
     # While the extension runs, another Python thread must be able to run: count its steps
     # between the start and the end of each extension call (0 for all calls if the GIL is held).
-    real = backends._C.encode_batch
+    real = _ext.C.encode_batch
     ticks, during = [0], []
 
     def spy(*args):
@@ -562,7 +563,7 @@ def test_gil_released_while_encoding(monkeypatch):
         during.append(ticks[0] - before)
         return out
 
-    monkeypatch.setattr(backends._C, "encode_batch", spy)
+    monkeypatch.setattr(_ext.C, "encode_batch", spy)
     rng = np.random.default_rng(6)
     offsets, items, times, lengths = _random_log(rng, 400, 400, 1000)
     rows, ends = _random_rows(rng, lengths, 2048)

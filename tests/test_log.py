@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spnn_fast import InteractionLog, backends
+from spnn_fast import InteractionLog, _ext
 from spnn_fast.encode import encode_batch
 
 
@@ -156,7 +156,7 @@ def test_validate_allows_time_to_go_back_between_users():
     InteractionLog.from_csr(**parts).validate()
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.skipif(backends._C is None, reason="no _C")), "torch"])  # fmt: skip
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.skipif(_ext.C is None, reason="no _C")), "torch"])  # fmt: skip
 def test_memmap_round_trip_feeds_encode_batch(tmp_path, monkeypatch, backend):
     rng = np.random.default_rng(1)
     n = 500
@@ -178,8 +178,8 @@ def test_memmap_round_trip_feeds_encode_batch(tmp_path, monkeypatch, backend):
     kw = dict(num_items=loaded.num_items, num_negatives=2, backend=backend)
     if backend == "cpp":  # the mapped arrays reach the extension without a copy
         seen = []
-        real = backends._C.encode_batch
-        monkeypatch.setattr(backends._C, "encode_batch", lambda *a: seen.append(a) or real(*a))
+        real = _ext.C.encode_batch
+        monkeypatch.setattr(_ext.C, "encode_batch", lambda *a: seen.append(a) or real(*a))
     got = encode_batch(loaded.offsets, loaded.items, loaded.timestamps, rows, ends, 32, **kw)
     want = encode_batch(log.offsets, log.items, log.timestamps, rows, ends, 32, **kw)
     for f in ("items", "timestamps", "time_buckets", "mask", "targets", "negatives"):

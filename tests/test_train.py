@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+from spnn_fast.config import ExperimentConfig, TrainConfig
 from spnn_fast.data import load
-from spnn_fast.experiment import MODELS, ExperimentConfig, _check_same_run, run
+from spnn_fast.experiment import MODELS, run
 from spnn_fast.model import SPNN, SPNNConfig
-from spnn_fast.train import TrainConfig, Trainer, fresh_targets, make_batch, training_windows
+from spnn_fast.runfolder import check_same_run, read_run_config
+from spnn_fast.train import Trainer
+from spnn_fast.windows import fresh_targets, make_batch, training_windows
 
 
 def _write_cycle_csv(path, users=6, length=14, items=7):
@@ -197,29 +200,33 @@ def test_an_epoch_trains_each_target_once_whatever_the_stride(cycle_ds, stride):
     assert TrainConfig(window_stride=np.int64(3)).window_stride == 3
 
 
-def test_a_resumed_run_keeps_the_windows_it_was_saved_with():
-    saved = ExperimentConfig(window_stride=3).to_dict()
-    assert ExperimentConfig.from_saved(saved).window_stride == 3
-    # Runs saved before window_stride existed trained on windows that do not overlap.
-    del saved["window_stride"]
-    assert ExperimentConfig.from_saved(saved).window_stride is None
-    assert ExperimentConfig.from_saved(saved) == ExperimentConfig(**saved, window_stride=None)
-    # ... and before teacher_dropout existed, the teacher used the common dropout.
-    del saved["teacher_dropout"]
-    assert ExperimentConfig.from_saved(saved).teacher_dropout is None
+def test_a_resumed_run_keeps_the_settings_it_was_saved_with(tmp_path):
+    from spnn_fast.runfolder import write_run_config
+
+    cfg = ExperimentConfig(window_stride=3, teacher_dropout=None)
+    write_run_config(cfg, str(tmp_path))
+    assert read_run_config(str(tmp_path)) == cfg
+    assert read_run_config(str(tmp_path)).window_stride == 3
+    assert read_run_config(str(tmp_path)).teacher_dropout is None
+    # A None that stands for the common setting is the same run as the setting spelled out.
+    assert cfg.differences(dataclasses.replace(cfg, teacher_dropout=cfg.dropout)) == []
+    assert cfg.differences(dataclasses.replace(cfg, window_stride=None)) == ["window_stride"]
+    # A run folder of another format is named, not half-read.
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps({"format": "spnn_fast.run/1", "config": {"extra": {}}}))
+    with pytest.raises(ValueError, match=r"run.json is not a run of this spnn_fast \(format"):
+        read_run_config(str(tmp_path))
 
 
 def test_teacher_dropout_is_the_teachers_alone(cycle_ds):
-    from spnn_fast.experiment import model_configs
-
-    for flags, teacher, student in (([], 0.35, 0.2), (["--teacher-dropout", "-1"], 0.2, 0.2),
+    for flags, teacher, student in (([], 0.35, 0.2), (["--teacher-dropout", "None"], 0.2, 0.2),
                                     (["--teacher-dropout", "0.1", "--dropout", "0.3"], 0.1, 0.3)):  # fmt: skip
-        mcfgs = model_configs(_train_cli_config(*flags), cycle_ds)
+        mcfgs = _train_cli_config(*flags).model_configs(cycle_ds)
         assert mcfgs["teacher"].dropout == teacher
         assert mcfgs["student"].dropout == mcfgs["student_kd"].dropout == student
     with pytest.raises(
         ValueError,
-        match=r"teacher_dropout=1.0 must be None \(the same as dropout; -1 on the com",
+        match=r"teacher_dropout=1.0 must be None \(the same as dropout\) or a number in",
     ):
         ExperimentConfig(teacher_dropout=1.0)
 
@@ -231,8 +238,8 @@ def test_model_overfits_a_tiny_log(cycle_ds):
     res = Trainer(model, cycle_ds, tcfg, seed=0).fit()
     assert res["metrics"]["test"]["HR@5"] == 1.0
     # HR@1 = 1.0: the target is ranked first for every user.
+    from spnn_fast.evaluation import evaluate
     from spnn_fast.protocol import eval_sets
-    from spnn_fast.train import evaluate
 
     hr1 = evaluate(model, cycle_ds.log, eval_sets(cycle_ds.log)["test"], ks=(1,))["HR@1"]
     assert hr1 == 1.0
@@ -469,22 +476,20 @@ def test_pipeline_report_and_resume(tmp_path, monkeypatch):
             str(tmp_path / "full"), log=lambda *a: None)  # fmt: skip
     assert (tmp_path / "full" / "run.json").read_text() == saved
     more_seeds = _tiny_experiment(data, teacher_max_len=11, seeds=2)  # may grow: seed 0 is reused
-    _check_same_run(more_seeds, str(tmp_path / "full" / "run.json"))
+    check_same_run(more_seeds, str(tmp_path / "full"))
     no_cache = _tiny_experiment(data, teacher_max_len=11, teacher_cache_mb=0)  # speed only
-    _check_same_run(no_cache, str(tmp_path / "full" / "run.json"))
-    # A run saved on a GPU goes on here; a run saved before teacher_dropout existed (one dropout
-    # for every model) is the same run as one that names that dropout for its teacher.
+    check_same_run(no_cache, str(tmp_path / "full"))
+    # A run saved on a GPU goes on here; a run whose teacher used the common dropout (None) is
+    # the same run as one that names that dropout for its teacher.
     old = json.loads(saved)
-    del old["config"]["teacher_dropout"]
+    old["config"]["teacher_dropout"] = None
     old["config"]["device"] = "cuda:3"
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "run.json").write_text(json.dumps(old))
     same = _tiny_experiment(data, teacher_max_len=11, teacher_dropout=0.2)
-    _check_same_run(same, str(tmp_path / "old" / "run.json"))
+    check_same_run(same, str(tmp_path / "old"))
     with pytest.raises(ValueError, match=r"\(teacher_dropout differ\)"):
-        _check_same_run(
-            _tiny_experiment(data, teacher_max_len=11), str(tmp_path / "old" / "run.json")
-        )
+        check_same_run(_tiny_experiment(data, teacher_max_len=11), str(tmp_path / "old"))
     assert "Sampling error" in (tmp_path / "full" / "report.md").read_text()
     assert (tmp_path / "full" / "report.png").stat().st_size > 0
 
@@ -540,7 +545,7 @@ def test_cli_train_and_eval(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"valid", "test", "cold@3", "cold@5", "cold@10"}
     assert main(["eval", str(tmp_path / "cycle.csv")]) == 2  # not a checkpoint: clean error
-    assert "is not an spnn_fast model checkpoint" in capsys.readouterr().err
+    assert "cycle.csv is damaged" in capsys.readouterr().err
     assert main(["eval", str(out / "seed0" / "teacher" / "best.pt"), "--device", "gpu"]) == 2
     assert "device='gpu' is not a device" in capsys.readouterr().err  # not "not a checkpoint"
     assert main(args[:-2] + ["--student-d", "4", "--threads", "-2"]) == 2
@@ -553,11 +558,52 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "already done, reusing its result" in capsys.readouterr().out
 
 
-def _bench_module(name):
+def test_the_train_command_is_bitwise_reproducible(tmp_path):
+    """Two processes run the whole job (teacher, student, distilled student) and save the same
+    models to the last bit, with the CPU threads fixed as the command fixes them."""
+    data = _write_cycle_csv(tmp_path / "cycle.csv", users=9)
+    flags = ["--data", data, "--seeds", "1", "--epochs", "2", "--max-len", "8", "--teacher-d",
+             "16", "--teacher-layers", "1", "--student-d", "4", "--batch-size", "8",
+             "--window-stride", "3", "--threads", "2"]  # fmt: skip
+    for run_name in ("a", "b"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "spnn_fast",
+            "train",
+            *flags,
+            "--out",
+            str(tmp_path / run_name),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONHASHSEED": run_name.encode()[0].__str__()})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in MODELS:
+        a, b = (torch.load(tmp_path / r / "seed0" / name / "best.pt") for r in ("a", "b"))
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for key, value in a["state_dict"].items():
+            assert torch.equal(value, b["state_dict"][key]), (name, key)
+        results = [json.loads((tmp_path / r / "seed0" / name / "result.json").read_text())
+                   for r in ("a", "b")]  # fmt: skip
+        assert results[0]["history"] == results[1]["history"], name
+        assert results[0]["metrics"] == results[1]["metrics"], name
+
+
+def test_fix_threads_turns_mkl_dynamic_threading_off():
+    from spnn_fast._threads import fix_threads, mkl_dynamic
+
+    before = torch.get_num_threads()
+    assert fix_threads() == before
+    assert mkl_dynamic() in (None, False)  # None: a torch without MKL
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        fix_threads(0)
+
+
+def _experiment_module(name):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -566,12 +612,12 @@ def _bench_module(name):
 
 def test_teacher_sweep_trains_the_pipelines_teacher(tmp_path, capsys):
     # Hyperparameters are chosen from sweep runs: a sweep's teacher must be the main job's teacher.
-    sweep = _bench_module("sweep_teacher")
+    sweep = _experiment_module("sweep_teacher")
     data = _write_cycle_csv(tmp_path / "cycle.csv")
     cfg = _tiny_experiment(data)
     run(cfg, str(tmp_path / "run"), log=lambda *a: None)
     result = json.loads((tmp_path / "run" / "seed0" / "teacher" / "result.json").read_text())
-    overrides = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "extra")}
+    overrides = {k: v for k, v in cfg.to_dict().items() if k != "seeds"}
     out = tmp_path / "sweep.jsonl"
     sweep.main(["--seeds", "0", "--config", json.dumps(overrides), "--out", str(out)])
     row = json.loads(out.read_text().splitlines()[0])
@@ -672,7 +718,7 @@ def test_cached_teacher_outputs_train_like_per_batch_teacher(
         losses = [tr.train_epoch(e) for e in range(2)]
         params[cache_mb] = ([p.detach().clone() for p in student.parameters()], losses)
         calls[cache_mb] = n[0]
-        assert (tr.teacher_cache() is None) == (cache_mb == 0)
+        assert (tr.teacher.cache() is None) == (cache_mb == 0)
     steps = 2 * math.ceil(len(tr.windows[0]) / 4)
     assert calls[0] == steps  # once per batch
     assert calls[1024] == math.ceil(len(tr.windows[0]) / 5)  # once per cache chunk
@@ -691,13 +737,13 @@ def test_teacher_cache_respects_its_budget(cycle_ds):
     for mb, cached in ((need * (1 - 1e-9), False), (need, True)):
         tcfg = TrainConfig(layer_pairs=[("layers.0", "layers.0")], teacher_cache_mb=mb)
         tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
-        cache = tr.teacher_cache()
+        cache = tr.teacher.cache()
         assert (cache is not None) == cached
         if cached:
-            assert cache[0].shape == (n, 8, 16) and cache[1]["layers.0"].shape == (n, 8, 16)
-    assert Trainer(student, cycle_ds, TrainConfig(), seed=0).teacher_cache() is None
+            assert cache.hidden.shape == (n, 8, 16) and cache.layers["layers.0"].shape == (n, 8, 16)
+    assert Trainer(student, cycle_ds, TrainConfig(), seed=0).teacher is None
     cut = TrainConfig(teacher_input="cut")
-    assert Trainer(student, cycle_ds, cut, teacher=teacher, seed=0).teacher_cache() is None
+    assert Trainer(student, cycle_ds, cut, teacher=teacher, seed=0).teacher.cache() is None
     with pytest.raises(ValueError, match="teacher_cache_mb"):
         TrainConfig(teacher_cache_mb=-1)
 
@@ -711,10 +757,8 @@ def test_a_teacher_reads_at_least_the_students_window(cycle_ds, tmp_path):
 
 
 def test_teacher_cache_flag_reaches_the_distilled_student():
-    from spnn_fast.experiment import train_configs
-
     for flag, want in (([], 1024.0), (["--teacher-cache-mb", "0"], 0.0)):
-        assert train_configs(_train_cli_config(*flag))["student_kd"].teacher_cache_mb == want
+        assert _train_cli_config(*flag).train_configs()["student_kd"].teacher_cache_mb == want
     with pytest.raises(ValueError, match="teacher_cache_mb"):
         _train_cli_config("--teacher-cache-mb", "-1")
 
@@ -723,19 +767,17 @@ def _train_cli_config(*flags):
     """The ExperimentConfig that ``spnn-fast train FLAGS`` builds."""
     import argparse
 
-    from spnn_fast.cli import _config_from_args, _train_parser
+    from spnn_fast.cli import _run_config, _train_parser
 
     parser = argparse.ArgumentParser()
     _train_parser(parser.add_subparsers(dest="command"))
-    return _config_from_args(parser.parse_args(["train", *flags]))
+    return _run_config(parser.parse_args(["train", *flags]))[0]
 
 
 def test_kd_teacher_input_reaches_the_distilled_student():
-    from spnn_fast.experiment import train_configs
-
     for flag, want in (([], "full"), (["--kd-teacher-input", "cut"], "cut")):
         cfg = _train_cli_config(*flag)
-        tcfgs = train_configs(cfg)
+        tcfgs = cfg.train_configs()
         assert cfg.kd_teacher_input == want and tcfgs["student_kd"].teacher_input == want
         assert tcfgs["teacher"].teacher_input == tcfgs["student"].teacher_input == "full"
     with pytest.raises(SystemExit):  # argparse refuses other values
@@ -743,18 +785,16 @@ def test_kd_teacher_input_reaches_the_distilled_student():
 
 
 def test_window_stride_flag_reaches_every_model():
-    from spnn_fast.experiment import train_configs
-
     for flag, want in (([], ExperimentConfig.window_stride), (["--window-stride", "3"], 3),
-                       (["--window-stride", "0"], None)):  # fmt: skip
-        tcfgs = train_configs(_train_cli_config(*flag))
+                       (["--window-stride", "None"], None)):  # fmt: skip
+        tcfgs = _train_cli_config(*flag).train_configs()
         assert {t.window_stride for t in tcfgs.values()} == {want}
     with pytest.raises(ValueError, match="window_stride"):
-        train_configs(_train_cli_config("--window-stride", "-1"))
+        _train_cli_config("--window-stride", "-1").train_configs()
 
 
 def test_shifted_eval_reads_a_run_and_shifts_only_the_inputs(tmp_path, capsys):
-    shifted = _bench_module("shifted_eval")
+    shifted = _experiment_module("shifted_eval")
     data = _write_cycle_csv(tmp_path / "cycle.csv")
     run(_tiny_experiment(data), str(tmp_path / "run"), log=lambda *a: None)
     sets = shifted.splits(load(data).log)

@@ -22,18 +22,6 @@ def _kernels():
     return distill
 
 
-def _check_target(target: Optional[Tensor], v: int, ignore_index: int) -> None:
-    if target is None or target.numel() == 0:
-        return
-    bad = (target != ignore_index) & ((target < 0) | (target >= v))
-    if bool(bad.any()):
-        first = int(target[bad][0])
-        raise ValueError(
-            f"target holds {first}, outside [0, V={v}) and not ignore_index={ignore_index} "
-            f"({int(bad.sum())} such rows)"
-        )
-
-
 @torch.library.custom_op("spnn_fast::distill_rows", mutates_args=())
 def distill_rows(
     student_hidden: Tensor,
@@ -46,8 +34,9 @@ def distill_rows(
     ignore_index: int,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss [N], lse_s [N], lse_sT [N], lse_tT [N]) in the accumulation dtype."""
-    _check_target(target, student_items.shape[0], ignore_index)
+    """(loss [N], lse_s [N], lse_sT [N], lse_tT [N]) in the accumulation dtype. Targets are
+    checked by the caller (:func:`spnn_fast.functional.distillation_loss`): the op only
+    launches, without waiting for the device."""
     args = (student_hidden, student_items, teacher_hidden, teacher_items, target)
     if backend == "triton":
         return _kernels().distill_fwd(*args, temperature, alpha, ignore_index)

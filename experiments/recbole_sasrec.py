@@ -6,8 +6,8 @@ environment (it is no dependency of spnn_fast), e.g.::
 
     python -m venv rb-venv && rb-venv/bin/pip install torch==2.13.0 recbole==1.2.1 \
         'numpy<2' 'pandas<2.2' 'scipy<1.14'
-    rb-venv/bin/python benchmarks/recbole_sasrec.py 0 1 2      # seeds; prints one JSON per seed
-    rb-venv/bin/python benchmarks/recbole_sasrec.py 0 --max-len 20   # a shorter input length
+    rb-venv/bin/python experiments/recbole_sasrec.py 0 1 2      # seeds; prints one JSON per seed
+    rb-venv/bin/python experiments/recbole_sasrec.py 0 --max-len 20   # a shorter input length
 
 Each JSON holds the test metrics and, for the cold-start comparison, NDCG@10 and HR@10 of the
 selected model on cold@3/5/10 (the same test rows, each input cut to its k most recent events).

@@ -5,12 +5,12 @@ alone trains in about a minute per seed on a 2-core CPU, a third of a full ``spn
 seed. Each run prints one JSON line (validation and test NDCG@10 of the selected epoch, cold@k
 test NDCG@10, best epoch, seconds), then each configuration's means over its seeds::
 
-    python benchmarks/sweep_teacher.py --seeds 0 1 2 3 4 5 \\
+    python experiments/sweep_teacher.py --seeds 0 1 2 3 4 5 \\
         --config '{"max_len": 50}' --config '{"max_len": 20}' --out sweep.jsonl
 
-A configuration is a JSON object of :class:`spnn_fast.experiment.ExperimentConfig` fields, plus
+A configuration is a JSON object of :class:`spnn_fast.config.ExperimentConfig` fields, plus
 optional ``"model"`` / ``"train"`` objects of :class:`spnn_fast.model.SPNNConfig` /
-:class:`spnn_fast.train.TrainConfig` fields applied to the teacher on top. The seeds match the main
+:class:`spnn_fast.config.TrainConfig` fields applied to the teacher on top. The seeds match the main
 job's: a teacher here is the teacher of ``spnn-fast train`` with the same configuration and seed.
 The teacher's dropout is ``"teacher_dropout"``; ``"dropout"`` alone is refused (it is the
 students', and the teacher's only when ``"teacher_dropout"`` is null).
@@ -26,8 +26,9 @@ import time
 import numpy as np
 import torch
 
+from spnn_fast.config import ExperimentConfig
 from spnn_fast.data import Dataset, load
-from spnn_fast.experiment import ExperimentConfig, model_configs, seed_model, train_configs
+from spnn_fast.experiment import seed_model
 from spnn_fast.model import SPNN
 from spnn_fast.protocol import DEFAULT_SPLITS
 from spnn_fast.train import Trainer
@@ -38,8 +39,8 @@ def run_teacher(overrides: dict, seed: int, ds: Dataset) -> dict:
     kw = dict(overrides)
     mkw, tkw = kw.pop("model", {}), kw.pop("train", {})
     cfg = ExperimentConfig(**kw)
-    mcfg = dataclasses.replace(model_configs(cfg, ds)["teacher"], **mkw)
-    tcfg = dataclasses.replace(train_configs(cfg)["teacher"], **tkw)
+    mcfg = dataclasses.replace(cfg.model_configs(ds)["teacher"], **mkw)
+    tcfg = dataclasses.replace(cfg.train_configs()["teacher"], **tkw)
     seed_model(seed, "teacher")
     model = SPNN(mcfg, ds.item_features, ds.user_features)
     t0 = time.perf_counter()

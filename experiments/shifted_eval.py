@@ -14,7 +14,7 @@ better on the first; one that is better at the validation targets themselves, on
 
     spnn-fast train --out runs/stride10
     spnn-fast train --window-stride 0 --out runs/no_overlap
-    python benchmarks/shifted_eval.py runs/no_overlap runs/stride10
+    python experiments/shifted_eval.py runs/no_overlap runs/stride10
 
 One JSON line per run (named by its folder), seed and model (NDCG@10 of each split), then each
 run's means per model.
@@ -29,9 +29,10 @@ import os
 import numpy as np
 
 from spnn_fast.data import load
-from spnn_fast.experiment import MODELS, load_checkpoint
+from spnn_fast.evaluation import evaluate
+from spnn_fast.experiment import MODELS
 from spnn_fast.protocol import EvalSet, eval_sets
-from spnn_fast.train import evaluate
+from spnn_fast.runfolder import load_checkpoint
 
 
 def splits(log) -> dict:

@@ -1,0 +1,281 @@
+"""Settings, each defined once: how a model trains (:class:`TrainConfig`) and what the main job
+runs (:class:`ExperimentConfig`, whose fields are also the ``spnn-fast train`` flags).
+
+The defaults are the main job's: a field of :class:`ExperimentConfig` that means the same as a
+field of :class:`TrainConfig` or :class:`~spnn_fast.model.SPNNConfig` takes its default from
+there. Every number is checked when a config is built, before anything is written or trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from spnn_fast._checks import check_device, is_int, is_real
+from spnn_fast.model import SPNNConfig
+
+__all__ = [
+    "SCHEDULES",
+    "TEACHER_INPUTS",
+    "ExperimentConfig",
+    "TrainConfig",
+    "check_window_stride",
+]
+
+SCHEDULES = ("constant", "cosine")
+# What a distilled student's teacher reads: its whole window ("full", privileged) or the
+# student's own, possibly cut, input ("cut": plain distillation).
+TEACHER_INPUTS = ("full", "cut")
+
+
+def check_window_stride(stride) -> None:
+    """ValueError unless ``stride`` is None or an integer >= 1 (TrainConfig.window_stride)."""
+    if stride is not None and not is_int(stride, 1):
+        raise ValueError(f"window_stride={stride!r} must be None or an integer >= 1")
+
+
+def _report(owner: str, obj, checks: Dict[str, Tuple[bool, str]]) -> None:
+    for name, (ok, rule) in checks.items():
+        if not ok:
+            raise ValueError(f"{owner}.{name}={getattr(obj, name)!r} must be {rule}")
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained (the model's shape is its :class:`SPNNConfig`)."""
+
+    epochs: int = 50  # a budget: early stopping (patience) ends most runs before it
+    batch_size: int = 256  # windows per global batch (split across ranks)
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    # learning rate: "constant", or "cosine" (linear warmup over warmup_epochs, then a cosine decay
+    # to min_lr_ratio * lr at the last of ``epochs``; early stopping may end the run before)
+    schedule: str = "constant"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.05
+    grad_clip: Optional[float] = 5.0
+    patience: int = 5  # epochs without a better validation NDCG@10 before stopping
+    eval_batch_size: int = 512
+    # None (or >= max_len): windows of max_len that do not overlap. S < max_len: a window ends
+    # every S events; each target of an uncut window is still trained once per epoch, in the
+    # window where it is among the last S or in the user's first window (see fresh_targets), so
+    # it sees at least max_len - S earlier events or all the user has. A cut window (cut_prob)
+    # keeps only the targets among its last k events.
+    window_stride: Optional[int] = 10
+    # cold-start-like inputs: with probability cut_prob, a window keeps only its k most recent
+    # events, k uniform on [cut_min, cut_max]
+    cut_prob: float = 0.0
+    cut_min: int = 1
+    cut_max: int = 10
+    # distillation (used when a teacher is given)
+    alpha: float = 0.5
+    temperature: float = 2.0
+    feature_weight: float = 1.0 / 64  # the feature loss sums squares over d_knowledge = 64 dims
+    layer_pairs: List[Tuple[str, str]] = field(default_factory=list)
+    teacher_input: str = "full"  # one of TEACHER_INPUTS
+    # With teacher_input="full" the frozen teacher's outputs on each window never change: they are
+    # computed once, over every training window, and kept on the training device when they take
+    # at most this many MiB (0: the teacher runs on every batch). Same values either way (bitwise
+    # on the CPU; a GPU may round the last bit differently). Under DDP the ranks split the
+    # teacher's work and each holds the whole cache (every rank meets every window).
+    teacher_cache_mb: float = 1024.0
+    d_knowledge: int = 64
+    detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
+
+    def __post_init__(self) -> None:
+        # Checked here, before any training: a bad value would otherwise fail (or silently
+        # train nothing, like patience 0) only once this model's turn comes in a long run.
+        _report("TrainConfig", self, {
+            "epochs": (is_int(self.epochs, 1), "an integer >= 1"),
+            "batch_size": (is_int(self.batch_size, 1), "an integer >= 1"),
+            "eval_batch_size": (is_int(self.eval_batch_size, 1), "an integer >= 1"),
+            "patience": (is_int(self.patience, 1), "an integer >= 1"),
+            "lr": (is_real(self.lr, 0.0, open_low=True), "a finite number > 0"),
+            "weight_decay": (is_real(self.weight_decay, 0.0), "a finite number >= 0"),
+            "grad_clip": (self.grad_clip is None or is_real(self.grad_clip, 0.0, open_low=True),
+                          "None or a finite number > 0"),
+            "warmup_epochs": (is_real(self.warmup_epochs, 0.0), "a finite number >= 0"),
+            "min_lr_ratio": (is_real(self.min_lr_ratio, 0.0, 1.0), "a number in [0, 1]"),
+            "cut_prob": (is_real(self.cut_prob, 0.0, 1.0), "a number in [0, 1]"),
+            "cut_min": (is_int(self.cut_min, 1), "an integer >= 1"),
+            "cut_max": (is_int(self.cut_max, 1) and self.cut_max >= self.cut_min,
+                        f"an integer >= cut_min ({self.cut_min})"),
+            "alpha": (is_real(self.alpha, 0.0, 1.0), "a number in [0, 1]"),
+            "temperature": (is_real(self.temperature, 1e-6), "a finite number >= 1e-6"),
+            "feature_weight": (is_real(self.feature_weight, 0.0), "a finite number >= 0"),
+            "teacher_cache_mb": (is_real(self.teacher_cache_mb, 0.0), "a finite number >= 0"),
+            "d_knowledge": (is_int(self.d_knowledge, 1), "an integer >= 1"),
+            "detector_weight": (is_real(self.detector_weight, 0.0), "a finite number >= 0"),
+        })  # fmt: skip
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
+        if self.teacher_input not in TEACHER_INPUTS:
+            raise ValueError(
+                f"teacher_input={self.teacher_input!r} must be one of {', '.join(TEACHER_INPUTS)}"
+            )
+        check_window_stride(self.window_stride)
+        self.layer_pairs = [tuple(p) for p in self.layer_pairs]
+
+    def lr_factor(self, progress: float) -> float:
+        """Multiplier of ``lr`` after ``progress`` epochs (fractional)."""
+        if self.schedule == "constant":
+            return 1.0
+        if progress < self.warmup_epochs:
+            return (progress + 1e-3) / (self.warmup_epochs + 1e-3)
+        span = max(self.epochs - self.warmup_epochs, 1e-9)
+        t = min(max((progress - self.warmup_epochs) / span, 0.0), 1.0)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def setting(default, help: str, **cli):
+    """A field of :class:`ExperimentConfig`: its default, the help text of its command-line flag
+    and, in ``cli``, argparse options for it (``choices``, ``metavar``, ``aliases``)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+_T, _S = TrainConfig, SPNNConfig  # the defaults ExperimentConfig shares
+
+
+@dataclass
+class ExperimentConfig:
+    """The main job (:func:`spnn_fast.experiment.run`): a teacher, a student and a distilled
+    student per seed. Every field is a flag of ``spnn-fast train`` (``--max-len`` for
+    ``max_len``); a flag of an ``Optional`` field takes ``None`` too."""
+
+    dataset: str = setting("ml-100k", "a known data set name, or the path of a RecBole .inter "
+                           "file, a MovieLens-1M ratings.dat or a CSV file", aliases=("--data",))  # fmt: skip
+    seeds: int = setting(3, "seeds 0..N-1; each trains the three models")
+    epochs: int = setting(_T.epochs, "epoch budget; early stopping ends most runs before it")
+    device: str = setting("cpu", "where to train: cpu, cuda or cuda:N")
+    max_len: int = setting(_S.max_len, "events each model reads (the most recent ones)")
+    teacher_max_len: Optional[int] = setting(None, "events the teacher reads (None: max_len)")
+    teacher_d: int = setting(_S.d_model, "the teacher's width")
+    teacher_layers: int = setting(_S.n_layers, "the teacher's semantic perception layers")
+    teacher_heads: int = setting(_S.n_heads, "the teacher's attention heads")
+    student_d: int = setting(24, "the students' width")
+    student_layers: int = setting(1, "the students' layers")
+    student_heads: int = setting(1, "the students' attention heads")
+    dropout: float = setting(0.2, "the students' dropout (and the teacher's when "
+                             "teacher_dropout is None)")  # fmt: skip
+    teacher_dropout: Optional[float] = setting(_S.dropout, "the teacher's dropout (None: "
+                                               "dropout)")  # fmt: skip
+    batch_size: int = setting(_T.batch_size, "windows per batch (split across ranks)")
+    lr: float = setting(_T.lr, "learning rate (AdamW)")
+    schedule: str = setting(_T.schedule, "learning rate: constant, or warmup + cosine decay "
+                            "over the epoch budget", choices=SCHEDULES)  # fmt: skip
+    patience: int = setting(_T.patience, "epochs without a better validation NDCG@10 before "
+                            "a model stops")  # fmt: skip
+    window_stride: Optional[int] = setting(
+        _T.window_stride, "a training window ends every N events and each target of an uncut "
+        "window is trained once, after at least max_len - N earlier events (None: windows of "
+        "max_len that do not overlap)")  # fmt: skip
+    cut_prob: float = setting(0.5, "the students: share of windows cut to a short, "
+                              "cold-start-like history")  # fmt: skip
+    teacher_cut_prob: float = setting(_T.cut_prob, "the teacher: the same cut, as augmentation")
+    cut_min: int = setting(_T.cut_min, "a cut window keeps k events, k uniform in "
+                           "[cut_min, cut_max]")  # fmt: skip
+    cut_max: int = setting(_T.cut_max, "see cut_min")
+    alpha: float = setting(_T.alpha, "student_kd: weight of the logit distillation against CE")
+    temperature: float = setting(_T.temperature, "student_kd: temperature of the logit "
+                                 "distillation")  # fmt: skip
+    feature_weight: float = setting(_T.feature_weight, "student_kd: weight of the "
+                                    "knowledge-detector feature loss (0: off)")  # fmt: skip
+    kd_teacher_input: str = setting(_T.teacher_input, "what student_kd's teacher reads: its "
+                                    "full window (privileged) or the student's own, possibly "
+                                    "cut, input", choices=TEACHER_INPUTS)  # fmt: skip
+    use_side_features: bool = setting(True, "item and user features where the data has them")
+    backend: Optional[str] = setting(None, "attention and losses: auto, triton or torch "
+                                     "(None: $SPNN_FAST_BACKEND, else auto)")  # fmt: skip
+    teacher_cache_mb: float = setting(_T.teacher_cache_mb, "student_kd keeps its teacher's "
+                                      "outputs on every window when they fit in this many MiB "
+                                      "(0: the teacher runs on every batch; same results)")  # fmt: skip
+
+    # What may change when a run folder is reused: the device (a run may go on elsewhere), the
+    # number of seeds (a run may gain seeds; the ones done are reused) and the teacher cache's
+    # budget (speed only).
+    MAY_CHANGE = ("device", "seeds", "teacher_cache_mb")
+
+    def __post_init__(self) -> None:
+        # Checked before a run folder is written or a model trained; the model shapes need the
+        # data set and are checked once it is loaded, before training. numpy scalars become
+        # Python numbers (run.json holds them, and a rerun compares them).
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), np.generic):
+                setattr(self, f.name, getattr(self, f.name).item())
+        if not is_int(self.seeds, 1):
+            raise ValueError(f"seeds={self.seeds!r} must be an integer >= 1")
+        if not is_real(self.dropout, 0.0) or self.dropout >= 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+        t = self.teacher_dropout
+        if t is not None and (not is_real(t, 0.0) or t >= 1.0):
+            raise ValueError(
+                f"teacher_dropout={t!r} must be None (the same as dropout) or a number in [0, 1)"
+            )
+        m = self.teacher_max_len
+        if m is not None and (not is_int(m, 1) or (is_int(self.max_len, 1) and m < self.max_len)):
+            raise ValueError(
+                f"teacher_max_len={m!r} must be None (= max_len) or an integer >= max_len "
+                f"({self.max_len}): the teacher reads at least the student's window"
+            )
+        check_device(self.device)
+        self.train_configs()  # every TrainConfig check (rates, distillation weights, windows)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def spelled_out(self) -> ExperimentConfig:
+        """This configuration with the teacher's settings whose None stands for the common one
+        (``teacher_dropout``, ``teacher_max_len``) given as that value: what the models use, and
+        how two ways of asking for one run compare equal."""
+        return dataclasses.replace(
+            self,
+            teacher_dropout=self.dropout if self.teacher_dropout is None else self.teacher_dropout,
+            teacher_max_len=self.teacher_max_len or self.max_len,
+        )
+
+    def differences(self, other: ExperimentConfig) -> List[str]:
+        """The fields, but those in :attr:`MAY_CHANGE`, in which the two runs differ (each
+        compared as the models see it, :meth:`spelled_out`)."""
+        a, b = self.spelled_out().to_dict(), other.spelled_out().to_dict()
+        return [k for k in a if k not in self.MAY_CHANGE and a[k] != b[k]]
+
+    def train_configs(self) -> Dict[str, TrainConfig]:
+        """The :class:`TrainConfig` of each model: ``teacher``, ``student``, ``student_kd``."""
+        base = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                    patience=self.patience, schedule=self.schedule,
+                    window_stride=self.window_stride, cut_min=self.cut_min,
+                    cut_max=self.cut_max)  # fmt: skip
+        pairs = [(f"layers.{self.student_layers - 1}", f"layers.{self.teacher_layers - 1}")]
+        return {
+            "teacher": TrainConfig(**base, cut_prob=self.teacher_cut_prob),
+            "student": TrainConfig(**base, cut_prob=self.cut_prob),
+            "student_kd": TrainConfig(**base, cut_prob=self.cut_prob, alpha=self.alpha,
+                                      temperature=self.temperature,
+                                      feature_weight=self.feature_weight, layer_pairs=pairs,
+                                      teacher_input=self.kd_teacher_input,
+                                      teacher_cache_mb=self.teacher_cache_mb),
+        }  # fmt: skip
+
+    def model_configs(self, ds) -> Dict[str, SPNNConfig]:
+        """The :class:`SPNNConfig` of each model on the data set ``ds``."""
+        cfg = self.spelled_out()
+        side = cfg.use_side_features
+        item_vocab = {n: ds.feature_vocab[n] for n in ds.item_features} if side else {}
+        user_vocab = {n: ds.feature_vocab[n] for n in ds.user_features} if side else {}
+        common = dict(num_items=ds.log.num_items, item_feature_vocab=item_vocab,
+                      user_feature_vocab=user_vocab, backend=cfg.backend)  # fmt: skip
+        teacher = SPNNConfig(d_model=cfg.teacher_d, n_layers=cfg.teacher_layers,
+                             max_len=cfg.teacher_max_len, n_heads=cfg.teacher_heads,
+                             dropout=cfg.teacher_dropout,
+                             detector_layers=[f"layers.{cfg.teacher_layers - 1}"], **common)  # fmt: skip
+        student = SPNNConfig(d_model=cfg.student_d, n_layers=cfg.student_layers,
+                             max_len=cfg.max_len, n_heads=cfg.student_heads, dropout=cfg.dropout,
+                             **common)  # fmt: skip
+        return {"teacher": teacher, "student": student, "student_kd": student}

@@ -1,0 +1,149 @@
+"""The loss of one training step: plain next-item CE, or distillation from a frozen teacher.
+
+Distillation: the student sees its (possibly cut) window, the teacher a view of the same windows
+(:class:`spnn_fast.teacher.TeacherOutputs`): its hidden states and the outputs of the teacher
+layers the distillers read. The loss is the fused CE + logit KD
+(:func:`spnn_fast.functional.distillation_loss`) plus the knowledge-detector feature loss
+(:class:`spnn_fast.nn.FeatureDistiller`) on named (student layer, teacher layer) pairs. A model
+with knowledge detectors (a teacher) also trains them with an auxiliary next-item loss.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from spnn_fast.config import TrainConfig
+from spnn_fast.distributed import all_sum
+from spnn_fast.encode import SequenceBatch
+from spnn_fast.functional import distillation_loss
+from spnn_fast.model import SPNN
+from spnn_fast.nn import FeatureDistiller
+
+__all__ = ["Objective", "TeacherView"]
+
+# A teacher's view of a batch: its hidden states [B, L, d] and its paired layers' outputs.
+TeacherView = Tuple[Tensor, Dict[str, Tensor]]
+
+
+def _pair_name(s_layer: str, t_layer: str) -> str:
+    return f"{s_layer}->{t_layer}".replace(".", "_")  # ModuleDict keys cannot hold "."
+
+
+def _width(model: SPNN, layer: str) -> int:
+    if layer not in model.config.layer_names():
+        raise ValueError(f"unknown layer {layer!r}; valid: {model.config.layer_names()}")
+    return model.config.d_model
+
+
+def detector_targets(b: SequenceBatch) -> Tuple[Tensor, Tensor, Tensor]:
+    """What a knowledge detector learns from in each row: the events it may pool (the window up
+    to its last event with a target), that target (0 = none) and the rows that have one."""
+    last = b.targets[:, -1] > 0
+    mask = b.mask.clone()
+    mask[~last, -1] = False
+    prev = b.targets[:, -2] if b.targets.shape[1] > 1 else b.targets[:, -1]
+    y = torch.where(last, b.targets[:, -1], prev)
+    return mask, y, (y > 0) & mask.any(1)
+
+
+class Objective(nn.Module):
+    """The model being trained and its loss for one (local) batch.
+
+    A module so that DistributedDataParallel sees every trainable parameter (the student and the
+    distillers' student projections); the frozen teacher is held outside the module tree.
+    """
+
+    def __init__(self, model: SPNN, tcfg: TrainConfig, teacher: Optional[SPNN]) -> None:
+        super().__init__()
+        self.model, self.tcfg = model, tcfg
+        self._teacher = [teacher] if teacher is not None else []
+        pairs = tcfg.layer_pairs if teacher is not None else []
+        # the teacher layers the distillers read (a TeacherView holds their outputs)
+        self.teacher_layers = tuple(sorted({p[1] for p in pairs}))
+        self.student_layers = tuple({p[0] for p in pairs})
+        self.distillers = nn.ModuleDict()
+        if teacher is not None and teacher.config.num_time_buckets != model.config.num_time_buckets:
+            raise ValueError(
+                f"teacher and student must share num_time_buckets, got "
+                f"{teacher.config.num_time_buckets} and {model.config.num_time_buckets}"
+            )
+        for s_layer, t_layer in pairs:
+            detector = teacher.detector(t_layer)
+            if detector is None:
+                raise ValueError(
+                    f"the teacher has no knowledge detector on {t_layer!r} "
+                    f"(its detector_layers: {teacher.config.detector_layers})"
+                )
+            self.distillers[_pair_name(s_layer, t_layer)] = FeatureDistiller(
+                _width(model, s_layer), _width(teacher, t_layer), tcfg.d_knowledge, detector
+            )
+
+    @property
+    def teacher(self) -> Optional[SPNN]:
+        return self._teacher[0] if self._teacher else None
+
+    def normalizers(self, b: SequenceBatch, device: torch.device) -> Dict[str, float]:
+        """Global counts the losses are divided by (summed over ranks, so that N processes take
+        the steps one process takes with the same global batch): targets, rows, detector rows."""
+        aux_rows = detector_targets(b)[2].sum() if self.model.config.detector_layers else 0
+        local = torch.tensor(
+            [float((b.targets > 0).sum()), float(b.items.shape[0]), float(aux_rows)],
+            dtype=torch.float64,
+        )
+        g = all_sum(local.to(device) if device.type == "cuda" else local).cpu()
+        return {"targets": max(g[0].item(), 1.0), "rows": max(g[1].item(), 1.0),
+                "aux": max(g[2].item(), 1.0)}  # fmt: skip
+
+    def forward(
+        self, b: SequenceBatch, norm: Dict[str, float], t_view: Optional[TeacherView] = None
+    ) -> Tuple[Tensor, Dict]:
+        """Loss of the student batch ``b`` (``t_view``: the teacher's view of the same windows,
+        required with a teacher) and its parts, detached."""
+        tcfg, model, teacher = self.tcfg, self.model, self.teacher
+        det_layers = tuple(model.config.detector_layers)
+        out = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users,
+                    return_layers=self.student_layers + det_layers)  # fmt: skip
+        sel = b.targets > 0
+        h = out.hidden[sel]
+        y = b.targets[sel] - 1  # item ids 1..V -> rows of the item table
+        stats = {}
+        if teacher is None:
+            loss = distillation_loss(h, model.item_table(), target=y, alpha=0.0, reduction="sum",
+                                     backend=model.config.backend)  # fmt: skip
+        else:
+            t_hidden, t_layers = t_view
+            loss = distillation_loss(
+                h, model.item_table(), t_hidden[sel], teacher.item_table(), y,
+                temperature=tcfg.temperature, alpha=tcfg.alpha, reduction="sum",
+                backend=model.config.backend,
+            )  # fmt: skip
+        loss = loss / norm["targets"]
+        stats["ce"] = loss.detach()
+        for s_layer, t_layer in tcfg.layer_pairs if teacher is not None else ():
+            name = _pair_name(s_layer, t_layer)
+            # FeatureDistiller averages over its local rows; rescale to the global batch.
+            fd = self.distillers[name](out.layers[s_layer], t_layers[t_layer], b.mask)
+            fd = fd * b.mask.shape[0] / norm["rows"]
+            stats[f"feat:{name}"] = fd.detach()
+            loss = loss + tcfg.feature_weight * fd
+        for layer in det_layers:
+            aux = self._detector_loss(model, layer, out.layers[layer], b) / norm["aux"]
+            stats[f"detector:{layer}"] = aux.detach()
+            loss = loss + tcfg.detector_weight * aux
+        return loss, stats
+
+    @staticmethod
+    def _detector_loss(model: SPNN, layer: str, feats: Tensor, b: SequenceBatch) -> Tensor:
+        """Auxiliary next-item loss that trains a teacher's knowledge detector.
+
+        The detector pools the (detached) layer features over the window up to the last event that
+        has a target and predicts that target with the (detached) item table, so it learns which
+        positions carry the next item without changing the teacher itself.
+        """
+        mask, y, ok = detector_targets(b)
+        pooled = model.detector(layer).pool(feats.detach()[ok], mask[ok])
+        return distillation_loss(pooled, model.item_table().detach(), target=y[ok] - 1,
+                                 alpha=0.0, reduction="sum", backend=model.config.backend)  # fmt: skip
