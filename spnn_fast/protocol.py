@@ -27,9 +27,10 @@ user's event at position ``ends[i]``. Ranking is over all items 1..V, history it
 
 Comparing with RecBole 1.2.1: events with equal timestamps keep their file order in both (stable
 sorts). RecBole, however, sorts by min-max-normalised float32 timestamps (``normalize_all`` is on
-for ml-100k), which merges events about 2 s apart into ties; on ml-100k that reorders events of
-83 of the 943 users and changes 4 test and 5 validation targets. RecBole also reads at most the 50
-most recent events (``MAX_ITEM_LIST_LENGTH``); that cut belongs to the model's maximum length.
+for ml-100k), which merges events about a second apart into ties that keep their file order, so
+a few users' last events come in another order there (docs/experiments.md counts them on
+ml-100k). RecBole also reads at most the 50 most recent events (``MAX_ITEM_LIST_LENGTH``); that
+cut belongs to the model's maximum length.
 """
 
 from __future__ import annotations
