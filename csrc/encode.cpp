@@ -69,6 +69,7 @@ struct Problem {
   const int64_t* times;
   const int64_t* rows;
   const int64_t* ends;
+  const int64_t* target_ends;  // a position's target is the next event if its index is below
   int64_t num_users, num_events, batch, max_len, num_items, num_buckets, num_negatives;
   uint64_t seed_mix;
   bool pad_left;
@@ -192,10 +193,13 @@ SPNN_FAST_INLINE void encode_row(const Problem& P, int64_t b, const Window& w, E
   std::memcpy(oi + c0, it + s, n * sizeof(int64_t));
   std::memcpy(ot + c0, tt + s, n * sizeof(int64_t));
 
-  // Targets: items at s+1 .. min(e+1, len) - 1, then 0 after the user's last event.
-  const int64_t read_end = std::min(e + 1, w.length);
-  std::memcpy(og + c0, it + s + 1, (read_end - s - 1) * sizeof(int64_t));
-  if (read_end == e) og[c1 - 1] = 0;
+  // Targets: the event at p + 1 for the positions p < target_end - 1 (never past the user's
+  // last event), then 0. Items read: the window [s, e) and those targets.
+  const int64_t te = std::min(P.target_ends[b], w.length);
+  const int64_t nt = std::max<int64_t>(0, std::min(e, te - 1) - s);
+  std::memcpy(og + c0, it + s + 1, nt * sizeof(int64_t));
+  if (nt < n) std::memset(og + c0 + nt, 0, (n - nt) * sizeof(int64_t));
+  const int64_t read_end = std::max(e, s + 1 + nt);
 
   // Items read: [s, read_end). One vectorizable pass; the slow scan only runs on a bad row.
   const uint64_t uv = static_cast<uint64_t>(V);
@@ -301,12 +305,13 @@ std::string row_error(const Problem& P, int64_t b) {
 }
 
 py::tuple encode_batch(const InArray& offsets, const InArray& items, const InArray& timestamps,
-                       const InArray& rows, const InArray& ends, int64_t max_len,
+                       const InArray& rows, const InArray& ends, const InArray& target_ends,
+                       int64_t max_len,
                        int64_t num_items, int64_t num_time_buckets, int64_t num_negatives,
                        uint64_t seed, bool pad_left, int64_t num_threads) {
   const std::pair<const InArray*, const char*> named[] = {
       {&offsets, "offsets"}, {&items, "items"}, {&timestamps, "timestamps"},
-      {&rows, "rows"},       {&ends, "ends"}};
+      {&rows, "rows"},       {&ends, "ends"}, {&target_ends, "target_ends"}};
   for (const auto& a : named)
     if (a.first->ndim() != 1)
       fail(std::string(a.second) + " must be 1-D, got " + std::to_string(a.first->ndim()) +
@@ -315,9 +320,10 @@ py::tuple encode_batch(const InArray& offsets, const InArray& items, const InArr
   if (timestamps.shape(0) != items.shape(0))
     fail("timestamps has " + std::to_string(timestamps.shape(0)) + " entries, items has " +
          std::to_string(items.shape(0)));
-  if (rows.shape(0) != ends.shape(0))
-    fail("rows and ends must have equal lengths, got " + std::to_string(rows.shape(0)) +
-         " and " + std::to_string(ends.shape(0)));
+  if (rows.shape(0) != ends.shape(0) || rows.shape(0) != target_ends.shape(0))
+    fail("rows, ends and target_ends must have equal lengths, got " +
+         std::to_string(rows.shape(0)) + ", " + std::to_string(ends.shape(0)) + " and " +
+         std::to_string(target_ends.shape(0)));
   if (max_len < 1) fail("max_len must be >= 1, got " + std::to_string(max_len));
   if (num_time_buckets < 1)
     fail("num_time_buckets must be >= 1, got " + std::to_string(num_time_buckets));
@@ -365,7 +371,7 @@ py::tuple encode_batch(const InArray& offsets, const InArray& items, const InArr
   }
 
   Problem P{offsets.data(), items.data(), timestamps.data(), rows.data(), ends.data(),
-            offsets.shape(0) - 1, items.shape(0), B, L, num_items, num_time_buckets, K,
+            target_ends.data(), offsets.shape(0) - 1, items.shape(0), B, L, num_items, num_time_buckets, K,
             splitmix64(seed), pad_left, out_items.mutable_data(), out_times.mutable_data(),
             out_buckets.mutable_data(), out_mask.mutable_data(), out_targets.mutable_data(),
             neg_ptr};
@@ -395,7 +401,8 @@ void register_encode(py::module_& m) {
       []() { return spnn_fast::BufferPool::instance().idle_stats(); },
       "(count, bytes) of idle output blocks kept for reuse.");
   m.def("encode_batch", &encode_batch, py::arg("offsets"), py::arg("items"),
-        py::arg("timestamps"), py::arg("rows"), py::arg("ends"), py::arg("max_len"),
+        py::arg("timestamps"), py::arg("rows"), py::arg("ends"), py::arg("target_ends"),
+        py::arg("max_len"),
         py::arg("num_items"), py::arg("num_time_buckets"), py::arg("num_negatives"),
         py::arg("seed"), py::arg("pad_left"), py::arg("num_threads"),
         "Encode a batch of windows from a CSR log; returns numpy (items, timestamps, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from spnn_fast.reference.encode import encode_batch_ref
 
 __all__ = ["SequenceBatch", "default_num_threads", "encode_batch", "release_cached_buffers"]
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[int]]
 
 # Below this many output slots per thread, extra threads cost more to start than they save
 # (only used when num_threads is left to its default).
@@ -114,7 +114,12 @@ def _as_int64(name: str, x: ArrayLike) -> np.ndarray:
             raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
         x = x.detach().numpy()
     elif not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array or a CPU tensor, got {type(x).__name__}")
+        try:  # a list, a tuple, a range, or any other array-like of integers
+            x = np.asarray(x)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be an array-like of integers ({e})") from None
+        if x.size == 0:  # np.asarray([]) is float64
+            x = x.astype(np.int64)
     if x.dtype.kind not in "iu":
         raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
     if x.ndim != 1:
@@ -146,9 +151,15 @@ def _check_log(offsets: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -
         raise ValueError(f"timestamps has {len(timestamps)} entries, items has {len(items)}")
 
 
-def _check_rows(offsets: np.ndarray, rows: np.ndarray, ends: np.ndarray) -> None:
+def _check_rows(
+    offsets: np.ndarray, rows: np.ndarray, ends: np.ndarray, target_ends: np.ndarray
+) -> None:
     if len(rows) != len(ends):
         raise ValueError(f"rows and ends must have equal lengths, got {len(rows)} and {len(ends)}")
+    if len(target_ends) != len(rows):
+        raise ValueError(
+            f"target_ends must have one entry per row, got {len(target_ends)} for {len(rows)}"
+        )
     num_users = len(offsets) - 1
     bad = np.flatnonzero((rows < 0) | (rows >= num_users))
     if len(bad):
@@ -162,6 +173,13 @@ def _check_rows(offsets: np.ndarray, rows: np.ndarray, ends: np.ndarray) -> None
             f"ends[{b}]={int(ends[b])} is outside [1, {int(lengths[b])}] "
             f"(the length of user {int(rows[b])} at rows[{b}])"
         )
+    bad = np.flatnonzero((target_ends < 0) | (target_ends > lengths))
+    if len(bad):
+        b = int(bad[0])
+        raise ValueError(
+            f"target_ends[{b}]={int(target_ends[b])} is outside [0, {int(lengths[b])}] "
+            f"(the length of user {int(rows[b])} at rows[{b}])"
+        )
 
 
 def encode_batch(
@@ -173,6 +191,7 @@ def encode_batch(
     max_len: int,
     *,
     num_items: int,
+    target_ends: Optional[ArrayLike] = None,
     num_time_buckets: int = 32,
     num_negatives: int = 0,
     seed: int = 0,
@@ -192,6 +211,11 @@ def encode_batch(
             events at positions ``[max(0, e - L), e)``.
         max_len: ``L >= 1``.
         num_items: ``V``; items are ``1..V`` (0 is padding). ``V >= 2`` when sampling negatives.
+        target_ends: int ``[B]`` in ``[0, len(user)]``: a position's target is the user's next
+            event only if that event's position is below ``target_ends[b]``. Default ``ends``:
+            the last position of every window has target 0, and no batch reads an event at or
+            past ``ends`` (the event after a training window may be a held-out one). Pass
+            ``ends + 1`` (clipped to the user's length) for the next event as the last target.
         num_time_buckets: ``NB >= 1``; ``time_buckets`` lie in ``[0, NB)``.
         num_negatives: ``K >= 0`` negatives per position with a nonzero target.
         seed: any int (taken mod 2**64); the same inputs and seed give the same negatives with any
@@ -201,15 +225,17 @@ def encode_batch(
             batches). Outputs do not depend on it.
         backend: ``"cpp"``, ``"torch"``, ``"auto"`` or None (``SPNN_FAST_BACKEND``, else auto).
 
-    Inputs are numpy arrays (``np.memmap`` included, read in place) or CPU tensors of any integer
-    dtype; other integer dtypes and non-contiguous arrays are converted to contiguous int64.
+    Array inputs are numpy arrays (``np.memmap`` included, read in place), CPU tensors or any
+    array-like of integers (a list, a tuple); other integer dtypes and non-contiguous arrays are
+    converted to contiguous int64.
 
     Returns:
         :class:`SequenceBatch` with, for the event at user position ``p`` in column ``j``:
         ``items [B, L]``, ``timestamps [B, L]``, ``mask [B, L]`` (True at events),
         ``time_buckets [B, L]`` = 0 if ``p == 0`` else
         ``min(NB - 1, bit_length(t[p] - t[p - 1]))`` (the gap may reach before the window),
-        ``targets [B, L]`` = the user's item at ``p + 1`` (0 after the last event), and
+        ``targets [B, L]`` = the user's item at ``p + 1`` if ``p + 1 < target_ends[b]``, else 0,
+        and
         ``negatives [B, L, K]`` (None when ``K = 0``): items uniform on ``[1, V]`` without the
         target, at positions whose target is nonzero. All are 0 at padding. The sampling formula
         is in :mod:`spnn_fast.reference.encode`. ``users [B]`` is a copy of ``rows``.
@@ -217,8 +243,8 @@ def encode_batch(
     Raises:
         TypeError: a non-integer array or argument. ValueError: a bad argument, naming it, the
         first offending index and its value. The offsets, ``rows`` and ``ends`` are checked in
-        O(U + B); items and timestamps only where this call reads them (the window and the
-        target after it), so a bad event elsewhere goes unnoticed: ``InteractionLog.validate()``
+        O(U + B); items and timestamps only where this call reads them (the window and its
+        targets), so a bad event elsewhere goes unnoticed: ``InteractionLog.validate()``
         checks a whole log once.
     """
     max_len = check_int("max_len", max_len, 1)
@@ -244,11 +270,13 @@ def encode_batch(
     timestamps = _as_int64("timestamps", timestamps)
     rows = _as_int64("rows", rows)
     ends = _as_int64("ends", ends)
+    target_ends = ends if target_ends is None else _as_int64("target_ends", target_ends)
     _check_log(offsets, items, timestamps)
-    _check_rows(offsets, rows, ends)
+    _check_rows(offsets, rows, ends, target_ends)
 
     name = backends.select("encode_batch", backend, ("cpp", "torch"), "cpu")
-    args = (offsets, items, timestamps, rows, ends, max_len, num_items, num_time_buckets)
+    args = (offsets, items, timestamps, rows, ends, target_ends, max_len, num_items,
+            num_time_buckets)  # fmt: skip
     if name == "cpp":
         if not threads_given:
             slots = len(rows) * max_len * (1 + num_negatives)

@@ -72,11 +72,33 @@ def _raw_ids(name: str, x: np.ndarray) -> np.ndarray:
     raise TypeError(f"{name} must hold integer or string ids, got dtype {x.dtype}")
 
 
+def _int64_seconds(ts: np.ndarray) -> np.ndarray:
+    """Timestamps as int64 seconds: integers as given, floats only when every value is integral
+    (RecBole's ``timestamp:float`` columns hold such values) and fits int64."""
+    if ts.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(ts) | (ts != np.floor(ts)) | (np.abs(ts) >= 2.0**63)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"timestamps[{i}]={float(ts[i])!r} is not a whole number of seconds that fits int64 "
+                f"(float timestamps must be finite and integral)"
+            )
+        return ts.astype(np.int64)
+    if ts.dtype.kind not in "iu":
+        raise TypeError(f"timestamps must be integers (seconds), got dtype {ts.dtype}")
+    if ts.dtype == np.uint64 and len(ts) and ts.max() >= 2**63:  # int64 would wrap them
+        i = int(np.argmax(ts >= 2**63))
+        raise ValueError(f"timestamps[{i}]={int(ts[i])} does not fit int64 seconds")
+    return ts.astype(np.int64, copy=False)
+
+
 class InteractionLog:
     """Interactions grouped by user and sorted by time, with items remapped to 1..V.
 
     Build it from three equal-length arrays of raw ``users``, ``items`` (ids of any integer or
-    string type) and int64 ``timestamps`` (seconds).
+    string type) and ``timestamps`` in seconds: integers, or floats whose values are all integral
+    (the first that is not is named in the error).
     """
 
     def __init__(self, users: ArrayLike, items: ArrayLike, timestamps: ArrayLike):
@@ -88,12 +110,7 @@ class InteractionLog:
                 f"users, items and timestamps must have equal lengths, got "
                 f"{len(users)}, {len(items)} and {len(ts)}"
             )
-        if ts.dtype.kind not in "iu":
-            raise TypeError(f"timestamps must be integers (seconds), got dtype {ts.dtype}")
-        if ts.dtype == np.uint64 and len(ts) and ts.max() >= 2**63:  # int64 would wrap them
-            i = int(np.argmax(ts >= 2**63))
-            raise ValueError(f"timestamps[{i}]={int(ts[i])} does not fit int64 seconds")
-        ts = ts.astype(np.int64, copy=False)
+        ts = _int64_seconds(ts)
         user_ids, user_idx = np.unique(users, return_inverse=True)
         item_ids, item_idx = np.unique(items, return_inverse=True)
         # Stable two-pass sort: by time, then by user; ties keep input order.

@@ -220,9 +220,12 @@ class SPNN(nn.Module):
                 count = (codes > 0).sum(-1, keepdim=True).clamp_min(1)
                 feats.append(emb(codes).sum(-2) / count)
         for name, emb in self.user_feat_emb.items():
-            if users is None:
-                raise ValueError(f"users is required: the model uses the user feature {name!r}")
-            codes = getattr(self, f"user_codes_{name}")[users]  # [B]
+            table = getattr(self, f"user_codes_{name}")
+            if users is None:  # no user is known: every row takes the unknown code 0
+                codes = table.new_zeros(B)
+            else:  # user -1 is one the model has not seen: the unknown code too
+                known = users >= 0
+                codes = table[users.clamp(min=0)] * known
             feats.append(emb(codes).unsqueeze(1).expand(B, L, -1))
         return feats
 
@@ -257,7 +260,10 @@ class SPNN(nn.Module):
         Args:
             items, timestamps, time_buckets: int64 ``[B, L]`` (a :class:`SequenceBatch`'s fields).
             mask: bool ``[B, L]``, True at events.
-            users: int64 ``[B]`` user rows (needed when the model has user features).
+            users: int64 ``[B]`` user rows of the training data's users, ``-1`` for a user the
+                model has not seen (a cold-start user), or None when no user is known; an unseen
+                user's features take the "unknown" code 0, so the model scores it from its
+                events alone.
             return_layers: names from ``config.layer_names()`` whose outputs to return.
         """
         if items.dim() != 2 or items.shape[1] > self.config.max_len:
@@ -308,7 +314,8 @@ def _codes_table(
 ) -> Tensor:
     if tables is None or name not in tables:
         raise ValueError(f"{arg} has no table for the configured feature {name!r}")
-    codes = torch.as_tensor(np.asarray(tables[name]), dtype=torch.int64)
+    # A copy: the model never shares memory with (so never changes) the caller's tables.
+    codes = torch.tensor(np.asarray(tables[name]), dtype=torch.int64)
     if rows is not None and codes.shape[0] != rows:
         raise ValueError(f"{arg}[{name!r}] has {codes.shape[0]} rows, expected {rows}")
     if codes.numel() and (codes.min() < 0 or codes.max() >= vocab):

@@ -76,17 +76,15 @@ def make_batch(
     num_time_buckets: int,
     train_end: Optional[np.ndarray] = None,
 ) -> SequenceBatch:
-    """Encode windows and drop the targets that lie outside the training events.
+    """Encode windows with the targets that lie inside the training events: each position's next
+    event, up to the user's training end ``n-2`` (the validation event is never a target).
 
     ``train_end``: :func:`~spnn_fast.protocol.train_ends` of ``log`` (computed here if None;
     callers that build many batches pass it once).
     """
-    sb = encode_batch(
+    train_end = train_ends(log) if train_end is None else train_end
+    return encode_batch(
         log.offsets, log.items, log.timestamps, rows, ends, max_len,
         num_items=log.num_items, num_time_buckets=num_time_buckets,
+        target_ends=np.minimum(np.asarray(ends) + 1, train_end[rows]),
     )  # fmt: skip
-    train_end = train_ends(log) if train_end is None else train_end
-    at_train_end = torch.from_numpy(ends == train_end[rows])
-    # The last event of a window that ends at n-2 would predict the validation event.
-    sb.targets[at_train_end, -1] = 0
-    return sb

@@ -74,7 +74,7 @@ def _splitmix(x: int) -> int:
 
 
 def _oracle(offsets, items, times, rows, ends, max_len, *, num_items, num_time_buckets=32,
-            num_negatives=0, seed=0, pad_side="left"):  # fmt: skip
+            num_negatives=0, seed=0, pad_side="left", target_ends=None):  # fmt: skip
     """The spec, one slot at a time, in Python ints (exact gaps, IEEE doubles for negatives)."""
     L, K, V = max_len, num_negatives, num_items
     items, times = [int(x) for x in items], [int(x) for x in times]
@@ -84,6 +84,7 @@ def _oracle(offsets, items, times, rows, ends, max_len, *, num_items, num_time_b
     mix = _splitmix(seed & M64)
     for b, (u, e) in enumerate(zip(rows.tolist(), ends.tolist())):
         start, length = int(offsets[u]), int(offsets[u + 1] - offsets[u])
+        te = e if target_ends is None else int(target_ends[b])
         s = max(0, e - L)
         c0 = L - (e - s) if pad_side == "left" else 0
         for j, p in enumerate(range(s, e), start=c0):
@@ -93,7 +94,7 @@ def _oracle(offsets, items, times, rows, ends, max_len, *, num_items, num_time_b
             if p > 0:
                 gap = times[start + p] - times[start + p - 1]
                 out["time_buckets"][b, j] = min(num_time_buckets - 1, gap.bit_length())
-            target = items[start + p + 1] if p + 1 < length else 0
+            target = items[start + p + 1] if p + 1 < min(te, length) else 0
             out["targets"][b, j] = target
             for k in range(K if target else 0):
                 h = _splitmix((mix + (b * L + j) * K + k) & M64)
@@ -127,8 +128,11 @@ def test_hand_window_inside_history(backend):
     assert b.timestamps.tolist() == [[3, 4, 12]]
     assert b.time_buckets.tolist() == [[2, 1, 4]]  # bit_length(3, 1, 8)
     assert b.mask.tolist() == [[True, True, True]]
-    assert b.targets.tolist() == [[4, 2, 1]]  # the target after the window is position 4
+    # By default no target lies at or past ends: the window's last position has none ...
+    assert b.targets.tolist() == [[4, 2, 0]]
     assert b.negatives is None
+    # ... and target_ends = ends + 1 makes the event after the window (position 4) its target.
+    assert _hand([1], [4], 3, backend, target_ends=[5]).targets.tolist() == [[4, 2, 1]]
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -158,7 +162,9 @@ def test_hand_several_rows(backend):
     assert b.timestamps.tolist() == [[100, 101], [7, 0], [0, 0], [101, 105]]
     assert b.time_buckets.tolist() == [[0, 1], [0, 0], [0, 0], [1, 2]]  # bit_length(4)=3 -> 2
     assert b.mask.tolist() == [[True, True], [True, False], [True, False], [True, True]]
-    assert b.targets.tolist() == [[1, 2], [0, 0], [4, 0], [2, 0]]
+    assert b.targets.tolist() == [[1, 0], [0, 0], [0, 0], [2, 0]]
+    nxt = _hand(rows, ends, 2, backend, pad_side="right", target_ends=[3, 1, 2, 3])
+    assert nxt.targets.tolist() == [[1, 2], [0, 0], [4, 0], [2, 0]]
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -166,7 +172,7 @@ def test_hand_negatives_two_items(backend):
     # With V = 2 the only negative is the other item; slots without a target hold 0.
     offsets, items, times = np.array([0, 4]), np.array([1, 2, 2, 1]), np.array([0, 1, 2, 3])
     b = encode_batch(offsets, items, times, np.array([0, 0]), np.array([4, 2]), 4,
-                     num_items=2, num_negatives=3, backend=backend)  # fmt: skip
+                     num_items=2, num_negatives=3, target_ends=[4, 3], backend=backend)  # fmt: skip
     other = {1: [2, 2, 2], 2: [1, 1, 1], 0: [0, 0, 0]}
     assert b.targets.tolist() == [[2, 2, 1, 0], [0, 0, 2, 2]]
     assert b.negatives.tolist() == [[other[t] for t in row] for row in b.targets.tolist()]
@@ -214,13 +220,19 @@ def problems(draw):
     batch = draw(st.integers(0, 12))
     rows = rng.choice(users, batch)
     ends = rng.integers(1, lengths[rows] + 1) if batch else np.zeros(0, np.int64)
+    lengths_of_rows = lengths[rows] if batch else np.zeros(0, np.int64)
     kw = dict(
+        target_ends=draw(st.sampled_from([None, "next", "random"])),
         num_items=num_items,
         num_time_buckets=draw(st.integers(1, 70)),
         num_negatives=draw(st.integers(0, 3)) if num_items >= 2 else 0,
         seed=draw(st.integers(-(2**70), 2**70)),
         pad_side=draw(st.sampled_from(["left", "right"])),
     )
+    if kw["target_ends"] == "next":
+        kw["target_ends"] = np.minimum(ends + 1, lengths_of_rows)
+    elif kw["target_ends"] == "random":
+        kw["target_ends"] = rng.integers(0, lengths_of_rows + 1)
     return (offsets, items, times, rows, ends, draw(st.integers(1, 30))), kw
 
 
@@ -241,6 +253,47 @@ def test_cpp_matches_reference(problem, threads):
     args, kw = problem
     got = encode_batch(*args, backend="cpp", num_threads=threads, **kw)
     assert_batch_equal(got, encode_batch(*args, backend="torch", **kw))
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_default_targets_never_read_at_or_past_ends(backend):
+    """A window's default targets stop before ``ends``: the events from ``ends`` on are never
+    read, so a held-out event there can neither leak into training nor fail the call."""
+    rng = np.random.default_rng(3)
+    offsets, items, times, lengths = _random_log(rng, 30, 50, 40)
+    rows, ends = _random_rows(rng, lengths, 64)
+    ok = ends < lengths[rows]
+    rows, ends = rows[ok], ends[ok]
+    _, one = np.unique(rows, return_index=True)  # one window per user: no window holds another's
+    rows, ends = rows[one], ends[one]  # poisoned event
+    poisoned = items.copy()
+    poisoned[offsets[rows] + ends] = 41  # outside [1, V]: reading it would raise
+    b = encode_batch(offsets, poisoned, times, rows, ends, 8, num_items=40, backend=backend)
+    assert int(b.targets[:, -1].abs().sum()) == 0
+    want = encode_batch(offsets, items, times, rows, ends, 8, num_items=40, backend=backend)
+    assert_batch_equal(b, want)
+    with pytest.raises(ValueError, match=r"items\[\d+\]=41 is outside \[1, 40\]"):
+        encode_batch(offsets, poisoned, times, rows, ends, 8, num_items=40, backend=backend,
+                     target_ends=ends + 1)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_target_ends_and_array_likes_are_checked(backend):
+    args = (OFFSETS, ITEMS, TIMES, np.array([1]), np.array([4]), 3)
+    with pytest.raises(ValueError, match=r"target_ends\[0\]=6 is outside \[0, 5\]"):
+        encode_batch(*args, num_items=5, target_ends=[6], backend=backend)
+    with pytest.raises(ValueError, match=r"target_ends must have one entry per row, got 2 for 1"):
+        encode_batch(*args, num_items=5, target_ends=[5, 5], backend=backend)
+    with pytest.raises(TypeError, match="target_ends must have an integer dtype"):
+        encode_batch(*args, num_items=5, target_ends=[4.5], backend=backend)
+    # Any array-like of integers: lists and tuples give the same batch as arrays.
+    listed = encode_batch(OFFSETS.tolist(), tuple(ITEMS.tolist()), TIMES.tolist(), [1], (4,), 3,
+                          num_items=5, backend=backend)  # fmt: skip
+    assert_batch_equal(listed, encode_batch(*args, num_items=5, backend=backend))
+    empty = encode_batch(OFFSETS, ITEMS, TIMES, [], [], 3, num_items=5, backend=backend)
+    assert empty.items.shape == (0, 3)
+    with pytest.raises(TypeError, match="rows must have an integer dtype"):
+        encode_batch(OFFSETS, ITEMS, TIMES, [1.0], [4], 3, num_items=5, backend=backend)
 
 
 @needs_cpp
@@ -384,9 +437,14 @@ BAD = [
      r"ends\[0\]=0 is outside \[1, 3\] \(the length of user 0 at rows\[0\]\)"),
     ({"ends": np.array([3, 6, 1])}, ValueError,
      r"ends\[1\]=6 is outside \[1, 5\] \(the length of user 1 at rows\[1\]\)"),
-    # Items read: window positions and the target after the window.
+    # Items read: window positions and, asked for with target_ends, the target after the window.
     (_bad_item_at(4, 0), ValueError, r"items\[4\]=0 is outside \[1, 5\]"),
-    (_bad_item_at(7, 6), ValueError, r"items\[7\]=6 is outside \[1, 5\]"),  # a target
+    ({**_bad_item_at(7, 6), "target_ends": np.array([3, 5, 1])}, ValueError,
+     r"items\[7\]=6 is outside \[1, 5\]"),  # a target
+    ({"target_ends": np.array([3, 5])}, ValueError,
+     r"target_ends must have one entry per row, got 2 for 3"),
+    ({"target_ends": np.array([3, -1, 1])}, ValueError,
+     r"target_ends\[1\]=-1 is outside \[0, 5\] \(the length of user 1 at rows\[1\]\)"),
     (_bad_item_at(8, -7), ValueError, r"items\[8\]=-7 is outside \[1, 5\]"),
     # Two bad items read by different rows: the smaller global index is named.
     ({"items": np.where(np.arange(9) == 1, 9, _bad_item_at(6, 0)["items"])}, ValueError,
@@ -399,8 +457,9 @@ BAD = [
     (_bad_time_at(1, 99), ValueError,
      r"timestamps decrease within a user at index 1: 99 < 100"),
 ]  # fmt: skip
-# rows [0, 1, 2] ends [3, 4, 1], L = 3: user 0 reads items 0..2, user 1 items 4..7 (window 4..6 +
-# target 7), user 2 item 8; timestamp pairs: (0,1) (1,2); (3,4) (4,5) (5,6); none for user 2.
+# rows [0, 1, 2] ends [3, 4, 1], L = 3: user 0 reads items 0..2, user 1 items 4..6 (its window;
+# with target_ends 5, also the target 7), user 2 item 8; timestamp pairs: (0,1) (1,2); (3,4)
+# (4,5) (5,6); none for user 2.
 BASE_CALL = dict(offsets=OFFSETS, items=ITEMS, timestamps=TIMES, rows=np.array([0, 1, 2]),
                  ends=np.array([3, 4, 1]), max_len=3, num_items=5)  # fmt: skip
 
@@ -417,6 +476,7 @@ def test_bad_input(backend, change, error, match):
     "change",
     [
         _bad_item_at(3, 0),  # user 1 position 0: before the window [1, 4)
+        _bad_item_at(7, 0),  # user 1 position 4: at ends, not a target by default
         _bad_time_at(7, 0),  # pair (6, 7): timestamps at the target position are not read
         _bad_time_at(8, -5),  # user 2's only event: no pair is read (nor one across users)
     ],
@@ -435,7 +495,9 @@ def test_bad_events_outside_the_read_set_pass(backend, change):
         ("offsets", torch.from_numpy(OFFSETS).float(), TypeError,
          r"offsets must have an integer dtype, got torch.float32"),
         ("rows", np.array([True, False, True]), TypeError, r"rows must have an integer dtype, got bool"),
-        ("ends", [3, 4, 1], TypeError, r"ends must be a numpy array or a CPU tensor, got list"),
+        ("ends", [3.0, 4.0, 1.0], TypeError, r"ends must have an integer dtype, got float64"),
+        ("ends", [3, "4", 1], TypeError, r"ends must have an integer dtype, got <U\d+"),
+        ("rows", [[0, 1, 2]], ValueError, r"rows must be 1-D, got shape \(1, 3\)"),
         ("timestamps", torch.zeros(9, dtype=torch.int64, device="meta"), ValueError,
          r"timestamps must be on the CPU, got a tensor on meta"),
     ],
@@ -465,11 +527,26 @@ def test_bad_array_types(backend, name, value, error, match):
 )
 def test_cpp_direct_call_checks_what_it_reads(change, match):
     # Called without the Python checks, the extension still never reads out of bounds.
-    call = dict(offsets=OFFSETS, items=ITEMS, timestamps=TIMES, rows=np.array([0, 1, 2]),
-                ends=np.array([3, 4, 1]), max_len=3, num_items=5, num_time_buckets=32,
-                num_negatives=0, seed=0, pad_left=True, num_threads=2)  # fmt: skip
     with pytest.raises(ValueError, match=match):
-        _ext.C.encode_batch(**{**call, **change})
+        _ext.C.encode_batch(**{**DIRECT_CALL, **change})
+
+
+DIRECT_CALL = dict(offsets=OFFSETS, items=ITEMS, timestamps=TIMES, rows=np.array([0, 1, 2]),
+                   ends=np.array([3, 4, 1]), target_ends=np.array([3, 4, 1]), max_len=3,
+                   num_items=5, num_time_buckets=32, num_negatives=0, seed=0, pad_left=True,
+                   num_threads=2)  # fmt: skip
+
+
+@needs_cpp
+def test_cpp_direct_call_clips_target_ends():
+    """Unchecked target_ends never make the extension read outside a user's events: values past
+    the user's length act as its length, values below the window as no target."""
+    wild = _ext.C.encode_batch(**{**DIRECT_CALL, "target_ends": np.array([2**62, -7, 99])})
+    sane = _ext.C.encode_batch(**{**DIRECT_CALL, "target_ends": np.array([3, 0, 1])})
+    for a, b in zip(wild[:5], sane[:5]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="rows, ends and target_ends must have equal lengths"):
+        _ext.C.encode_batch(**{**DIRECT_CALL, "target_ends": np.array([1])})
 
 
 # ----------------------------------------------------------------------------- backends

@@ -102,7 +102,14 @@ def test_empty_log():
     ("args", "error", "match"),
     [
         (([1, 2], [1], [1, 2]), ValueError, r"equal lengths, got 2, 1 and 2"),
-        (([1], [1], [1.5]), TypeError, r"timestamps must be integers"),
+        (
+            ([1, 1], [1, 2], [2.0, 1.5]),
+            ValueError,
+            r"timestamps\[1\]=1.5 is not a whole number of seconds",
+        ),
+        (([1], [1], [float("nan")]), ValueError, r"timestamps\[0\]=nan is not a whole number"),
+        (([1], [1], [2.0**63]), ValueError, r"timestamps\[0\]=9.2\d+e\+18 is not a whole number"),
+        (([1], [1], ["5"]), TypeError, r"timestamps must be integers"),
         (([1.0], [1], [1]), TypeError, r"users must hold integer or string ids, got dtype float64"),
         (([[1]], [1], [1]), ValueError, r"users must be 1-D, got shape \(1, 1\)"),
         (
@@ -115,6 +122,15 @@ def test_empty_log():
 def test_constructor_errors(args, error, match):
     with pytest.raises(error, match=match):
         InteractionLog(*args)
+
+
+def test_integral_float_timestamps_are_seconds():
+    """RecBole's ``timestamp:float`` columns hold integral values: they are read as int64."""
+    floats = InteractionLog([1, 1, 2], [5, 6, 5], np.array([881250949.0, 3.0, -2.0]))
+    ints = InteractionLog([1, 1, 2], [5, 6, 5], np.array([881250949, 3, -2]))
+    assert floats.timestamps.dtype == np.int64
+    for name in ("offsets", "items", "timestamps"):
+        np.testing.assert_array_equal(getattr(floats, name), getattr(ints, name))
 
 
 def _csr_parts():

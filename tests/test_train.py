@@ -120,6 +120,29 @@ def test_model_shapes_gate_and_padding(cycle_ds):
         model(b.items, b.timestamps, b.time_buckets, b.mask, return_layers=("layers.7",))
 
 
+def test_a_user_the_model_has_not_seen_is_scored_with_unknown_features(cycle_ds):
+    """A cold-start user (row -1, or no users at all) takes the unknown code 0 of every user
+    feature instead of failing; a known user is scored with its own codes."""
+    torch.manual_seed(0)
+    ages = np.arange(cycle_ds.log.num_users) % 3 + 1
+    model = SPNN(
+        SPNNConfig(num_items=cycle_ds.log.num_items, max_len=8, d_model=16, n_heads=2,
+                   n_layers=1, dropout=0.0, user_feature_vocab={"age": 4}),
+        user_features={"age": ages},
+    ).eval()  # fmt: skip
+    torch.nn.init.normal_(model.user_feat_emb["age"].weight)
+    rows, ends = training_windows(cycle_ds.log, max_len=8)
+    b = make_batch(cycle_ds.log, rows[:3], ends[:3], 8, 32)
+    args = (b.items, b.timestamps, b.time_buckets, b.mask)
+    unknown = model(*args, torch.full((3,), -1)).hidden
+    torch.testing.assert_close(model(*args, None).hidden, unknown, rtol=0, atol=0)
+    model.user_codes_age.zero_()  # every user's code set to unknown: the same output
+    assert (ages > 0).all()  # the model holds a copy of the caller's codes, never the array
+    torch.testing.assert_close(model(*args, b.users).hidden, unknown, rtol=0, atol=0)
+    model.user_codes_age.copy_(torch.as_tensor(ages))
+    assert not torch.allclose(model(*args, b.users).hidden, unknown)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="d_model"):
         SPNNConfig(num_items=5, d_model=10, n_heads=3)

@@ -8,7 +8,8 @@ positions ``p`` in ``[s, e)`` with ``s = max(0, e - L)`` (``n = e - s`` events),
 * ``time_buckets[b, j]``: 0 if ``p == 0``, else ``min(NB - 1, bit_length(t[p] - t[p - 1]))``; the
   gap reaches back to the event before the window. Gaps are taken modulo 2**64 as unsigned, so a
   gap >= 2**63 (timestamps spanning more than the int64 range) still gets ``bit_length`` 64.
-* ``targets[b, j]``: the user's item at ``p + 1``, 0 after the user's last event.
+* ``targets[b, j]``: the user's item at ``p + 1`` when ``p + 1 < target_ends[b]`` (and the user
+  has that event), else 0.
 * ``negatives[b, j, k]`` (``K = num_negatives > 0``): at slots whose target ``T`` is nonzero, an item
   uniform on ``[1, V] \\ {T}``, from a counter-based generator (independent of threading)::
 
@@ -23,7 +24,7 @@ positions ``p`` in ``[s, e)`` with ``s = max(0, e - L)`` (``n = e - s`` events),
   The product ``double(h >> 11) * 2**-53`` is exact, and one IEEE multiply by ``double(V - 1)``
   follows, so numpy and C++ agree bit for bit. Slots with target 0 hold 0.
 
-Only the events a row reads are checked: items at positions ``[s, min(e + 1, len))`` must lie in
+Only the events a row reads are checked: items of the window and of its targets must lie in
 ``[1, V]`` and timestamps must not decrease over the pairs ``(p - 1, p)``, ``p`` in
 ``[max(s, 1), e)``. The error names the smallest offending global index (item errors first), with
 the same message as the C++ encoder. The O(U + B) argument checks live in ``spnn_fast.encode``.
@@ -104,6 +105,7 @@ def encode_batch_ref(
     timestamps: np.ndarray,
     rows: np.ndarray,
     ends: np.ndarray,
+    target_ends: np.ndarray,
     max_len: int,
     num_items: int,
     num_time_buckets: int,
@@ -128,8 +130,8 @@ def encode_batch_ref(
         b1 = min(bsz, b0 + step)
         chunk = [o[b0:b1] for o in out] + [None if negatives is None else negatives[b0:b1]]
         i, t = _encode_rows(
-            offsets, items, timestamps, rows[b0:b1], ends[b0:b1], length, num_items,
-            num_time_buckets, pad_left, chunk, b0, seed_mix,
+            offsets, items, timestamps, rows[b0:b1], ends[b0:b1], target_ends[b0:b1], length,
+            num_items, num_time_buckets, pad_left, chunk, b0, seed_mix,
         )  # fmt: skip
         bad_item, bad_time = min(bad_item, i), min(bad_time, t)
     if bad_item < len(items):
@@ -143,8 +145,8 @@ def encode_batch_ref(
 
 
 def _encode_rows(
-    offsets, items, timestamps, rows, ends, length, num_items, num_buckets, pad_left, out, b0,
-    seed_mix,
+    offsets, items, timestamps, rows, ends, target_ends, length, num_items, num_buckets, pad_left,
+    out, b0, seed_mix,
 ) -> Tuple[int, int]:  # fmt: skip
     """Fills ``out`` (views of rows ``b0 ..``) and returns the smallest bad item and bad time
     indices (``len(items)`` when none)."""
@@ -158,7 +160,7 @@ def _encode_rows(
     pos = first[:, None] + np.arange(length, dtype=np.int64)
     np.greater_equal(pos, s[:, None], out=mask)
     mask &= pos < ends[:, None]
-    has_next = mask & (pos + 1 < len_user[:, None])
+    has_next = mask & (pos + 1 < np.minimum(target_ends, len_user)[:, None])
     has_prev = mask & (pos > 0)
     # Global event index, 0 at padding; +1 / -1 only where a next / previous event exists, so
     # every gather stays in bounds and the gap where there is no previous event is 0.
