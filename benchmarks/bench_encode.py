@@ -21,7 +21,7 @@ import pytest
 import torch
 from _common import peak_memory, record
 
-from spnn_fast import backends
+from spnn_fast import _ext
 from spnn_fast.encode import default_num_threads, encode_batch
 from spnn_fast.reference.encode import pad_sequence_collate, window_slices
 
@@ -59,7 +59,7 @@ def _impl(workload, impl: str, k: int):
     log, rows, ends = workload["log"], workload["rows"], workload["ends"]
     kw = dict(num_items=NUM_ITEMS, num_negatives=k, seed=0)
     if impl.startswith("spnn_fast[cpp]"):
-        if backends._C is None:
+        if _ext.C is None:
             pytest.skip("spnn_fast._C did not build")
         threads = 1 if impl.endswith("threads=1") else default_num_threads()
         fn = lambda: encode_batch(
@@ -103,8 +103,8 @@ KS = [pytest.param(k, id=f"K{k}", marks=pytest.mark.benchmark(group=f"encode_bat
 @pytest.mark.parametrize("impl", IMPLS)
 def test_encode_batch(benchmark, workload, impl, k):
     fn, info = _impl(workload, impl, k)
-    if backends._C is not None:
-        backends._C.release_cached_buffers()  # peak memory counts the output blocks once
+    if _ext.C is not None:
+        _ext.C.release_cached_buffers()  # peak memory counts the output blocks once
     peak = peak_memory(fn, CPU)
     benchmark(fn)
     record(
