@@ -143,6 +143,65 @@ class DistillationLoss(nn.Module):
         )
 
 
+class LinearCrossEntropyLoss(nn.Module):
+    """PyTorch's :class:`torch.nn.LinearCrossEntropyLoss` on the fused kernels: a ``Linear(in_features,
+    num_classes)`` whose logits feed ``cross_entropy``, never formed whole.
+
+    ``forward(input [..., in_features], target [...] class indices) -> loss`` is one call to
+    :func:`spnn_fast.functional.linear_cross_entropy`; the arguments, the parameter names
+    (``linear.weight``, ``linear.bias``, the ``weight`` buffer) and so the state dicts are
+    PyTorch's. ``out_features`` (a K-dimensional loss) must be ``()``; ``options`` is accepted
+    and not needed. ``backend`` picks the implementation (see :mod:`spnn_fast.backends`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        options: object = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        _check_sizes("LinearCrossEntropyLoss", in_features=in_features, num_classes=num_classes)
+        if tuple(out_features) != ():
+            raise NotImplementedError("LinearCrossEntropyLoss: out_features must be ()")
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
+        self.num_classes, self.out_features = num_classes, ()
+        self.reduction, self.ignore_index = reduction, ignore_index
+        self.label_smoothing, self.options, self.backend = label_smoothing, options, backend
+        self.register_buffer("weight", weight)
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy of ``linear(input)`` against ``target``: ``input [..., in_features]``
+        floating, ``target [...]`` integer class indices in ``[0, num_classes)`` or
+        ``ignore_index``; a scalar, or the leading shape with ``reduction="none"``."""
+        from spnn_fast.functional import linear_cross_entropy
+
+        return linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, options=self.options, backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+        )
+
+
 def _check_feats(name: str, feats: Tensor, dim: int, mask: object = ...) -> None:
     """``feats`` must be [B, L, dim]; and ``mask``, when passed (None included), bool [B, L]."""
     if not isinstance(feats, Tensor) or feats.dim() != 3 or feats.shape[-1] != dim:

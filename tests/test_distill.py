@@ -316,15 +316,17 @@ def _bad_cases():
     ok = dict(student_hidden=hs, student_items=ws, teacher_hidden=ht, teacher_items=wt, target=y)
     cases = [
         ({"student_items": ws[:, :5]}, "student_items"),
-        ({"student_hidden": hs[0]}, "student_hidden must be 2-D"),
+        ({"student_hidden": hs[:, :0]}, r"student_hidden must be \[\.\.\., D\] with D >= 1"),
+        ({"student_hidden": hs[0]}, r"teacher_hidden must be \[\.\.\., Dt\] with student_hi"),
         ({"student_items": ws[:0]}, "V >= 1"),
         ({"teacher_hidden": ht[:3]}, "teacher_hidden must be"),
         ({"teacher_items": wt[:5]}, "teacher_items"),
         ({"student_items": ws.double()}, "differ in dtype"),
         ({"teacher_hidden": ht.double(), "teacher_items": wt.double()}, "differ in dtype"),
         ({"student_hidden": hs.int()}, "float16/bfloat16/float32/float64"),
-        ({"target": y.int()}, "int64"),
-        ({"target": y[:3]}, r"\[N=4\]"),
+        ({"target": y.float()}, "integer tensor of class indices"),
+        ({"target": y.bool()}, "integer tensor of class indices"),
+        ({"target": y[:3]}, r"leading shape \(4,\)"),
         ({"target": torch.tensor([0, 1, 6, 2], device=DEVICE)}, r"outside \[0, V=6\)"),
         ({"target": torch.tensor([0, -1, 2, 2], device=DEVICE)}, r"outside \[0, V=6\)"),
         ({"temperature": 0.0}, "temperature"),
@@ -345,6 +347,23 @@ def _bad_cases():
         ({"student_hidden": hs.to("meta")}, "different devices"),
     ]
     return ok, cases
+
+
+def test_any_leading_shape_and_integer_target():
+    """``[..., D]`` inputs with targets of the leading shape, of any integer dtype, give the
+    rows' losses of the flattened call; without a teacher the default is plain cross-entropy."""
+    inp = make_inputs(12, 9)
+    hs, ws, ht, wt, y = (inp[k] for k in ("hs", "ws", "ht", "wt", "y"))
+    flat = SF.distillation_loss(hs, ws, ht, wt, y, reduction="none", backend="torch")
+    shaped = SF.distillation_loss(hs.view(3, 4, -1), ws, ht.view(3, 4, -1), wt,
+                                  y.view(3, 4).int(), reduction="none", backend="torch")  # fmt: skip
+    assert shaped.shape == (3, 4)
+    torch.testing.assert_close(shaped.reshape(-1), flat, rtol=0, atol=0)
+    ce = SF.distillation_loss(hs, ws, target=y.to(torch.int16), backend="torch")
+    torch.testing.assert_close(ce, SF.distillation_loss(hs, ws, target=y, alpha=0.0,
+                                                        backend="torch"), rtol=0, atol=0)  # fmt: skip
+    default = SF.distillation_loss(hs, ws, ht, wt, y, backend="torch")  # a teacher: alpha 0.5
+    assert torch.equal(default, SF.distillation_loss(hs, ws, ht, wt, y, alpha=0.5, backend="torch"))
 
 
 @pytest.mark.parametrize("case", range(len(_bad_cases()[1])))

@@ -1,0 +1,15 @@
+"""Functional API of spnn_fast: one function per op (validation, then dispatch to a backend)."""
+
+from spnn_fast.functional.attention import semantic_attention
+from spnn_fast.functional.losses import (
+    distillation_loss,
+    feature_distillation_loss,
+    linear_cross_entropy,
+)
+
+__all__ = [
+    "distillation_loss",
+    "feature_distillation_loss",
+    "linear_cross_entropy",
+    "semantic_attention",
+]

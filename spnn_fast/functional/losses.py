@@ -1,0 +1,342 @@
+"""The losses: ``distillation_loss`` (CE + logit KD over an item catalogue),
+``feature_distillation_loss`` and ``linear_cross_entropy`` (PyTorch's drop-in)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from spnn_fast import limits
+from spnn_fast._checks import FLOAT_DTYPES, check_matrix, check_same, describe, is_int, is_real
+from spnn_fast.functional._dispatch import triton_or_torch
+
+__all__ = ["distillation_loss", "feature_distillation_loss", "linear_cross_entropy"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _rows(name: str, t: object) -> Tensor:
+    """``t [..., D]`` (floating, D >= 1) as ``[N, D]`` rows, N the product of the leading dims."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a tensor [..., D], got {type(t).__name__}")
+    if t.dim() < 1 or t.shape[-1] < 1:
+        raise ValueError(f"{name} must be [..., D] with D >= 1, got {describe(t)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {describe(t)}")
+    return t.reshape(-1, t.shape[-1])
+
+
+def _target_rows(target: object, lead: torch.Size, hs: Tensor) -> Tensor:
+    """``target`` (any integer dtype, shape ``lead``) as int64 ``[N]``."""
+    ok = isinstance(target, Tensor) and not target.is_floating_point() and not target.is_complex()
+    if not ok or target.dtype == torch.bool or target.shape != lead:
+        got = describe(target) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(
+            f"target must be an integer tensor of class indices with the input's leading shape "
+            f"{tuple(lead)}, got {got}"
+        )
+    check_same("input", hs, "target", target, dtype=False)
+    return target.reshape(-1).to(torch.int64)
+
+
+def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index, reduction):
+    """Validated ``(hs [N, Ds], ht [N, Dt] or None, target [N] int64 or None, lead shape)``."""
+    lead = hs.shape[:-1] if isinstance(hs, Tensor) else None
+    hs = _rows("student_hidden", hs)
+    check_matrix("student_items", ws)
+    check_same("student_hidden", hs, "student_items", ws)
+    n, ds = hs.shape
+    if ws.shape[0] < 1 or ws.shape[1] != ds:
+        raise ValueError(
+            f"student_items must be [V >= 1, Ds] with Ds = student_hidden.shape[-1] = {ds}; "
+            f"got student_items {tuple(ws.shape)}"
+        )
+    v = ws.shape[0]
+    if not is_real(temperature, 0.0, open_low=True):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if temperature < 1e-6:
+        # Logits divided by T overflow float32 long before T reaches 0.
+        raise ValueError(f"temperature must be >= 1e-6 (logits / T overflow), got {temperature}")
+    if not is_real(alpha, 0.0, 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
+    if not is_int(ignore_index):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if alpha > 0 and (ht is None or wt is None):
+        raise ValueError(
+            f"alpha={alpha} > 0 distils from a teacher: teacher_hidden and teacher_items are required"
+        )
+    if ht is not None or wt is not None:
+        if ht is None or wt is None:
+            raise ValueError("teacher_hidden and teacher_items must be given together")
+        if isinstance(ht, Tensor) and ht.shape[:-1] != lead:
+            raise ValueError(
+                f"teacher_hidden must be [..., Dt] with student_hidden's leading shape "
+                f"{tuple(lead)}, got {describe(ht)}"
+            )
+        ht = _rows("teacher_hidden", ht)
+        check_matrix("teacher_items", wt)
+        check_same("student_hidden", hs, "teacher_hidden", ht)
+        check_same("student_hidden", hs, "teacher_items", wt)
+        dt = ht.shape[1]
+        if wt.shape != (v, dt):
+            raise ValueError(
+                f"teacher_items must be [V={v}, Dt={dt}], got teacher_items {tuple(wt.shape)}"
+            )
+    if alpha < 1 and target is None:
+        raise ValueError(f"alpha={alpha} < 1 includes cross-entropy: target is required")
+    if target is not None:
+        target = _target_rows(target, lead, hs)
+        _check_target_values(target, v, ignore_index)
+    return hs, ht, target, lead
+
+
+def _check_target_values(target: Tensor, v: int, ignore_index: int) -> None:
+    """Every target in ``[0, V)`` or ``ignore_index``. Eagerly a ValueError naming the first bad
+    value (reading it waits for the device: this check, not the op, holds the one sync); under
+    torch.compile an asynchronous device-side assert, which traces without a graph break."""
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= v))
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"target outside [0, V={v}) and not ignore_index")
+    elif bool(bad.any()):
+        raise ValueError(
+            f"target holds {int(target[bad][0])}, outside [0, V={v}) and not "
+            f"ignore_index={ignore_index} ({int(bad.sum())} such rows)"
+        )
+
+
+def _distill_backend(backend: Optional[str], hs: Tensor, ht: Optional[Tensor]) -> str:
+    def why_not():
+        dims = [hs.shape[1]] + ([ht.shape[1]] if ht is not None else [])
+        if hs.dtype == torch.float64:
+            return "the kernels take fp32/fp16/bf16, got float64"
+        if max(dims) > limits.DISTILL_MAX_DIM:
+            return f"the kernels take hidden sizes <= {limits.DISTILL_MAX_DIM}, got {max(dims)}"
+        return None
+
+    return triton_or_torch("distillation_loss", backend, hs.device, why_not)
+
+
+def distillation_loss(
+    student_hidden: Tensor,
+    student_items: Tensor,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_items: Optional[Tensor] = None,
+    target: Optional[Tensor] = None,
+    *,
+    temperature: float = 2.0,
+    alpha: Optional[float] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Fused linear cross-entropy + logit distillation over an item catalogue.
+
+    Args:
+        student_hidden: ``[..., Ds]`` student hidden states (one per scored position; leading
+            dims are flattened into ``N`` rows).
+        student_items: ``[V, Ds]`` student item embeddings; ``target`` indexes its rows.
+        teacher_hidden: ``[..., Dt]`` (student_hidden's leading shape), teacher_items
+            ``[V, Dt]``; required when ``alpha > 0``. Never receive a gradient.
+        target: ``[...]`` (the leading shape) class indices of any integer dtype, in ``[0, V)``
+            or ``ignore_index``; required when ``alpha < 1``. With ``alpha = 1`` it is
+            optional and only marks ignored rows.
+        temperature: ``T > 0`` of the distillation softmaxes.
+        alpha: weight of the distillation term in ``[0, 1]``; default 0.5 with a teacher, 0
+            (plain cross-entropy; :func:`linear_cross_entropy` is PyTorch's form of it) without.
+        reduction: ``"mean"`` over counted rows (0, with zero gradients, when none counts),
+            ``"sum"``, or ``"none"`` (the leading shape, 0 at ignored rows).
+        backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`spnn_fast.backends`).
+
+    With ``z_s = student_hidden @ student_items.T`` and ``z_t = teacher_hidden @ teacher_items.T``
+    (``[N, V]``, never held whole), each counted row contributes
+    ``(1 - alpha) * CE(z_s, target) + alpha * T**2 * KL(softmax(z_t/T) || softmax(z_s/T))``.
+    The Triton kernels stream the catalogue in tiles; the torch path works in chunks of at most
+    ``spnn_fast.reference.distill.LOGIT_BUDGET_BYTES``. Gradients flow to ``student_hidden`` and
+    ``student_items``. The loss is float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: mismatched shapes, dtypes or devices, a target outside ``[0, V)`` other than
+            ``ignore_index``, ``temperature <= 0``, ``alpha`` outside ``[0, 1]``, a missing teacher
+            with ``alpha > 0`` or a missing target with ``alpha < 1``, an unknown reduction.
+    """
+    from spnn_fast.ops.distill import distill_rows
+    from spnn_fast.reference.distill import reduce_rows
+
+    if alpha is None:
+        alpha = 0.0 if teacher_hidden is None and teacher_items is None else 0.5
+    hs, ht, target, lead = _check_distill_args(
+        student_hidden, student_items, teacher_hidden, teacher_items, target,
+        temperature, alpha, ignore_index, reduction,
+    )  # fmt: skip
+    if alpha == 0:  # plain fused linear cross-entropy: the teacher is not read
+        ht = teacher_items = None
+    name = _distill_backend(backend, hs, ht)
+    loss_rows = distill_rows(
+        hs, student_items, ht, teacher_items, target, float(temperature), float(alpha),
+        int(ignore_index), name,
+    )[0]  # fmt: skip
+    if reduction == "none":
+        return loss_rows.reshape(lead)
+    return reduce_rows(loss_rows, target, ignore_index, reduction)
+
+
+def feature_distillation_loss(
+    student_emb: Tensor,
+    teacher_emb: Tensor,
+    weights: Tensor,
+    *,
+    eps: float = 1e-5,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``sum_i weights[i] * ||ln(student_emb[i]) - ln(teacher_emb[i])||^2`` (a scalar).
+
+    Args:
+        student_emb: ``[N, K]`` embedded student features; the only input that gets a gradient.
+        teacher_emb: ``[N, K]`` embedded teacher features (same dtype as ``student_emb``).
+        weights: ``[N]`` per-row weights (any float dtype).
+        eps: layer-norm epsilon; ``ln`` is layer norm over ``K`` without affine parameters.
+        backend: ``None``/``"auto"``, ``"triton"`` (``K <= 8192``) or ``"torch"``.
+
+    Returns float32 (float64 for float64 inputs).
+    """
+    from spnn_fast.ops.feature_distill import feature_distill_rows
+    from spnn_fast.reference.feature_distill import feature_distillation_loss_reference
+
+    check_matrix("student_emb", student_emb)
+    check_matrix("teacher_emb", teacher_emb)
+    check_same("student_emb", student_emb, "teacher_emb", teacher_emb)
+    if student_emb.shape != teacher_emb.shape or student_emb.shape[1] < 1:
+        raise ValueError(
+            f"student_emb and teacher_emb must both be [N, K >= 1]; got "
+            f"{tuple(student_emb.shape)} and {tuple(teacher_emb.shape)}"
+        )
+    if not isinstance(weights, Tensor) or weights.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"weights must be a float tensor, got {weights!r:.80}")
+    if weights.shape != (student_emb.shape[0],):
+        raise ValueError(f"weights must be [N={student_emb.shape[0]}], got {describe(weights)}")
+    check_same("student_emb", student_emb, "weights", weights, dtype=False)
+    if not is_real(eps, 0.0, open_low=True):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+    def why_not():
+        if student_emb.dtype == torch.float64:
+            return "the kernel takes fp32/fp16/bf16, got float64"
+        if student_emb.shape[1] > limits.FEATURE_MAX_K:
+            return f"the kernel takes K <= {limits.FEATURE_MAX_K}, got {student_emb.shape[1]}"
+        return None
+
+    name = triton_or_torch("feature_distillation_loss", backend, student_emb.device, why_not)
+    if name == "triton":
+        return feature_distill_rows(student_emb, teacher_emb, weights, float(eps)).sum()
+    return feature_distillation_loss_reference(student_emb, teacher_emb, weights, float(eps))
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast gives a matmul on ``device`` here, or None outside autocast."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options: object = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the
+    logits: PyTorch's :func:`torch.nn.functional.linear_cross_entropy`, on the fused kernels.
+
+    Args:
+        input: ``[..., D]``; the leading dims are rows.
+        linear_weight: ``[C, D]``, one row per class.
+        target: class indices ``[...]`` (input's leading shape), any integer dtype, in
+            ``[0, C)`` or ``ignore_index``. Class probabilities raise NotImplementedError.
+        linear_bias: ``[C]`` or None.
+        weight: ``[C]`` per-class rescaling, as in ``cross_entropy``.
+        reduction: ``"mean"`` (over the counted rows, weighted by ``weight[target]``),
+            ``"sum"`` or ``"none"`` (the leading shape).
+        ignore_index: a target value that counts for nothing; None means -100, as in PyTorch.
+        label_smoothing: in ``[0, 1]``: the target becomes ``(1 - s) * onehot + s / C``.
+        options: PyTorch's chunking options; accepted and not needed (the logits are never
+            formed here, whatever the options).
+        backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Under ``torch.autocast`` the matmul runs in autocast's dtype, as ``linear`` would;
+    accumulation and the loss are float32 (float64 for float64 inputs). Gradients flow to
+    ``input``, ``linear_weight`` and ``linear_bias``; with a bias the fused op sees ``[input,
+    1]`` against ``[linear_weight, linear_bias]``.
+    """
+    if isinstance(target, Tensor) and target.is_floating_point():
+        raise NotImplementedError(
+            "linear_cross_entropy takes class indices; class-probability targets are not supported"
+        )
+    ignore_index = -100 if ignore_index is None else ignore_index
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
+    if not is_real(label_smoothing, 0.0, 1.0):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not isinstance(input, Tensor) or not isinstance(linear_weight, Tensor):
+        raise ValueError("input and linear_weight must be tensors")
+    cast = _autocast_dtype(input.device)
+    # The loss's dtype: the logits' (the inputs'), or float32 under autocast, as in PyTorch.
+    out_dtype = input.dtype if cast is None else torch.float32
+    if cast is not None and input.is_floating_point() and linear_weight.is_floating_point():
+        input, linear_weight = input.to(cast), linear_weight.to(cast)
+        linear_bias = None if linear_bias is None else linear_bias.to(cast)
+    check_matrix("linear_weight", linear_weight)
+    lead = input.shape[:-1]
+    h = _rows("input", input)
+    check_same("input", h, "linear_weight", linear_weight)
+    c, d = linear_weight.shape
+    if h.shape[1] != d:
+        raise ValueError(
+            f"linear_weight must be [C, D={h.shape[1]}], got {tuple(linear_weight.shape)}"
+        )
+    for name, t in (("linear_bias", linear_bias), ("weight", weight)):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (c,)):
+            got = describe(t) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a [C={c}] tensor, got {got}")
+        if t is not None:
+            check_same("input", h, name, t, dtype=False)
+    w_table = linear_weight
+    if linear_bias is not None:  # the bias as one more input column
+        h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+        w_table = torch.cat([linear_weight, linear_bias.to(linear_weight.dtype)[:, None]], dim=1)
+    nll = distillation_loss(h, w_table, target=_target_rows(target, lead, h), alpha=0.0,
+                            ignore_index=ignore_index, reduction="none", backend=backend)  # fmt: skip
+    y = target.reshape(-1).to(torch.int64)
+    counted = y != ignore_index
+    safe = torch.where(counted, y, torch.zeros_like(y))
+    w_y = nll.new_ones(()) if weight is None else weight.to(nll.dtype)[safe]
+    rows = nll * w_y
+    if label_smoothing > 0:
+        # sum_c w_c * -log p_c = lse * sum_c w_c - sum_c w_c z_c, and sum_c w_c z_c is one dot
+        # product with the weighted sum of the class rows: still no logits.
+        wc = nll.new_ones(c) if weight is None else weight.to(nll.dtype)
+        z_y = (h.to(nll.dtype) * w_table.to(nll.dtype)[safe]).sum(-1)
+        lse = nll + z_y
+        smooth = lse * wc.sum() - h.to(nll.dtype) @ (wc @ w_table.to(nll.dtype))
+        rows = (1.0 - label_smoothing) * rows + (label_smoothing / c) * smooth
+    rows = torch.where(counted, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(lead).to(out_dtype)
+    if reduction == "sum":
+        return rows.sum().to(out_dtype)
+    # The weighted mean over counted rows; 0/0 (nothing counted) is NaN, as in PyTorch.
+    denom = counted.sum() if weight is None else torch.where(counted, w_y, 0).sum()
+    return (rows.sum() / denom.to(rows.dtype)).to(out_dtype)
