@@ -70,7 +70,7 @@ def _inputs(cfg):
     gaps = (gaps * torch.rand(B, L, generator=g, dtype=torch.float64)).to(torch.int64)
     ts = (torch.cumsum(gaps, dim=1) + 1_700_000_000).to(DEV)
     tb = (0.5 * torch.randn(H, NB, generator=g)).to(DEV, DTYPE)
-    return dict(q=q, k=k, v=v, key_padding_mask=mask, timestamps=ts, time_bias=tb)
+    return dict(q=q, k=k, v=v, key_mask=mask, timestamps=ts, time_bias=tb)
 
 
 def _skip_reason(impl: str, mode: str, cfg) -> str | None:
@@ -98,7 +98,7 @@ def _callable(impl: str, inputs: dict):
     # FlexAttention: build the block mask once, outside the timed region.
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mask, L = inputs["key_padding_mask"], inputs["q"].shape[2]
+    mask, L = inputs["key_mask"], inputs["q"].shape[2]
     block_mask = create_block_mask(
         lambda b, h, qi, kj: (kj <= qi) & mask[b, kj], mask.shape[0], None, L, L, device=DEV
     )

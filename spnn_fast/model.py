@@ -127,7 +127,7 @@ class SemanticPerceptionLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor, timestamps: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_padding_mask=mask, timestamps=timestamps)
+        x = x + self.attn(self.norm1(x), key_mask=mask, timestamps=timestamps)
         x = x + self.drop(self.ff(self.norm2(x)))
         return x * mask.unsqueeze(-1)
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from spnn_fast._checks import check_int
+from spnn_fast.functional.attention import _UNSET, moved_key_padding_mask
 from spnn_fast.limits import MAX_TIME_BUCKETS
 
 
@@ -25,7 +26,8 @@ def _check_sizes(owner: str, **sizes: object) -> None:
 class SemanticAttention(nn.Module):
     """The semantic perception layer: multi-head self-attention with a learned time bias per head.
 
-    ``forward(x [B, L, d_model], key_padding_mask [B, L] bool = None, timestamps [B, L] int = None)
+    ``forward(x [B, L, d_model], key_mask [B, L] bool = None (True = the key takes part),
+    timestamps [B, L] int = None)
     -> [B, L, d_model]``: a fused q/k/v projection, :func:`spnn_fast.functional.semantic_attention`
     with this module's ``time_bias [n_heads, num_time_buckets]`` (used when timestamps are given),
     the output projection, dropout.
@@ -47,6 +49,8 @@ class SemanticAttention(nn.Module):
         super().__init__()
         _check_sizes("SemanticAttention", d_model=d_model, n_heads=n_heads,
                      num_time_buckets=num_time_buckets)  # fmt: skip
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be a positive multiple of n_heads={n_heads}")
         if not 1 <= num_time_buckets <= MAX_TIME_BUCKETS:
@@ -64,11 +68,29 @@ class SemanticAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        key_padding_mask: Optional[Tensor] = None,
+        key_mask: Optional[Tensor] = None,
         timestamps: Optional[Tensor] = None,
+        *,
+        key_padding_mask: object = _UNSET,
     ) -> Tensor:
+        """Self-attention over a batch of sequences.
+
+        Args:
+            x: ``[B, L, d_model]`` floating.
+            key_mask: ``[B, L]`` bool, True where the position is a real event that may be
+                attended to (SDPA's boolean-mask polarity); None = every position. Passing
+                ``key_padding_mask=`` (``nn.MultiheadAttention``'s name, True = padding) raises
+                a TypeError rather than silently inverting the mask.
+            timestamps: ``[B, L]`` integer seconds; with them the learned ``time_bias`` of the
+                gap bucket between two events is added to their score (without, no bias).
+
+        Returns:
+            ``[B, L, d_model]`` in the dtype of ``x``.
+        """
         from spnn_fast.functional import semantic_attention
 
+        if key_padding_mask is not _UNSET:
+            raise moved_key_padding_mask("SemanticAttention.forward()")
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [B, L, {self.d_model}], got shape {tuple(x.shape)}")
         B, L, _ = x.shape
@@ -77,7 +99,7 @@ class SemanticAttention(nn.Module):
             q,
             k,
             v,
-            key_padding_mask=key_padding_mask,
+            key_mask=key_mask,
             causal=self.causal,
             timestamps=timestamps,
             time_bias=self.time_bias if timestamps is not None else None,
@@ -108,7 +130,7 @@ class DistillationLoss(nn.Module):
     def __init__(
         self,
         temperature: float = 2.0,
-        alpha: float = 0.5,
+        alpha: Optional[float] = None,
         ignore_index: int = -100,
         reduction: str = "mean",
         backend: Optional[str] = None,
@@ -128,6 +150,10 @@ class DistillationLoss(nn.Module):
         teacher_items: Optional[Tensor] = None,
         target: Optional[Tensor] = None,
     ) -> Tensor:
+        """The loss of :func:`spnn_fast.functional.distillation_loss`: hidden states
+        ``[..., Ds]`` / ``[..., Dt]``, item tables ``[V, Ds]`` / ``[V, Dt]``, integer ``target``
+        of the leading shape (``ignore_index`` where a row does not count); float32, a scalar
+        or the leading shape with ``reduction="none"``."""
         from spnn_fast.functional import distillation_loss
 
         return distillation_loss(
@@ -328,6 +354,9 @@ class FeatureDistiller(nn.Module):
         self.teacher_proj.requires_grad_(False)
 
     def forward(self, student_feats: Tensor, teacher_feats: Tensor, mask: Tensor) -> Tensor:
+        """The feature loss (a float32 scalar) of ``student_feats [B, L, d_student]`` against the
+        frozen teacher's ``teacher_feats [B, L, d_teacher]``, over the positions where ``mask``
+        (bool ``[B, L]``) is True, weighted by the knowledge detector."""
         from spnn_fast.functional import feature_distillation_loss
 
         _check_feats("student_feats", student_feats, self.d_student)

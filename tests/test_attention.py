@@ -86,7 +86,7 @@ def make_inputs(
         q=tof(q),
         k=tof(k),
         v=tof(v),
-        key_padding_mask=to(mask),
+        key_mask=to(mask),
         timestamps=to(ts),
         time_bias=tof(tb),
     )
@@ -119,7 +119,7 @@ def run_op(inputs, causal, backend, grad_out=None, dtype=None):
             ins["q"],
             ins["k"],
             ins["v"],
-            ins["key_padding_mask"],
+            ins["key_mask"],
             causal,
             ins["timestamps"],
             ins["time_bias"],
@@ -195,7 +195,7 @@ def test_huge_gaps_and_64_buckets(backend, device):
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_empty_rows_give_zero_output_and_zero_grads(backend, device):
     inputs = make_inputs(3, 2, 20, 16, "empty", True, device=device, seed=3)
-    inputs["key_padding_mask"][2, :5] = False  # leading rows of sequence 2 see no key (causal)
+    inputs["key_mask"][2, :5] = False  # leading rows of sequence 2 see no key (causal)
     out, grads = run_op(inputs, True, backend)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(out[2, :, :5], torch.zeros_like(out[2, :, :5]))
@@ -205,6 +205,26 @@ def test_empty_rows_give_zero_output_and_zero_grads(backend, device):
         assert torch.equal(g[0], torch.zeros_like(g[0])), f"{name} of an all-padding sequence"
     assert torch.equal(dq[2, :, :5], torch.zeros_like(dq[2, :, :5]))
     assert dq[2, :, 5:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] == "torch"])
+def test_nan_in_masked_keys_and_values_stays_out(backend, device):
+    """A key that takes no part (key_mask False) cannot reach the output, whatever it holds:
+    NaN in its key or value rows leaves every row finite, rows without a key included."""
+    inputs = make_inputs(3, 2, 20, 16, "left", True, device=device, seed=4)
+    want, want_grads = run_op(inputs, True, backend)
+    poisoned = dict(inputs)
+    for name in ("k", "v"):
+        t = inputs[name].detach().clone()
+        t[~inputs["key_mask"][:, None, :, None].expand_as(t)] = float("nan")
+        poisoned[name] = t
+    out, grads = run_op(poisoned, True, backend)
+    assert torch.isfinite(out).all()
+    assert_close(out, want, "out", atol=1e-5, rtol=1e-5)
+    for name, g, e in zip(GRAD_NAMES, grads, want_grads):
+        if e is not None:
+            assert torch.isfinite(g).all(), name
+            assert_close(g, e, name, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
@@ -296,9 +316,9 @@ def _brute_force(q, k, v, mask, causal, ts, tb, scale):
 @pytest.mark.parametrize("causal", [True, False])
 def test_reference_matches_brute_force(causal):
     inputs = make_inputs(2, 2, 9, 4, "empty", True, dtype=torch.float64, seed=13, huge=True)
-    inputs["key_padding_mask"][1, 4] = False
+    inputs["key_mask"][1, 4] = False
     expected = _brute_force(
-        *(inputs[n] for n in ("q", "k", "v", "key_padding_mask")),
+        *(inputs[n] for n in ("q", "k", "v", "key_mask")),
         causal,
         inputs["timestamps"],
         inputs["time_bias"],
@@ -360,7 +380,7 @@ def test_gradcheck_torch_path_float64():
             q,
             k,
             v,
-            key_padding_mask=mask,
+            key_mask=mask,
             causal=causal,
             timestamps=ts,
             time_bias=tb,
@@ -383,7 +403,7 @@ def test_opcheck(backend, device, optional):
         ins["q"],
         ins["k"],
         ins["v"],
-        ins["key_padding_mask"],
+        ins["key_mask"],
         ins["timestamps"],
         ins["time_bias"],
         True,
@@ -532,10 +552,10 @@ BAD_INPUTS = [
     (dict(v=torch.randn(2, 3, 7, 32)), r"same shape.*v \(2, 3, 7, 32\)"),
     (dict(v=torch.randn(2, 3, 7, 16, dtype=torch.float64)), "share a dtype"),
     (
-        dict(key_padding_mask=torch.ones(2, 8, dtype=torch.bool)),
-        r"key_padding_mask must be \[B, L\]",
+        dict(key_mask=torch.ones(2, 8, dtype=torch.bool)),
+        r"key_mask must be \[B, L\]",
     ),
-    (dict(key_padding_mask=torch.ones(2, 7)), "key_padding_mask must be bool"),
+    (dict(key_mask=torch.ones(2, 7)), "key_mask must be bool"),
     (dict(timestamps=torch.zeros(2, 6, dtype=torch.int64)), r"timestamps must be \[B, L\]"),
     (dict(timestamps=torch.zeros(2, 7)), "timestamps must be integer"),
     (dict(timestamps=None), "timestamps .* required"),
@@ -544,8 +564,8 @@ BAD_INPUTS = [
     (dict(time_bias=torch.zeros(3, 65)), "1 <= NB <= 64"),
     (dict(time_bias=torch.zeros(3, 0)), "1 <= NB <= 64"),
     (dict(time_bias=torch.zeros(3, 4, dtype=torch.int64)), "time_bias must be floating"),
-    (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")), "is on meta"),
-    (dict(key_padding_mask=[[True] * 7] * 2), "key_padding_mask must be a tensor or None"),
+    (dict(key_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")), "is on meta"),
+    (dict(key_mask=[[True] * 7] * 2), "key_mask must be a tensor or None"),
     (dict(time_bias=[[0.0] * 32] * 3), "time_bias must be a tensor or None"),
     ({n: torch.randn(2, 3, 7, 0) for n in "qkv"}, r"head dim D >= 1.*\(2, 3, 7, 0\)"),
     (dict(scale=float("nan")), "scale must be a finite number"),
@@ -557,6 +577,31 @@ BAD_INPUTS = [
 def test_bad_input_raises_value_error(changes, match):
     with pytest.raises(ValueError, match=match):
         semantic_attention(**_bad(**changes), backend="torch")
+
+
+def test_the_mask_of_multihead_attention_is_refused_by_name():
+    """``key_padding_mask`` means True = padding in nn.MultiheadAttention and True = real key
+    here: passing it cannot silently invert the mask; the error names key_mask and both
+    polarities."""
+    inputs = _bad()
+    mask = inputs.pop("key_mask")
+    match = r"key_mask= \(bool \[B, L\], True where the key takes part.*True = padding"
+    with pytest.raises(TypeError, match=match):
+        semantic_attention(**inputs, key_padding_mask=~mask, backend="torch")
+    module = SemanticAttention(32, 2)
+    x, ts = torch.randn(2, 7, 32), inputs["timestamps"]
+    with pytest.raises(TypeError, match=match):
+        module(x, key_padding_mask=~mask[:, :7], timestamps=ts)
+    # The documented argument, with its documented polarity, is the reference's.
+    got = semantic_attention(**inputs, key_mask=mask, backend="torch")
+    want = semantic_attention_math(*(inputs[n] for n in "qkv"), key_mask=mask, causal=True,
+                                   timestamps=inputs["timestamps"], time_bias=inputs["time_bias"])  # fmt: skip
+    assert_close(got, want, "out", atol=1e-5, rtol=1e-5)
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="causal must be a bool"):
+            semantic_attention(**inputs, key_mask=mask, causal=bad, backend="torch")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        SemanticAttention(32, 2, causal="no")
 
 
 @pytest.mark.skipif(not backends.status()["triton"], reason="Triton cannot run here")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -15,7 +16,27 @@ from spnn_fast.functional._dispatch import triton_or_torch
 __all__ = ["semantic_attention"]
 
 
-def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
+class _Unset:
+    """The default of a keyword that is no longer an argument (a call that passes it is told)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
+def moved_key_padding_mask(owner: str) -> TypeError:
+    """The error for ``key_padding_mask=``, whose meaning in ``nn.MultiheadAttention`` is the
+    opposite of this package's mask."""
+    return TypeError(
+        f"{owner} takes key_mask= (bool [B, L], True where the key takes part, as SDPA's boolean "
+        f"attn_mask), not key_padding_mask=: torch.nn.MultiheadAttention's key_padding_mask means "
+        f"the opposite (True = padding). Pass key_mask=~key_padding_mask when porting from it"
+    )
+
+
+def _attn_check(q, k, v, key_mask, timestamps, time_bias) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor [B, H, L, D], got {type(t).__name__}")
@@ -33,22 +54,22 @@ def _attn_check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
     B, H, L, D = q.shape
     if D < 1:
         raise ValueError(f"q, k, v must have a head dim D >= 1, got {describe(q)}")
-    named = {"k": k, "v": v, "key_padding_mask": key_padding_mask, "timestamps": timestamps}
+    named = {"k": k, "v": v, "key_mask": key_mask, "timestamps": timestamps}
     named["time_bias"] = time_bias
     for name, t in named.items():
         if t is not None and not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor or None, got {type(t).__name__}")
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if key_padding_mask is not None:
-        if tuple(key_padding_mask.shape) != (B, L):
+    if key_mask is not None:
+        if tuple(key_mask.shape) != (B, L):
             raise ValueError(
-                f"key_padding_mask must be [B, L] = [{B}, {L}] for q of shape {tuple(q.shape)}, "
-                f"got {describe(key_padding_mask)}"
+                f"key_mask must be [B, L] = [{B}, {L}] for q of shape {tuple(q.shape)}, "
+                f"got {describe(key_mask)}"
             )
-        if key_padding_mask.dtype != torch.bool:
+        if key_mask.dtype != torch.bool:
             raise ValueError(
-                f"key_padding_mask must be bool (True = real key), got {describe(key_padding_mask)}"
+                f"key_mask must be bool (True = the key takes part), got {describe(key_mask)}"
             )
     if timestamps is not None:
         if tuple(timestamps.shape) != (B, L):
@@ -80,19 +101,22 @@ def semantic_attention(
     k: Tensor,
     v: Tensor,
     *,
-    key_padding_mask: Optional[Tensor] = None,
+    key_mask: Optional[Tensor] = None,
     causal: bool = True,
     timestamps: Optional[Tensor] = None,
     time_bias: Optional[Tensor] = None,
     scale: Optional[float] = None,
     backend: Optional[str] = None,
+    key_padding_mask: object = _UNSET,
 ) -> Tensor:
     """Multi-head self-attention with a learned per-head time-interval bias.
 
     Args:
-        q, k, v: ``[B, H, L, D]``, one floating dtype.
-        key_padding_mask: ``[B, L]`` bool, True where the key is a real event; None = all real.
-        causal: query i attends to keys ``j <= i`` only.
+        q, k, v: ``[B, H, L, D]`` (batch, heads, length, head dim), one floating dtype.
+        key_mask: ``[B, L]`` bool, True where the key takes part (a real event), as in SDPA's
+            boolean ``attn_mask``; None = every key. ``key_padding_mask=`` (PyTorch's
+            ``nn.MultiheadAttention`` name, whose True means padding) raises a TypeError.
+        causal: a bool; query i attends to keys ``j <= i`` only.
         timestamps: ``[B, L]`` integer seconds; required with ``time_bias``, ignored without.
         time_bias: ``[H, NB]`` floating, ``1 <= NB <= 64``: the learned bias table.
         scale: multiplies ``<q, k>``; default ``1 / sqrt(D)``.
@@ -111,7 +135,11 @@ def semantic_attention(
             kernels lack (D <= 128; float32/float16/bfloat16). The kernels are built for D in
             16/32/64/128; another D <= 128 runs them on q, k, v padded with zero columns.
     """
-    _attn_check(q, k, v, key_padding_mask, timestamps, time_bias)
+    if key_padding_mask is not _UNSET:
+        raise moved_key_padding_mask("semantic_attention()")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    _attn_check(q, k, v, key_mask, timestamps, time_bias)
     B, H, L, D = q.shape
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -142,6 +170,6 @@ def semantic_attention(
     from spnn_fast.ops.attention import semantic_attention_fwd
 
     out, _ = semantic_attention_fwd(
-        q, k, v, key_padding_mask, timestamps, time_bias, bool(causal), scale, name
+        q, k, v, key_mask, timestamps, time_bias, bool(causal), scale, name
     )
     return out if padded == D else out[..., :D].contiguous()

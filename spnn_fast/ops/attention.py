@@ -30,7 +30,7 @@ def semantic_attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Optional[Tensor],
+    key_mask: Optional[Tensor],
     timestamps: Optional[Tensor],
     time_bias: Optional[Tensor],
     causal: bool,
@@ -41,12 +41,12 @@ def semantic_attention_fwd(
         from spnn_fast.kernels.attention import semantic_attention_fwd as launch
     else:
         from spnn_fast.reference.attention import semantic_attention_torch_fwd as launch
-    out, lse = launch(q, k, v, key_padding_mask, timestamps, time_bias, causal, scale)
+    out, lse = launch(q, k, v, key_mask, timestamps, time_bias, causal, scale)
     return out, lse.to(_lse_dtype(q.dtype))
 
 
 @semantic_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, timestamps, time_bias, causal, scale, backend):
+def _(q, k, v, key_mask, timestamps, time_bias, causal, scale, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
 
 
@@ -58,7 +58,7 @@ def semantic_attention_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    key_padding_mask: Optional[Tensor],
+    key_mask: Optional[Tensor],
     timestamps: Optional[Tensor],
     time_bias: Optional[Tensor],
     causal: bool,
@@ -72,7 +72,7 @@ def semantic_attention_bwd(
         from spnn_fast.reference.attention import semantic_attention_torch_bwd as launch
     bias_grad = bias_grad and time_bias is not None
     dq, dk, dv, dbias = launch(
-        grad_out, q, k, v, out, lse, key_padding_mask, timestamps, time_bias, causal, scale,
+        grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal, scale,
         bias_grad,
     )  # fmt: skip
     if dbias is None:
@@ -81,7 +81,7 @@ def semantic_attention_bwd(
 
 
 @semantic_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, timestamps, time_bias, causal, scale,
+def _(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal, scale,
       backend, bias_grad):  # fmt: skip
     if bias_grad and time_bias is not None:
         dbias = time_bias.new_empty(time_bias.shape)
@@ -91,18 +91,18 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, timestamps, time_bias, caus
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, timestamps, time_bias, causal, scale, backend = inputs
+    q, k, v, key_mask, timestamps, time_bias, causal, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, timestamps, time_bias)
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, timestamps, time_bias)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, timestamps, time_bias = ctx.saved_tensors
+    q, k, v, out, lse, key_mask, timestamps, time_bias = ctx.saved_tensors
     bias_grad = time_bias is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dbias = semantic_attention_bwd(
-        grad_out, q, k, v, out, lse, key_padding_mask, timestamps, time_bias, ctx.causal,
+        grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, ctx.causal,
         ctx.scale, ctx.backend, bias_grad,
     )  # fmt: skip
     return dq, dk, dv, None, None, (dbias if bias_grad else None), None, None, None

@@ -5,7 +5,7 @@ For ``q, k, v: [B, H, L, D]``, ``timestamps t: [B, L]`` (int64 seconds), ``time_
     score[b,h,i,j] = scale * <q[b,h,i], k[b,h,j]> + time_bias[h, bucket(|t[b,i] - t[b,j]|)]
     bucket(g)      = min(NB - 1, bit_length(g))                 (spnn_fast.reference.time_bucket)
 
-Keys with ``j > i`` (causal) or ``key_padding_mask[b, j] == False`` are excluded, the softmax runs
+Keys with ``j > i`` (causal) or ``key_mask[b, j] == False`` are excluded, the softmax runs
 over the admissible keys and ``out[b,h,i] = sum_j p[b,h,i,j] * v[b,h,j]``. A query row without any
 admissible key outputs zeros, and no gradient flows through it.
 
@@ -62,7 +62,7 @@ def bias_scores(timestamps: torch.Tensor, time_bias: torch.Tensor) -> torch.Tens
 
 def admissible(
     L: int,
-    key_padding_mask: Optional[torch.Tensor],
+    key_mask: Optional[torch.Tensor],
     causal: bool,
     device: torch.device,
     rows: Optional[Tuple[int, int]] = None,
@@ -79,8 +79,8 @@ def admissible(
         i = torch.arange(r0, r1, device=device)
         j = torch.arange(nk, device=device)
         allowed = (j[None, :] <= i[:, None])[None, None]
-    if key_padding_mask is not None:
-        km = key_padding_mask[:, None, None, :nk]
+    if key_mask is not None:
+        km = key_mask[:, None, None, :nk]
         allowed = km if allowed is None else allowed & km
     return allowed
 
@@ -89,7 +89,7 @@ def semantic_attention_math(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor] = None,
+    key_mask: Optional[torch.Tensor] = None,
     causal: bool = True,
     timestamps: Optional[torch.Tensor] = None,
     time_bias: Optional[torch.Tensor] = None,
@@ -104,7 +104,7 @@ def semantic_attention_math(
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if time_bias is not None:
         scores = scores + bias_scores(timestamps, time_bias).to(scores.dtype)
-    allowed = admissible(L, key_padding_mask, causal, q.device)
+    allowed = admissible(L, key_mask, causal, q.device)
     if allowed is None:
         return torch.matmul(torch.softmax(scores, dim=-1), v)
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -120,7 +120,7 @@ def semantic_attention_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor] = None,
+    key_mask: Optional[torch.Tensor] = None,
     causal: bool = True,
     timestamps: Optional[torch.Tensor] = None,
     time_bias: Optional[torch.Tensor] = None,
@@ -134,7 +134,7 @@ def semantic_attention_sdpa(
     """
     B, H, L, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    allowed = admissible(L, key_padding_mask, causal, q.device)
+    allowed = admissible(L, key_mask, causal, q.device)
     if time_bias is not None:
         mask = bias_scores(timestamps, time_bias).to(q.dtype)
     elif allowed is not None:
@@ -164,7 +164,7 @@ def flex_unavailable_reason(device: torch.device, backward: bool) -> Optional[st
 
 
 def _flex_mods(
-    key_padding_mask: Optional[torch.Tensor],
+    key_mask: Optional[torch.Tensor],
     causal: bool,
     timestamps: Optional[torch.Tensor],
     time_bias: Optional[torch.Tensor],
@@ -181,12 +181,12 @@ def _flex_mods(
             return score + time_bias[h, e.clamp(max=top)]
 
     mask_mod = None
-    if causal and key_padding_mask is not None:
-        mask_mod = lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & key_padding_mask[b, kv_idx]
+    if causal and key_mask is not None:
+        mask_mod = lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & key_mask[b, kv_idx]
     elif causal:
         mask_mod = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
-    elif key_padding_mask is not None:
-        mask_mod = lambda b, h, q_idx, kv_idx: key_padding_mask[b, kv_idx]
+    elif key_mask is not None:
+        mask_mod = lambda b, h, q_idx, kv_idx: key_mask[b, kv_idx]
     return score_mod, mask_mod
 
 
@@ -194,7 +194,7 @@ def semantic_attention_flex(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor] = None,
+    key_mask: Optional[torch.Tensor] = None,
     causal: bool = True,
     timestamps: Optional[torch.Tensor] = None,
     time_bias: Optional[torch.Tensor] = None,
@@ -210,7 +210,7 @@ def semantic_attention_flex(
     if "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     B, H, L, D = q.shape
-    score_mod, mask_mod = _flex_mods(key_padding_mask, causal, timestamps, time_bias)
+    score_mod, mask_mod = _flex_mods(key_mask, causal, timestamps, time_bias)
     if block_mask is None and mask_mod is not None:
         block_mask = create_block_mask(mask_mod, B, None, L, L, device=q.device)
     return _FLEX["fn"](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
@@ -231,7 +231,7 @@ def _chunks(B: int, H: int, L: int):
         yield r0, min(L, r0 + rows)
 
 
-def _chunk_scores(qc, k, key_padding_mask, timestamps, time_bias, causal, scale, r0, r1):
+def _chunk_scores(qc, k, key_mask, timestamps, time_bias, causal, scale, r0, r1):
     """Scores of query rows [r0, r1) against keys [0, nk), with -inf where not admissible."""
     L = k.shape[2]
     nk = r1 if causal else L
@@ -240,17 +240,79 @@ def _chunk_scores(qc, k, key_padding_mask, timestamps, time_bias, causal, scale,
     if time_bias is not None:
         bucket = _pair_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
         s += time_bias.to(s.dtype)[:, bucket].transpose(0, 1)
-    allowed = admissible(L, key_padding_mask, causal, qc.device, rows=(r0, r1), keys=nk)
+    allowed = admissible(L, key_mask, causal, qc.device, rows=(r0, r1), keys=nk)
     if allowed is not None:
         s.masked_fill_(~allowed, float("-inf"))
     return s, allowed, bucket, nk
+
+
+def _masked_keys(k, v, key_mask):
+    """``k``, ``v`` with zeros at masked keys: a key that takes no part then cannot turn a score
+    or an output NaN (a NaN in a padding row times a zero weight is still NaN)."""
+    if key_mask is None:
+        return k, v
+    keep = key_mask[:, None, :, None]
+    return k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
+
+
+def _flash_cpu(q: torch.Tensor) -> bool:
+    """Whether PyTorch's fused CPU attention kernel (the one SDPA runs on the CPU, which also
+    returns the log-sum-exp) serves this call."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
+def _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, dtype, device):
+    """``(r0, r1, keys, additive mask or None, is_causal, admissible or None)`` per chunk of query
+    rows (``keys``: how many keys the chunk sees),
+    for the fused CPU kernel. Without a bias, one chunk: the padding as a broadcast ``[B, 1, 1,
+    L]`` mask and causality as the kernel's own flag. With one, chunks of ``[B, H, rows, keys]``
+    masks holding the bias, the padding and causality."""
+    neg = float("-inf")
+    if time_bias is None:
+        mask = None
+        if key_mask is not None:
+            mask = torch.zeros((B, 1, 1, L), dtype=dtype, device=device)
+            mask.masked_fill_(~key_mask[:, None, None, :], neg)
+        allowed = admissible(L, key_mask, causal, device)
+        yield 0, L, L, mask, causal, allowed
+        return
+    for r0, r1 in _chunks(B, H, L):
+        nk = r1 if causal else L
+        bucket = _pair_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
+        mask = time_bias.to(dtype)[:, bucket].transpose(0, 1)
+        allowed = admissible(L, key_mask, causal, device, rows=(r0, r1), keys=nk)
+        if allowed is not None:
+            mask = mask.masked_fill(~allowed, neg)
+        yield r0, r1, nk, mask, False, allowed
+
+
+def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
+    B, H, L, D = q.shape
+    k, v = _masked_keys(k, v, key_mask)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
+    lse = torch.empty((B, H, L), dtype=_acc_dtype(q.dtype), device=q.device)
+    for r0, r1, nk, mask, is_causal, allowed in _flash_masks(
+        key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device
+    ):
+        o, m = op(q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], 0.0, is_causal, attn_mask=mask,
+                  scale=scale)  # fmt: skip
+        if allowed is not None:  # the kernel gives an empty row lse 0; here it is -inf
+            m = m.masked_fill(~allowed.any(-1).expand_as(m), float("-inf"))
+        out[:, :, r0:r1] = o
+        lse[:, :, r0:r1] = m
+    return out, lse
 
 
 def semantic_attention_torch_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
+    key_mask: Optional[torch.Tensor],
     timestamps: Optional[torch.Tensor],
     time_bias: Optional[torch.Tensor],
     causal: bool,
@@ -259,22 +321,51 @@ def semantic_attention_torch_fwd(
     """Forward of the PyTorch path: ``(out [B, H, L, D] in q's dtype, lse [B, H, L])``.
 
     ``lse`` is the natural-log log-sum-exp of each row's admissible scores (-inf for an empty
-    row), in ``promote_types(q.dtype, float32)``. Computes in that dtype too.
+    row), in ``promote_types(q.dtype, float32)``. On the CPU in fp32/fp16/bf16 the rows run
+    through PyTorch's fused attention kernel (SDPA's), the padding and the bias as an additive
+    mask built chunk by chunk; elsewhere through the flash recurrence below, in that dtype.
     """
+    if _flash_cpu(q):
+        return _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale)
     B, H, L, D = q.shape
     acc = _acc_dtype(q.dtype)
+    k, v = _masked_keys(k, v, key_mask)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=acc, device=q.device)
     for r0, r1 in _chunks(B, H, L):
         s, _, _, nk = _chunk_scores(
-            qa[:, :, r0:r1], ka, key_padding_mask, timestamps, time_bias, causal, scale, r0, r1
+            qa[:, :, r0:r1], ka, key_mask, timestamps, time_bias, causal, scale, r0, r1
         )
         m = torch.logsumexp(s, dim=-1)
         p = torch.exp_(s.sub_(m.nan_to_num(neginf=0.0).unsqueeze(-1)))
         out[:, :, r0:r1] = torch.matmul(p, va[:, :, :nk])
         lse[:, :, r0:r1] = m
     return out, lse
+
+
+def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal, scale):
+    """dq, dk, dv through the fused CPU kernel's backward (no bias gradient)."""
+    B, H, L, D = q.shape
+    k, v = _masked_keys(k, v, key_mask)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    lse = lse.nan_to_num(neginf=0.0)  # the kernel's convention for an empty row
+    new = lambda: torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # noqa: E731
+    dq, dk, dv = new(), new(), new()  # contiguous, as the op's fake impl says
+    go = grad_out.contiguous()
+    for r0, r1, nk, mask, is_causal, _ in _flash_masks(
+        key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device
+    ):
+        gq, gk, gv = op(go[:, :, r0:r1], q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk],
+                        out[:, :, r0:r1], lse[:, :, r0:r1], 0.0, is_causal, attn_mask=mask,
+                        scale=scale)  # fmt: skip
+        dq[:, :, r0:r1] = gq
+        dk[:, :, :nk] += gk
+        dv[:, :, :nk] += gv
+    if key_mask is not None:  # masked keys take no part: no gradient reaches them
+        keep = key_mask[:, None, :, None]
+        dk, dv = dk.masked_fill(~keep, 0), dv.masked_fill(~keep, 0)
+    return dq, dk, dv, None
 
 
 def _add_bias_grad(dbias: torch.Tensor, ds: torch.Tensor, bucket: torch.Tensor) -> None:
@@ -304,7 +395,7 @@ def semantic_attention_torch_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
+    key_mask: Optional[torch.Tensor],
     timestamps: Optional[torch.Tensor],
     time_bias: Optional[torch.Tensor],
     causal: bool,
@@ -316,8 +407,12 @@ def semantic_attention_torch_bwd(
     Recomputes ``p = exp(s - lse)`` per chunk of query rows; every gradient is deterministic (see
     :func:`_add_bias_grad` for the time_bias one).
     """
+    if _flash_cpu(q) and not bias_grad:
+        return _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal,
+                          scale)  # fmt: skip
     B, H, L, D = q.shape
     acc = _acc_dtype(q.dtype)
+    k, v = _masked_keys(k, v, key_mask)
     qa, ka, va, go = q.to(acc), k.to(acc), v.to(acc), grad_out.to(acc)
     delta = (go * out.to(acc)).sum(-1)  # [B, H, L]
     dq = torch.empty((B, H, L, D), dtype=acc, device=q.device)
@@ -329,7 +424,7 @@ def semantic_attention_torch_bwd(
     for r0, r1 in _chunks(B, H, L):
         qc, goc = qa[:, :, r0:r1], go[:, :, r0:r1]
         s, _, bucket, nk = _chunk_scores(
-            qc, ka, key_padding_mask, timestamps, time_bias, causal, scale, r0, r1
+            qc, ka, key_mask, timestamps, time_bias, causal, scale, r0, r1
         )
         m = lse[:, :, r0:r1].nan_to_num(neginf=0.0).unsqueeze(-1)
         p = torch.exp_(s.sub_(m))  # exactly 0 where the score was -inf
