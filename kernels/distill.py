@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from spnn_fast.kernels import _device
 
 from spnn_fast.limits import DISTILL_MAX_DIM
 
@@ -356,9 +357,9 @@ def _fill_gpu(count: int, block: int, device: torch.device) -> int:
     """Halve a tile (down to 16) until its grid gives every SM two programs: a grid over row
     (or item) blocks alone leaves most of the GPU idle at N = 4096. Bucketed: at most three
     values per configuration, so N and V still do not drive recompilation."""
-    if device.type != "cuda":
+    sms = _device.multiprocessor_count(device)
+    if sms is None:
         return block
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     while block > 16 and triton.cdiv(count, block) < 2 * sms:
         block //= 2
     return block
