@@ -1,6 +1,6 @@
 """Compile every Triton kernel of spnn_fast for sm_90 as its launcher launches it; report the cost.
 
-    python benchmarks/kernel_stats.py [--json FILE] [--cases benchmark|compile-check|all]
+    python benchmarks/kernel_stats.py [--json FILE] [--cases benchmark|compile-check|all] [--family attention,...]
 
 No GPU is needed: each launcher (``spnn_fast.kernels.*``) is called with tensors on the ``meta``
 device at the benchmark shapes, and its kernel launches are intercepted instead of run. Every
@@ -30,8 +30,9 @@ and variant::
 Cases: ``benchmark`` (the committed ``results/sm90_kernel_stats.json``): attention forward and
 backward at B=1024, H=4, L=200, D=64 in bf16, ``full`` (padding mask, causal, time bias and, in
 the backward, its gradient) and ``no_bias``; each distillation and feature-loss kernel at
-N=16384, V=10^5, D=64 in bf16, alpha 0 and 0.5, ``full``. ``compile-check``: other dtypes, head
-dims and widths the tests compile (fp16/fp32, D=16/128, 256-wide distillation rows, K=8192).
+N=16384, V=10^5, D=64 in bf16, alpha 0 and 0.5, ``full``. ``compile-check``: the other dtypes,
+head dims, lengths and widths the tests compile (fp16/fp32, D = 16 to 128, L = 20 to 512, 64
+buckets, 256-wide distillation rows, K = 8192).
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ _TORCH_TO_TRITON = {
 }
 
 
-def compile_unavailable_reason() -> Optional[str]:
-    """None when this Triton can compile for sm_90 ahead of time here, else why not."""
+def compile_unavailable_reason(here: bool = True) -> Optional[str]:
+    """None when this Triton can compile for sm_90 ahead of time, else why not. ``here=False``
+    leaves out this process's ``TRITON_INTERPRET`` (a test that runs the script without it)."""
     try:
         import triton  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
@@ -102,7 +104,7 @@ def compile_unavailable_reason() -> Optional[str]:
     params = inspect.signature(ASTSource).parameters
     if not {"constexprs", "attrs"} <= set(params):
         return f"this Triton's ASTSource takes other arguments: {list(params)}"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if here and os.environ.get("TRITON_INTERPRET") == "1":
         return "TRITON_INTERPRET=1 is set: kernels are interpreted, not compiled"
     missing = [t for t in ("cuobjdump", "ptxas") if not os.path.exists(_tool(t))]
     if missing:
@@ -404,21 +406,30 @@ def _feature_cases(N, K_, dtype) -> List[Case]:
     ]
 
 
-def cases(which: str = "benchmark") -> List[Case]:
-    """The launcher calls of a case set: ``benchmark``, ``compile-check`` or ``all``."""
+def cases(which: str = "benchmark", families: Optional[Sequence[str]] = None) -> List[Case]:
+    """The launcher calls of a case set (``benchmark``, ``compile-check`` or ``all``), limited to
+    the families (``attention``, ``distill``, ``feature``: prefixes of ``Case.family``) given."""
     out: List[Case] = []
     if which in ("benchmark", "all"):
         out += _attention_cases(1024, 4, 200, 64, "bf16")
         out += _distill_cases(16384, 100_000, 64, "bf16")
         out += _feature_cases(16384, 64, "bf16")
     if which in ("compile-check", "all"):
-        out += _attention_cases(8, 2, 50, 128, "fp16", nb=64)
-        out += _attention_cases(8, 2, 20, 16, "fp32")
+        for L, D, dtype, nb in ((50, 32, "bf16", 32), (512, 64, "bf16", 32), (200, 16, "bf16", 32),
+                                (50, 128, "fp16", 64), (20, 16, "fp32", 32),
+                                (200, 64, "fp32", 32)):  # fmt: skip
+            out += _attention_cases(8, 2, L, D, dtype, nb=nb)
         out += _distill_cases(4096, 100_000, 256, "fp32", dt_width=256)
         out += _distill_cases(4096, 100_000, 64, "fp16", alphas=(0.5,), dt_width=128)
         out += _feature_cases(4096, 8192, "bf16")
     if not out:
         raise ValueError(f"unknown case set {which!r}; choose benchmark, compile-check or all")
+    if families:
+        known = ("attention", "distill", "feature")
+        unknown = [f for f in families if f not in known]
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; choose among {known}")
+        out = [c for c in out if c.family.split("_")[0] in families]
     return out
 
 
@@ -470,13 +481,19 @@ def _row(rec: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the records to this file")
-    parser.add_argument("--cases", default="benchmark", help="benchmark, compile-check or all")
+    parser.add_argument(
+        "--cases", default="benchmark", choices=("benchmark", "compile-check", "all")
+    )
+    parser.add_argument(
+        "--family", default="", help="comma list among attention, distill, feature (default all)"
+    )
     args = parser.parse_args(argv)
     reason = compile_unavailable_reason()
     if reason:
         print(f"kernel_stats: {reason}", file=sys.stderr)
         return 2
-    records = run_cases(cases(args.cases), log=print)
+    selected = cases(args.cases, [f for f in args.family.split(",") if f])
+    records = run_cases(selected, log=print)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
