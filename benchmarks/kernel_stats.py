@@ -251,10 +251,10 @@ def _resources(cubin: bytes) -> Dict[str, int]:
     return {k: int(v) for k, v in found.items()}
 
 
-def loop_sass(instructions: Sequence[Tuple[int, str]]) -> int:
+def loop_sass(instructions: Sequence[Tuple[int, str]], fma_dots: bool = False) -> int:
     """SASS instructions (NOPs excluded) in the tile loops: the innermost loops holding MMA
-    instructions (in a kernel without MMA, FFMA ones: IEEE fp32 dots), summed. A loop is the
-    span from a backward branch's target to the branch."""
+    instructions (with ``fma_dots``, IEEE fp32 dots on the FMA units: FFMA ones), summed; 0
+    without such a loop. A loop is the span from a backward branch's target to the branch."""
     index = {addr: i for i, (addr, _) in enumerate(instructions)}
     loops = []
     for i, (_, ins) in enumerate(instructions):
@@ -271,8 +271,9 @@ def loop_sass(instructions: Sequence[Tuple[int, str]]) -> int:
             (a, b) for a, b in loops if any(pattern.match(i) for _, i in instructions[a : b + 1])
         ]
 
-    # Matmuls on tensor cores, or (IEEE fp32 dots) on the FMA units.
-    candidates = holding(_MMA) or holding(_FFMA) or loops
+    candidates = holding(_FFMA if fma_dots else _MMA)
+    if not candidates:
+        return 0
     inner = [
         (a, b)
         for a, b in candidates
@@ -304,7 +305,7 @@ def record(launch: Launch, compiled, case: Case) -> dict:
         "registers": res["REG"],
         "spill_bytes": res.get("STACK", 0) + res.get("LOCAL", 0),
         "shared_bytes": int(compiled.metadata.shared),
-        "loop_sass": loop_sass(_sass(cubin)),
+        "loop_sass": loop_sass(_sass(cubin), fma_dots="ieee" in launch.args.values()),
     }
 
 
@@ -374,12 +375,15 @@ def _distill_cases(N, V, D, dtype, alphas=(0.0, 0.5), dt_width=None) -> List[Cas
     y = torch.empty(N, dtype=torch.int64, device=_META)
     stats = [torch.empty(N, dtype=torch.float32, device=_META) for _ in range(3)]
     g = torch.empty(N, dtype=torch.float32, device=_META)
+    d_rows = torch.empty(N, D, dtype=torch.float32, device=_META)  # what the forward hands on
     out_cases = []
     for alpha in alphas:
         shape = dict(N=N, V=V, D=D, Dt=dt_width, alpha=alpha, temperature=2.0)
         args = (hs, ws, ht, wt, y)
         fwd = lambda args=args, a=alpha: K.distill_fwd(*args, 2.0, a, -100)
-        bwd = lambda args=args, a=alpha: K.distill_bwd(g, *args, *stats, 2.0, a, -100)
+        bwd = lambda args=args, a=alpha: K.distill_bwd(
+            g, *args, *stats, 2.0, a, -100, d_hidden_rows=d_rows
+        )
         out_cases.append(Case("distill_fwd", "full", dtype, dict(shape), fwd))
         out_cases.append(Case("distill_bwd", "full", dtype, dict(shape), bwd))
     return out_cases
@@ -420,6 +424,7 @@ def cases(which: str = "benchmark", families: Optional[Sequence[str]] = None) ->
                                 (200, 64, "fp32", 32)):  # fmt: skip
             out += _attention_cases(8, 2, L, D, dtype, nb=nb)
         out += _distill_cases(4096, 100_000, 256, "fp32", dt_width=256)
+        out += _distill_cases(4096, 100_000, 256, "bf16", dt_width=256)
         out += _distill_cases(4096, 100_000, 64, "fp16", alphas=(0.5,), dt_width=128)
         out += _feature_cases(4096, 8192, "bf16")
     if not out:

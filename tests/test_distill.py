@@ -117,25 +117,32 @@ def test_triton_hidden_sizes(ds, dt):
 
 
 @needs_triton
-@pytest.mark.parametrize("block", [(16, 16), (32, 64)])
-def test_triton_tile_edges(block):
-    """Row and catalogue tiles that do not divide N and V (launchers take the tile shape)."""
+@pytest.mark.parametrize(
+    "block, splits", [((16, 16), 1), ((32, 64), 1), ((16, 16), 2), ((16, 16), 3)]
+)
+def test_triton_tile_edges(block, splits):
+    """Row and catalogue tiles that do not divide N and V, and the catalogue split into ranges
+    that a second kernel merges (the launchers take the tile shape and the number of ranges).
+    The backward takes the forward's d_student_hidden, or recomputes it."""
     from spnn_fast.kernels import distill as K
 
     inp = make_inputs(37, 45, ds=20, dt=33)
     args = (inp["hs"], inp["ws"], inp["ht"], inp["wt"], inp["y"], 3.0, 0.5, IGNORE)
-    loss, *stats = K.distill_fwd(*args, block=block)
+    loss, *stats, d_rows = K.distill_fwd(*args, block=block, splits=splits)
     want = ref.distill_rows_chunked(
         *(t.double() if t.is_floating_point() else t for t in args[:5]), *args[5:]
     )
     for name, a, e in zip(("loss", "lse_s", "lse_sT", "lse_tT"), (loss, *stats), want):
         assert_close(a, e, name)
     g = torch.rand(37, dtype=torch.float32, device=DEVICE)
-    d_hs, d_ws = K.distill_bwd(g, *args[:5], *stats, *args[5:], block=block)
     w64 = [t.double() if t.is_floating_point() else t for t in args[:5]]
     e_hs, e_ws = ref.distill_rows_chunked_backward(g.double(), *w64, *want[1:], *args[5:])
-    assert_close(d_hs, e_hs, "d_student_hidden")
-    assert_close(d_ws, e_ws, "d_student_items")
+    for given in (d_rows, None):
+        d_hs, d_ws = K.distill_bwd(
+            g, *args[:5], *stats, *args[5:], block=block, d_hidden_rows=given
+        )
+        assert_close(d_hs, e_hs, "d_student_hidden")
+        assert_close(d_ws, e_ws, "d_student_items")
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
