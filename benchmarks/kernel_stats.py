@@ -410,9 +410,18 @@ def _feature_cases(N, K_, dtype) -> List[Case]:
     ]
 
 
+CASE_SETS = ("benchmark", "compile-check", "all")
+FAMILIES = ("attention", "distill", "feature")
+
+
 def cases(which: str = "benchmark", families: Optional[Sequence[str]] = None) -> List[Case]:
-    """The launcher calls of a case set (``benchmark``, ``compile-check`` or ``all``), limited to
-    the families (``attention``, ``distill``, ``feature``: prefixes of ``Case.family``) given."""
+    """The launcher calls of a case set (:data:`CASE_SETS`), limited to the families given
+    (:data:`FAMILIES`: prefixes of ``Case.family``)."""
+    if which not in CASE_SETS:
+        raise ValueError(f"unknown case set {which!r}; choose among {CASE_SETS}")
+    unknown = [f for f in families or () if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; choose among {FAMILIES}")
     out: List[Case] = []
     if which in ("benchmark", "all"):
         out += _attention_cases(1024, 4, 200, 64, "bf16")
@@ -427,13 +436,7 @@ def cases(which: str = "benchmark", families: Optional[Sequence[str]] = None) ->
         out += _distill_cases(4096, 100_000, 256, "bf16", dt_width=256)
         out += _distill_cases(4096, 100_000, 64, "fp16", alphas=(0.5,), dt_width=128)
         out += _feature_cases(4096, 8192, "bf16")
-    if not out:
-        raise ValueError(f"unknown case set {which!r}; choose benchmark, compile-check or all")
     if families:
-        known = ("attention", "distill", "feature")
-        unknown = [f for f in families if f not in known]
-        if unknown:
-            raise ValueError(f"unknown families {unknown}; choose among {known}")
         out = [c for c in out if c.family.split("_")[0] in families]
     return out
 
@@ -474,6 +477,54 @@ def run_cases(selected: Sequence[Case], log=None) -> List[dict]:
     return records
 
 
+RECORD_KEYS = (
+    "kernel", "variant", "dtype", "config", "registers", "spill_bytes", "shared_bytes", "loop_sass"
+)  # fmt: skip
+# The offline goals: the attention's tile loop with the time bias (and, in the backward, its
+# gradient) at most this many times the one without; at most this many passes over the logits
+# per call of the distillation loss (a kernel with a tile loop over them is one pass).
+BIAS_RATIO_LIMITS = {"attention_fwd": 1.5, "attention_bwd": 1.8}
+LOGIT_PASSES_LIMIT = 2
+
+
+def check_records(records: Sequence[dict]) -> None:
+    """Raise ValueError unless every record has the documented keys and types."""
+    types = dict(kernel=str, variant=str, dtype=str, config=dict, registers=int,
+                 spill_bytes=int, shared_bytes=int, loop_sass=int)  # fmt: skip
+    for rec in records:
+        if tuple(rec) != RECORD_KEYS:
+            raise ValueError(f"record keys {tuple(rec)} != {RECORD_KEYS}")
+        for key, kind in types.items():
+            if not isinstance(rec[key], kind) or isinstance(rec[key], bool):
+                raise ValueError(f"{rec['kernel']}: {key} = {rec[key]!r} is not {kind.__name__}")
+
+
+def goals(records: Sequence[dict]) -> List[Tuple[str, float, float, bool]]:
+    """The offline goals on benchmark records: ``(goal, value, limit, held)`` for no spills (in
+    bytes), each attention bias ratio and the logit passes of each distillation ``alpha``."""
+    out = []
+    spills = max((r["spill_bytes"] for r in records), default=0)
+    out.append(("spill bytes (any kernel)", spills, 0, spills == 0))
+    loops = {(r["kernel"], r["variant"]): r["loop_sass"] for r in records}
+    for kernel, limit in BIAS_RATIO_LIMITS.items():
+        full, plain = loops.get((kernel, "full")), loops.get((kernel, "no_bias"))
+        if full is None or not plain:
+            raise ValueError(f"no {kernel} full and no_bias records to compare")
+        ratio = full / plain
+        out.append((f"{kernel} loop_sass full / no_bias", round(ratio, 3), limit, ratio <= limit))
+    alphas = sorted({r["config"]["alpha"] for r in records if r["kernel"].startswith("distill")})
+    for alpha in alphas:
+        passes = sum(
+            1
+            for r in records
+            if r["kernel"].startswith("distill") and r["config"]["alpha"] == alpha
+            and r["loop_sass"] > 0
+        )  # fmt: skip
+        out.append((f"distill alpha={alpha:g} passes over the logits", passes,
+                    LOGIT_PASSES_LIMIT, passes <= LOGIT_PASSES_LIMIT))  # fmt: skip
+    return out
+
+
 def _row(rec: dict) -> str:
     alpha = rec["config"].get("alpha")
     variant = rec["variant"] + (f" a={alpha:g}" if alpha is not None else "")
@@ -486,9 +537,7 @@ def _row(rec: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the records to this file")
-    parser.add_argument(
-        "--cases", default="benchmark", choices=("benchmark", "compile-check", "all")
-    )
+    parser.add_argument("--cases", default="benchmark", choices=CASE_SETS)
     parser.add_argument(
         "--family", default="", help="comma list among attention, distill, feature (default all)"
     )
@@ -499,6 +548,10 @@ def main(argv=None) -> int:
         return 2
     selected = cases(args.cases, [f for f in args.family.split(",") if f])
     records = run_cases(selected, log=print)
+    check_records(records)
+    if args.cases == "benchmark" and not args.family:
+        for goal, value, limit, held in goals(records):
+            print(f"{'held' if held else 'MISSED':<7} {goal}: {value} (limit {limit})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
