@@ -43,10 +43,10 @@ GRACE=5 # seconds `timeout` waits after its signal before it kills a step
 
 # "name|seconds|command": run in order, each in `bash -euo pipefail` under `timeout`.
 STEPS=(
-  "install|45|\$PY -m pip install -q --no-build-isolation --no-deps -e ."
+  "install|40|\$PY -m pip install -q --no-build-isolation --no-deps -e ."
   "gpu-info|10|gpu_info"
-  "bench-headline|135|\$PY benchmarks/gpu_quick.py --out \"\$OUT_DIR\" --set headline --budget-s 110"
-  "tests-gpu|80|run_gpu_tests"
+  "bench-headline|125|\$PY benchmarks/gpu_quick.py --out \"\$OUT_DIR\" --set headline --budget-s 100"
+  "tests-gpu|95|run_gpu_tests"
 )
 RUN_LIMIT=300
 if ((QUICK == 0)); then
