@@ -1,8 +1,9 @@
 """Sweep the launch parameters of the Triton kernels on a GPU; one JSON line per candidate.
 
-The kernels pick their tiles with fixed rules (``kernels.attention.fwd_config`` / ``bwd_config``,
-``kernels.distill._config``). This script times other candidates on the benchmark's shapes, so
-that a change of those rules rests on measurements. Each candidate is first checked against the
+The kernels pick their tiles with fixed rules (``kernels.attention.fwd_config``, ``bwd_config``
+and ``BUCKET_WINDOW``; ``kernels.distill.fwd_config`` and ``items_config``). This script times
+other candidates on the benchmark's shapes, so that a change of those rules rests on
+measurements. Each candidate is first checked against the
 result of the current rule (a candidate that computes something else is reported, not timed),
 then timed with ``triton.testing.do_bench`` (median ms). The current rule is always the first
 line of its sweep, marked ``"current": true``.
@@ -85,9 +86,9 @@ def sweep_attention(emit, deadline, dev):
         if n <= m
     ]
     bwd_cands = [
-        dict(BLOCK=b, BLOCK_ITER=i, num_warps=w, num_stages=s)
-        for b, i, w, s in itertools.product((32, 64, 128), (16, 32, 64), (4, 8), (1, 2))
-        if i <= b and not (b == 128 and i == 64)
+        dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        for m, n, w, s in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (1, 2))
+        if m <= n
     ]
     for B, H, L, D in ATTENTION_SHAPES:
         q, k, v, do, mask, ts, tb = _attention_inputs(B, H, L, D, dtype, dev)
@@ -116,6 +117,17 @@ def sweep_attention(emit, deadline, dev):
 
                 patch = (KA, name, lambda L, D, dtype=None, c=cfg: dict(c))
                 _measure(emit, row, [patch], trial, warmup=10, rep=40)
+        # The bias-gradient histogram's buckets per pass.
+        for window in dict.fromkeys((KA.BUCKET_WINDOW, 1, 2, 4)):
+            if time.time() > deadline:
+                return
+            row = dict(kernel="attention_bwd", **shape, bucket_window=window,
+                       current=window == KA.BUCKET_WINDOW)  # fmt: skip
+
+            def trial(bwd=bwd, ref_grads=ref_grads):
+                return _close(bwd(), ref_grads, 2e-2), {"ms": bwd}
+
+            _measure(emit, row, [(KA, "BUCKET_WINDOW", window)], trial, warmup=10, rep=40)
 
 
 def sweep_distill(emit, deadline, dev):
@@ -128,50 +140,45 @@ def sweep_distill(emit, deadline, dev):
     ws, wt = ((0.1 * torch.randn(v, d, generator=g)).to(dev, dtype) for _ in range(2))
     y = torch.randint(0, v, (n,), generator=g).to(dev)
     grad_rows = torch.full((n,), 1.0 / n, device=dev)
-    cands = [(64, 128, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 2), (128, 64, 8, 3),
-             (32, 128, 4, 3), (128, 256, 8, 2), (64, 64, 4, 4)]  # fmt: skip
+    fwd_cands = [
+        dict(BLOCK_N=bn, BLOCK_V=bv, num_warps=w, num_stages=st)
+        for bn, bv, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+    ]
+    items_cands = [
+        dict(BLOCK_N=bn, BLOCK_V=bv, num_warps=w, num_stages=st)
+        for bn, bv, w, st in itertools.product((16, 32, 64), (64, 128), (4, 8), (2,))
+    ]
     for alpha in (0.0, 0.5):
         args = (hs, ws, ht, wt, y, 2.0, alpha, -100)
-        ref_stats = KD.distill_fwd(*args)
-        ref_grads = KD.distill_bwd(grad_rows, hs, ws, ht, wt, y, *ref_stats[1:], 2.0, alpha, -100)
-        cur = KD._config(KD._block_d(d), KD._block_d(d), alpha > 0, hs.element_size())
-        # The d_student_items kernel alone: its tiles, the other kernels as they are (bwd_ms times
-        # both backward kernels; the d_student_hidden one is the same in every row).
-        dw_cur = KD._dw_blocks(cur[0], cur[1], v, dev)
-        for dw in [dw_cur] + [(bn, bv) for bn, bv in ((32, 128), (32, 256), (16, 128), (64, 64),
-                                                      (32, 64)) if (bn, bv) != dw_cur]:  # fmt: skip
+        ref_fwd = KD.distill_fwd(*args)
+        ref_grads = KD.distill_bwd(grad_rows, hs, ws, ht, wt, y, *ref_fwd[1:4], 2.0, alpha, -100,
+                                   d_hidden_rows=ref_fwd[4])  # fmt: skip
+        bd = KD._block_d(d)
+        shape = dict(N=n, V=v, D=d, alpha=alpha, dtype="bfloat16")
+        cur_fwd = KD.fwd_config(bd, bd, alpha < 1, alpha > 0, hs.element_size())
+        for cfg in [cur_fwd] + [c for c in fwd_cands if c != cur_fwd]:
             if time.time() > deadline:
                 return
-            row = dict(kernel="distill_bwd_dw", N=n, V=v, D=d, alpha=alpha, dtype="bfloat16",
-                       config=dict(BLOCK_N=dw[0], BLOCK_V=dw[1], num_warps=cur[2],
-                                   num_stages=cur[3]), current=dw == dw_cur)  # fmt: skip
-            bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y, *ref_stats[1:],
-                                    2.0, alpha, -100)  # fmt: skip
+            row = dict(kernel="distill_fwd", **shape, config=cfg, current=cfg == cur_fwd)
+
+            def trial(args=args, ref_fwd=ref_fwd):
+                fwd = functools.partial(KD.distill_fwd, *args)
+                return _close(fwd(), ref_fwd, 1e-3), {"fwd_ms": fwd}
+
+            _measure(emit, row, [(KD, "fwd_config", lambda *a, c=cfg: dict(c))], trial, 5, 30)
+        cur_items = KD.items_config(bd, bd, alpha > 0, hs.element_size())
+        for cfg in [cur_items] + [c for c in items_cands if c != cur_items]:
+            if time.time() > deadline:
+                return
+            row = dict(kernel="distill_bwd_items", **shape, config=cfg,
+                       current=cfg == cur_items)  # fmt: skip
+            bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y, *ref_fwd[1:4],
+                                    2.0, alpha, -100, d_hidden_rows=ref_fwd[4])  # fmt: skip
 
             def trial(bwd=bwd, ref_grads=ref_grads):
                 return _close(bwd(), ref_grads, 2e-2), {"bwd_ms": bwd}
 
-            patch = (KD, "_dw_blocks", lambda *a, c=dw: c)
-            _measure(emit, row, [patch], trial, warmup=5, rep=30)
-        for fill in (True, False):
-            for cfg in [cur] + [c for c in cands if c != cur]:
-                if time.time() > deadline:
-                    return
-                row = dict(kernel="distill", N=n, V=v, D=d, alpha=alpha, dtype="bfloat16",
-                           config=dict(zip(("BLOCK_N", "BLOCK_V", "num_warps", "num_stages"), cfg)),
-                           fill_gpu=fill, current=cfg == cur and fill)  # fmt: skip
-                fill_fn = KD._fill_gpu if fill else (lambda count, block, device: block)
-
-                def trial(args=args, ref_stats=ref_stats, ref_grads=ref_grads, alpha=alpha):
-                    fwd = functools.partial(KD.distill_fwd, *args)
-                    stats = fwd()
-                    bwd = functools.partial(KD.distill_bwd, grad_rows, hs, ws, ht, wt, y,
-                                            *stats[1:], 2.0, alpha, -100)  # fmt: skip
-                    ok = _close(stats, ref_stats, 1e-3) and _close(bwd(), ref_grads, 2e-2)
-                    return ok, {"fwd_ms": fwd, "bwd_ms": bwd}
-
-                patches = [(KD, "_config", lambda *a, c=cfg: c), (KD, "_fill_gpu", fill_fn)]
-                _measure(emit, row, patches, trial, warmup=5, rep=30)
+            _measure(emit, row, [(KD, "items_config", lambda *a, c=cfg: dict(c))], trial, 5, 30)
 
 
 def main(argv=None) -> int:

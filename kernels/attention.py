@@ -8,23 +8,41 @@ Math (checked against ``spnn_fast.reference.attention.semantic_attention_math`` 
     out[b,h,i] = sum_j softmax_j(s over admissible j) * v[b,h,j]     (0 for a row with none)
 
 Forward: one program per (b*h, block of query rows), online softmax over key tiles in fp32,
-stores ``out`` and the natural-log ``lse`` (-inf for an empty row). Backward recomputes
-``p = exp(s - lse)``; one program per (b*h, block index) computes dk, dv of that key block
-(iterating over query tiles) and then dq of that query block (iterating over key tiles), so
-nothing is accumulated across programs with atomics. The time_bias gradient is a per-program
-histogram of ``ds`` over the buckets, written to a ``[B*H*blocks, NB]`` buffer and summed in a
-fixed order by torch: every gradient is deterministic, bit for bit. Masked-out scores are -inf
-in the forward and p = 0 in the backward, never NaN; a row with no admissible key writes 0.
+stores ``out`` and the natural-log ``lse`` (-inf for an empty row).
 
-Buckets are computed in the kernel from the timestamps (no ``[B, H, L, L]`` tensor exists): the
-exponent bits of ``float32(g)`` give ``bit_length(g)``, or one more when the conversion rounded up
-to a power of two, which the int64 comparison ``2**(e-1) > g`` undoes. Exact for gaps < 2**63.
+Backward: one program per (b, h). It computes delta = rowsum(out * grad_out) of its rows, then
+loops over blocks of keys (dk, dv in registers) and, inside, over the query tiles that can see
+them: the scores, p = exp(s - lse) and ds are formed once per tile pair (five matmuls). dq is
+accumulated in an fp32 scratch row block that only this program touches, in a fixed order, and
+scaled into ``dq`` at the end: no atomics. The time_bias gradient is this program's histogram of
+ds over the buckets, written to a ``[B*H, NB]`` buffer that torch sums over b in a fixed order:
+every gradient is deterministic, bit for bit. Per tile pair the histogram visits only the
+buckets that the tile's timestamp ranges allow (from its query rows' and admissible keys' lowest
+and highest timestamps), ``BUCKET_WINDOW`` buckets per pass, each a sum over the tile reduced in
+the warp first. Masked-out scores are -inf in the forward and p = 0 in the backward, never NaN;
+a row with no admissible key writes 0.
 
-L is a runtime argument that Triton does not specialize on (``do_not_specialize``); block sizes
-depend only on ``min(64, next_pow2(L))``, D and the dtype (:func:`fwd_config`,
-:func:`bwd_config`), so new lengths do not recompile. The configurations were chosen so that no
-fp16/bf16 variant spills registers on sm90; the tests compile them to sm90 cubins even without a
-GPU. D (head dim) must be 16, 32, 64 or 128. fp32 inputs use IEEE fp32 dots (no TF32 unless
+The bias is evaluated in the register layout of the score matmul, in one of two equivalent forms
+chosen by the constexpr ``FAST_BIAS``:
+
+* GPU form (``FAST_BIAS=True``, inline PTX: compiled, never interpreted). Bucket: the exponent
+  field of ``float64(t_i - t_j)`` minus 1022 is ``bit_length(|g|)``, exactly while the gap is
+  below 2**53 (a larger gap lands in the top bucket whenever NB <= 54); NB > 54 takes ``bfind``
+  on all 64 bits. No predicates, no gathered load. Lookup: each lane of a warp holds entry
+  ``min(lane, NB - 1)`` of the head's bias row (and ``lane + 32`` when NB > 32) and
+  ``shfl.sync`` hands each score its bucket's entry, so the softmax never leaves the matmul's
+  layout.
+* Portable form (``FAST_BIAS=False``, what the launchers pick under ``TRITON_INTERPRET=1``):
+  the exponent bits of ``float32(g)`` give ``bit_length(g)``, or one more when the conversion
+  rounded up to a power of two, which the int64 comparison ``2**(e-1) > g`` undoes, and the
+  bias is a gathered load.
+
+Both are exact for gaps < 2**63. The kernels read the bias table as fp32 in log2 units (the
+launchers convert the [H, NB] table). L is a runtime argument that Triton does not specialize on
+(``do_not_specialize``); block sizes depend only on ``min(64, next_pow2(L))``, D and the dtype
+(:func:`fwd_config`, :func:`bwd_config`), so new lengths do not recompile. No fp16/bf16
+configuration spills registers on sm_90 (``benchmarks/kernel_stats.py`` compiles them without a
+GPU). D (head dim) must be 16, 32, 64 or 128. fp32 inputs use IEEE fp32 dots (no TF32 unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set), as exact as the fp32 reference.
 """
 
@@ -36,12 +54,13 @@ import torch
 import triton
 import triton.language as tl
 
-from spnn_fast.limits import ATTN_DTYPES, ATTN_HEAD_DIMS
+from spnn_fast.limits import ATTN_DTYPES, ATTN_HEAD_DIMS, MAX_TIME_BUCKETS
 
 __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "bwd_config",
+    "fast_bias_form",
     "fwd_config",
     "gap_bucket_triton",
     "semantic_attention_bwd",
@@ -54,10 +73,82 @@ SUPPORTED_DTYPES = ATTN_DTYPES
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# ---------------------------------------------------------------------------------------------
+# The time bias: bucket and lookup, GPU form (inline PTX) and portable form
+# ---------------------------------------------------------------------------------------------
+
+# min(NB - 1, bit_length(|d|)) for an int64 d and NB <= 54: the exponent field of float64(d)
+# minus 1022 is bit_length(|d|), exactly while |d| < 2**53; a larger |d| may round up to the
+# next power of two, which only moves a bucket >= 53 (the top one when NB <= 54). d = 0 has
+# exponent 0 and gives bucket 0. No predicates: the clamps are integer min/max.
+_BUCKET53_PTX = tl.constexpr(
+    """{
+.reg .f64 %sb_f;
+.reg .b32 %sb_lo, %sb_hi;
+cvt.rn.f64.s64 %sb_f, $1;
+mov.b64 {%sb_lo, %sb_hi}, %sb_f;
+shl.b32 %sb_hi, %sb_hi, 1;
+shr.u32 %sb_hi, %sb_hi, 21;
+sub.s32 %sb_hi, %sb_hi, 1022;
+max.s32 %sb_hi, %sb_hi, 0;
+min.s32 $0, %sb_hi, $2;
+}"""
+)
+
+# min(NB - 1, bit_length(|d|)) for an int64 d and any NB <= 64, exactly: bfind on all 64 bits
+# (abs(-2**63) is 2**63 unsigned, bfind 63; bfind(0) is 0xffffffff, which + 1 makes bucket 0).
+_BUCKET64_PTX = tl.constexpr(
+    """{
+.reg .b64 %sb_g;
+.reg .b32 %sb_e;
+abs.s64 %sb_g, $1;
+bfind.u64 %sb_e, %sb_g;
+add.s32 %sb_e, %sb_e, 1;
+min.u32 $0, %sb_e, $2;
+}"""
+)
+
+# table[bucket] for bucket < 32: lane l loads table[min(l, NB - 1)] (the same address in every
+# call of a thread, so ptxas keeps one load) and shfl.sync hands each score its bucket's entry.
+_LOOKUP32_PTX = tl.constexpr(
+    """{
+.reg .b32 %sl_l;
+.reg .b64 %sl_a;
+.reg .f32 %sl_t;
+mov.u32 %sl_l, %laneid;
+min.u32 %sl_l, %sl_l, $3;
+mad.wide.u32 %sl_a, %sl_l, 4, $2;
+ld.global.nc.f32 %sl_t, [%sl_a];
+shfl.sync.idx.b32 $0, %sl_t, $1, 0x1f, 0xffffffff;
+}"""
+)
+
+# The same for bucket < 64: lane l holds table[min(l, NB - 1)] and table[min(l + 32, NB - 1)].
+_LOOKUP64_PTX = tl.constexpr(
+    """{
+.reg .pred %sl_p;
+.reg .b32 %sl_l, %sl_m;
+.reg .b64 %sl_a;
+.reg .f32 %sl_t0, %sl_t1, %sl_v0, %sl_v1;
+mov.u32 %sl_l, %laneid;
+add.u32 %sl_m, %sl_l, 32;
+min.u32 %sl_l, %sl_l, $3;
+min.u32 %sl_m, %sl_m, $3;
+mad.wide.u32 %sl_a, %sl_l, 4, $2;
+ld.global.nc.f32 %sl_t0, [%sl_a];
+mad.wide.u32 %sl_a, %sl_m, 4, $2;
+ld.global.nc.f32 %sl_t1, [%sl_a];
+shfl.sync.idx.b32 %sl_v0, %sl_t0, $1, 0x1f, 0xffffffff;
+shfl.sync.idx.b32 %sl_v1, %sl_t1, $1, 0x1f, 0xffffffff;
+setp.gt.u32 %sl_p, $1, 31;
+selp.f32 $0, %sl_v1, %sl_v0, %sl_p;
+}"""
+)
+
 
 @triton.jit
 def _gap_bucket(t_i, t_j, NB):
-    """``min(NB - 1, bit_length(|t_i - t_j|))`` for int64 tensors (broadcast together)."""
+    """Portable form: ``min(NB - 1, bit_length(|t_i - t_j|))`` for int64 tensors (broadcast)."""
     g = tl.abs(t_i - t_j)
     bits = g.to(tl.float32).to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 126  # bit_length(g), or +1 if float32(g) rounded up; g > 0
@@ -68,72 +159,90 @@ def _gap_bucket(t_i, t_j, NB):
 
 
 @triton.jit
-def _gap_bucket_kernel(G, OUT, N, NB, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    g = tl.load(G + offs, mask=ok, other=0)
-    tl.store(OUT + offs, _gap_bucket(g, tl.zeros_like(g), NB).to(tl.int64), mask=ok)
+def _gap_bucket_fast(d, NB, INT64_BUCKET: tl.constexpr):
+    """GPU form of :func:`_gap_bucket` on the difference ``d = t_i - t_j`` (int64):
+    ``INT64_BUCKET`` for NB > 54, else the float64 exponent."""
+    nbm1 = tl.full(d.shape, 0, tl.int32) + (NB - 1)
+    if INT64_BUCKET:
+        bucket = tl.inline_asm_elementwise(
+            _BUCKET64_PTX, "=r,l,r", [d, nbm1], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        bucket = tl.inline_asm_elementwise(
+            _BUCKET53_PTX, "=r,l,r", [d, nbm1], dtype=tl.int32, is_pure=True, pack=1
+        )
+    return bucket
 
 
 @triton.jit
-def _scores(
-    q,
-    k,
-    offs_m,
-    offs_n,
-    t_i,
-    T,
-    MASK,
-    BIAS,
-    b,
-    h,
-    L,
-    NB,
-    qk_scale,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _bias_lookup_fast(bucket, TAB, NB, WIDE: tl.constexpr):
+    """GPU form of ``tl.load(TAB + bucket)`` (fp32 table of NB <= 64 entries) by warp shuffles."""
+    nbm1 = tl.full(bucket.shape, 0, tl.int32) + (NB - 1)
+    addr = tl.full(bucket.shape, 0, tl.int64) + TAB.to(tl.int64)
+    args = [bucket, addr, nbm1]
+    if WIDE:
+        value = tl.inline_asm_elementwise(
+            _LOOKUP64_PTX, "=f,r,l,r", args, dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        value = tl.inline_asm_elementwise(
+            _LOOKUP32_PTX, "=f,r,l,r", args, dtype=tl.float32, is_pure=True, pack=1
+        )
+    return value
+
+
+@triton.jit
+def _tile_bias(
+    t_i, t_j, TAB, NB, FAST_BIAS: tl.constexpr, BIAS_WIDE: tl.constexpr,
+    BUCKET_INT64: tl.constexpr,
+):  # fmt: skip
+    """Buckets and bias (log2 units) of a [rows, keys] tile, in the layout of the scores.
+    ``BIAS_WIDE``: NB > 32 (two table entries per lane); ``BUCKET_INT64``: NB > 54."""
+    if FAST_BIAS:
+        bucket = _gap_bucket_fast(t_i[:, None] - t_j[None, :], NB, BUCKET_INT64)
+        bias = _bias_lookup_fast(bucket, TAB, NB, BIAS_WIDE)
+    else:
+        bucket = _gap_bucket(t_i[:, None], t_j[None, :], NB)
+        bias = tl.load(TAB + bucket)
+    return bucket, bias
+
+
+@triton.jit
+def _gap_bucket_kernel(
+    G, OUT, N, NB, BLOCK: tl.constexpr, FAST_BIAS: tl.constexpr, BUCKET_INT64: tl.constexpr
 ):
-    """Scores in log2 units for a [BLOCK_M, BLOCK_N] tile, the admissible mask, the buckets."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    n_ok = offs_n < L
-    valid = (offs_m[:, None] < L) & n_ok[None, :]
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    g = tl.load(G + offs, mask=ok, other=0)
+    if FAST_BIAS:
+        bucket = _gap_bucket_fast(g, NB, BUCKET_INT64)
+    else:
+        bucket = _gap_bucket(g, tl.zeros_like(g), NB)
+    tl.store(OUT + offs, bucket.to(tl.int64), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _admissible(offs_m, offs_n, km, L, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    valid = (offs_m[:, None] < L) & (offs_n < L)[None, :]
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None])
     if HAS_MASK:
-        km = tl.load(MASK + b * L + offs_n, mask=n_ok, other=0)
         valid = valid & (km != 0)[None, :]
-    bucket = offs_n[None, :] * 0  # placeholder when there is no bias (compiled away)
-    if HAS_BIAS:
-        t_j = tl.load(T + b * L + offs_n, mask=n_ok, other=0)
-        bucket = _gap_bucket(t_i[:, None], t_j[None, :], NB)
-        s += tl.load(BIAS + h * NB + bucket).to(tl.float32) * 1.4426950408889634
-    return s, valid, bucket
+    return valid
 
 
 @triton.jit(do_not_specialize=["L"])
 def _semantic_attention_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    T,
-    MASK,
-    BIAS,
-    L,
-    H,
-    NB,
-    qk_scale,
-    HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    Q, K, V, O, LSE, T, MASK, TAB, L, H, NB, qk_scale,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST_BIAS: tl.constexpr,
+    BIAS_WIDE: tl.constexpr, BUCKET_INT64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
     b = bh // H
@@ -146,6 +255,7 @@ def _semantic_attention_fwd_kernel(
     t_i = tl.zeros([BLOCK_M], tl.int64)
     if HAS_BIAS:
         t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
+    tab = TAB + h * NB
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -154,21 +264,28 @@ def _semantic_attention_fwd_kernel(
         hi = tl.minimum(start_m + BLOCK_M, L)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
         kv_off = base + offs_n[:, None] * D + offs_d[None, :]
-        kv_ok = (offs_n < L)[:, None]
-        k = tl.load(K + kv_off, mask=kv_ok, other=0.0)
-        s, valid, _ = _scores(
-            q, k, offs_m, offs_n, t_i, T, MASK, BIAS, b, h, L, NB, qk_scale,
-            HAS_MASK, HAS_BIAS, CAUSAL, DOT_PRECISION,
-        )  # fmt: skip
-        s = tl.where(valid, s, float("-inf"))
+        k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        km = offs_n  # placeholder without a mask (compiled away)
+        if HAS_MASK:
+            km = tl.load(MASK + b * L + offs_n, mask=n_ok, other=0)
+        if HAS_BIAS:
+            t_j = tl.load(T + b * L + offs_n, mask=n_ok, other=0)
+            _, bias = _tile_bias(t_i, t_j, tab, NB, FAST_BIAS, BIAS_WIDE, BUCKET_INT64)
+            s += bias
+        s = tl.where(_admissible(offs_m, offs_n, km, L, CAUSAL, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing admissible so far keep m = -inf: shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
+        v_ok = n_ok
+        if HAS_MASK:  # a masked key's value row is never read: a NaN there stays out
+            v_ok = v_ok & (km != 0)
+        v = tl.load(V + kv_off, mask=v_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -182,146 +299,134 @@ def _semantic_attention_fwd_kernel(
     tl.store(LSE + bh * L + offs_m, lse, mask=m_ok)
 
 
-@triton.jit(do_not_specialize=["L"])
-def _semantic_attention_bwd_preprocess_kernel(
-    O, DO, DELTA, L, D: tl.constexpr, BLOCK_M: tl.constexpr
-):
-    """delta[b,h,i] = <out[b,h,i], grad_out[b,h,i]> (fp32)."""
-    bh = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    ok = (offs_m < L)[:, None]
-    off = bh * L * D + offs_m[:, None] * D + offs_d[None, :]
-    o = tl.load(O + off, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _load_query_rows(
-    Q, DO, LSE, DELTA, T, bh, b, offs_m, L,
-    D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """What the backward reads of query rows ``offs_m``: q, grad_out, lse in log2 units (0 for an
-    empty row, whose p is 0 anyway), delta and the timestamps."""
-    m_ok = offs_m < L
-    row_off = bh * L * D + offs_m[:, None] * D + tl.arange(0, D)[None, :]
-    q = tl.load(Q + row_off, mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO + row_off, mask=m_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
-    t_i = tl.zeros([BLOCK], tl.int64)
-    if HAS_BIAS:
-        t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
-    return q, do, lse, delta, t_i, row_off, m_ok
+def _bucket_histogram(hist, ds, bucket, b_lo, b_hi, offs_nb, W: tl.constexpr):
+    """``hist[n] += sum of ds over the tile's scores in bucket n`` for ``b_lo <= n <= b_hi``
+    (bounds that hold every admissible score's bucket), ``W`` buckets per pass; ds is 0 where
+    inadmissible."""
+    for n0 in range(b_lo, b_hi + 1, W):
+        for w in tl.static_range(W):
+            c = tl.sum(tl.where(bucket == n0 + w, ds, 0.0))  # all axes: one warp reduction
+            hist += tl.where(offs_nb == n0 + w, c, 0.0)
+    return hist
 
 
 @triton.jit
-def _bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, T, MASK, BIAS, bh, b, h, start, L, NB, scale, qk_scale,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_ITER: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """dk, dv of the key block at ``start``: loop over the query tiles that can see it."""
-    base = bh * L * D
-    offs_d = tl.arange(0, D)
-    offs_n = start + tl.arange(0, BLOCK)
-    n_ok = (offs_n < L)[:, None]
-    kv_off = base + offs_n[:, None] * D + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=n_ok, other=0.0)
-    v = tl.load(V + kv_off, mask=n_ok, other=0.0)
-    dk = tl.zeros([BLOCK, D], tl.float32)
-    dv = tl.zeros([BLOCK, D], tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = start  # query tiles before the key block see none of it
-    for start_m in range(lo, L, BLOCK_ITER):
-        offs_m = start_m + tl.arange(0, BLOCK_ITER)
-        q, do, lse, delta, t_i, _, _ = _load_query_rows(
-            Q, DO, LSE, DELTA, T, bh, b, offs_m, L, D, HAS_BIAS, BLOCK_ITER
-        )
-        s, valid, _ = _scores(
-            q, k, offs_m, offs_n, t_i, T, MASK, BIAS, b, h, L, NB, qk_scale,
-            HAS_MASK, HAS_BIAS, CAUSAL, DOT_PRECISION,
-        )  # fmt: skip
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
-    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=n_ok)
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, T, MASK, BIAS, DBIAS_ROW, bh, b, h, start, L, NB, scale,
-    qk_scale, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ITER: tl.constexpr,
-    NB_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """dq of the query block at ``start``, and its histogram of ds over the time buckets."""
-    base = bh * L * D
-    offs_d = tl.arange(0, D)
-    offs_m = start + tl.arange(0, BLOCK)
-    q, do, lse, delta, t_i, row_off, m_ok = _load_query_rows(
-        Q, DO, LSE, DELTA, T, bh, b, offs_m, L, D, HAS_BIAS, BLOCK
-    )
-    dq = tl.zeros([BLOCK, D], tl.float32)
-    offs_nb = tl.arange(0, NB_PAD)
-    hist = tl.zeros([NB_PAD], tl.float32)
-    hi = L
-    if CAUSAL:
-        hi = tl.minimum(start + BLOCK, L)
-    for start_n in range(0, hi, BLOCK_ITER):
-        offs_n = start_n + tl.arange(0, BLOCK_ITER)
-        n_ok = (offs_n < L)[:, None]
-        kv_off = base + offs_n[:, None] * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=n_ok, other=0.0)
-        v = tl.load(V + kv_off, mask=n_ok, other=0.0)
-        s, valid, bucket = _scores(
-            q, k, offs_m, offs_n, t_i, T, MASK, BIAS, b, h, L, NB, qk_scale,
-            HAS_MASK, HAS_BIAS, CAUSAL, DOT_PRECISION,
-        )  # fmt: skip
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        if BIAS_GRAD:
-            # Histogram of ds over the buckets present in this tile (ds is 0 where inadmissible).
-            b_lo = tl.min(tl.min(tl.where(valid, bucket, NB), 1), 0)
-            b_hi = tl.max(tl.max(tl.where(valid, bucket, -1), 1), 0)
-            for n in range(b_lo, b_hi + 1):
-                c = tl.sum(tl.sum(tl.where(bucket == n, ds, 0.0), 1), 0)
-                hist += tl.where(offs_nb == n, c, 0.0)
-    tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
-    if BIAS_GRAD:
-        tl.store(DBIAS_ROW + offs_nb, hist, mask=offs_nb < NB)
+def _bucket_bounds(tmin_i, tmax_i, tmin_j, tmax_j, NB):
+    """(lowest, highest) bucket of |t_i - t_j| for t_i in [tmin_i, tmax_i], t_j in [tmin_j,
+    tmax_j] (scalars); an empty key range (tmin_j > tmax_j) gives an empty bucket range."""
+    gap_hi = tl.maximum(tmax_i - tmin_j, tmax_j - tmin_i)
+    gap_lo = tl.maximum(tl.maximum(tmin_i - tmax_j, tmin_j - tmax_i), 0)
+    b_lo = _gap_bucket(gap_lo, 0, NB)
+    b_hi = tl.where(tmin_j <= tmax_j, _gap_bucket(gap_hi, 0, NB), -1)
+    return b_lo, b_hi
 
 
 @triton.jit(do_not_specialize=["L"])
 def _semantic_attention_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DBIAS_PART, T, MASK, BIAS, L, H, NB, num_blocks,
-    scale, qk_scale, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ITER: tl.constexpr,
-    NB_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q, K, V, O, DO, LSE, DELTA, TBOUND, DQ_ACC, DQ, DK, DV, DBIAS_PART, T, MASK, TAB, L, H, NB,
+    scale,
+    qk_scale, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NB_PAD: tl.constexpr, BUCKET_WINDOW: tl.constexpr, FAST_BIAS: tl.constexpr,
+    BIAS_WIDE: tl.constexpr, BUCKET_INT64: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Program (b*h, blk): dk, dv of key block blk, then dq of query block blk (no atomics)."""
+    """Program (b, h): delta, then dk, dv per key block and dq through the fp32 scratch."""
     bh = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
     b = bh // H
     h = bh % H
-    start = blk * BLOCK
-    _bwd_dkdv(
-        Q, K, V, DO, LSE, DELTA, DK, DV, T, MASK, BIAS, bh, b, h, start, L, NB, scale, qk_scale,
-        HAS_MASK, HAS_BIAS, CAUSAL, D, BLOCK, BLOCK_ITER, DOT_PRECISION,
-    )  # fmt: skip
-    _bwd_dq(
-        Q, K, V, DO, LSE, DELTA, DQ, T, MASK, BIAS, DBIAS_PART + (bh * num_blocks + blk) * NB,
-        bh, b, h, start, L, NB, scale, qk_scale, HAS_MASK, HAS_BIAS, BIAS_GRAD, CAUSAL, D,
-        BLOCK, BLOCK_ITER, NB_PAD, DOT_PRECISION,
-    )  # fmt: skip
+    base = bh * L * D
+    offs_d = tl.arange(0, D)
+    tab = TAB + h * NB
+    big = 0x7FFFFFFFFFFFFFFF
+    # delta[i] = <out[i], grad_out[i]> and, for the bias gradient, each query tile's range of
+    # timestamps: read back by every key block's loop.
+    for start_m in range(0, L, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < L
+        row_off = base + offs_m[:, None] * D + offs_d[None, :]
+        o = tl.load(O + row_off, mask=m_ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + row_off, mask=m_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DELTA + bh * L + offs_m, tl.sum(o * do, 1), mask=m_ok)
+        if BIAS_GRAD:
+            t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
+            tb = TBOUND + (bh * tl.cdiv(L, BLOCK_M) + start_m // BLOCK_M) * 2
+            tl.store(tb, tl.min(tl.where(m_ok, t_i, big), 0))
+            tl.store(tb + 1, tl.max(tl.where(m_ok, t_i, -big - 1), 0))
+    tl.debug_barrier()  # delta is read by other threads than those that wrote it
+    offs_nb = tl.arange(0, NB_PAD)
+    hist = tl.zeros([NB_PAD], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        kv_off = base + offs_n[:, None] * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=n_ok[:, None], other=0.0)
+        km = offs_n  # placeholder without a mask (compiled away)
+        if HAS_MASK:
+            km = tl.load(MASK + b * L + offs_n, mask=n_ok, other=0)
+        t_j = tl.zeros([BLOCK_N], tl.int64)
+        tmin_j = 0
+        tmax_j = 0
+        if HAS_BIAS:
+            t_j = tl.load(T + b * L + offs_n, mask=n_ok, other=0)
+            if BIAS_GRAD:
+                key_ok = n_ok
+                if HAS_MASK:
+                    key_ok = key_ok & (km != 0)
+                tmin_j = tl.min(tl.where(key_ok, t_j, big), 0)
+                tmax_j = tl.max(tl.where(key_ok, t_j, -big - 1), 0)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = start_n  # query tiles above the key block see none of it
+        for start_m in range(lo, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < L
+            row_off = base + offs_m[:, None] * D + offs_d[None, :]
+            q = tl.load(Q + row_off, mask=m_ok[:, None], other=0.0)
+            do = tl.load(DO + row_off, mask=m_ok[:, None], other=0.0)
+            # lse in log2 units; 0 for an empty row (whose p is 0 anyway).
+            lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            delta = tl.load(DELTA + bh * L + offs_m, mask=m_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            bucket = offs_n[None, :] * 0  # placeholder without a bias (compiled away)
+            if HAS_BIAS:
+                t_i = tl.load(T + b * L + offs_m, mask=m_ok, other=0)
+                bucket, bias = _tile_bias(t_i, t_j, tab, NB, FAST_BIAS, BIAS_WIDE, BUCKET_INT64)
+                s += bias
+            valid = _admissible(offs_m, offs_n, km, L, CAUSAL, HAS_MASK)
+            p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            # dq of these rows: the first key block writes the scratch, the later ones add to it.
+            dq_acc = tl.load(DQ_ACC + row_off, mask=m_ok[:, None] & (start_n > 0), other=0.0)
+            dq_acc = tl.dot(ds.to(k.dtype), k, acc=dq_acc, input_precision=DOT_PRECISION)
+            tl.store(DQ_ACC + row_off, dq_acc, mask=m_ok[:, None])
+            if BIAS_GRAD:
+                tb = TBOUND + (bh * tl.cdiv(L, BLOCK_M) + start_m // BLOCK_M) * 2
+                b_lo, b_hi = _bucket_bounds(tl.load(tb), tl.load(tb + 1), tmin_j, tmax_j, NB)
+                hist = _bucket_histogram(hist, ds, bucket, b_lo, b_hi, offs_nb, BUCKET_WINDOW)
+        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+        tl.debug_barrier()  # the next key block reads the dq scratch this one wrote
+    for start_m in range(0, L, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < L
+        row_off = base + offs_m[:, None] * D + offs_d[None, :]
+        dq = tl.load(DQ_ACC + row_off, mask=m_ok[:, None], other=0.0)
+        tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+    if BIAS_GRAD:
+        tl.store(DBIAS_PART + bh * NB + offs_nb, hist, mask=offs_nb < NB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,39 +440,47 @@ def _block(L: int) -> int:
 
 
 def fwd_config(L: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Launch parameters of the forward kernel (no fp16/bf16/fp32 variant spills on sm90).
-    fp16/bf16 pipeline three stages: 0.69 vs 0.74 ms with two on an H200 (B=1024, H=4, L=200,
-    D=64, bf16; ``benchmarks/tune_gpu.py``, where every candidate with 8 warps or with 64-wide key
-    tiles or 128-row blocks was slower)."""
+    """Launch parameters of the forward kernel: 64-row blocks (fewer for a short L), 32-key
+    tiles, two pipeline stages, 4 warps. fp32 (IEEE dots on the FMA units) takes 8 warps, and
+    32-row blocks at D = 128. ``benchmarks/tune_gpu.py`` times the alternatives on a GPU."""
     block_m = _block(L)
-    half = dtype != torch.float32
-    num_warps = 8 if not half and block_m >= 64 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), num_warps=num_warps,
-                num_stages=3 if half else 2)  # fmt: skip
+    if dtype == torch.float32:
+        block_m = min(block_m, 32 if D > 64 else 64)
+        return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), num_warps=8, num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_N=min(block_m, 32), num_warps=4, num_stages=2)
 
 
 def bwd_config(L: int, D: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Launch parameters of the backward kernel: a program owns a block of rows and iterates
-    over tiles of BLOCK_ITER so that the int64 bucket arithmetic of a tile fits in registers.
-
-    fp16/bf16: blocks of 32 rows, tiles of 32 (16 at D = 128), 4 warps. Measured on an H200 at
-    B=1024, H=4, L=200, D=64, bf16 only (``benchmarks/tune_gpu.py``, cut after 26 candidates):
-    3.47 ms against 5.29 ms for 64-row blocks with tiles of 32 and 8 warps; with 32-row blocks, 8
-    warps were slower than 4 with every tile. Other D, L and fp16 follow the same rule unmeasured
-    (the GPU tests check their results). fp32 (IEEE dots without tensor cores, not measured on a
-    GPU): 64-row blocks, tiles of 16, 8 warps.
-    """
+    """Launch parameters of the backward kernel: key blocks of BLOCK_N (dk, dv in registers)
+    and query tiles of BLOCK_M. fp16/bf16 never spill registers on sm_90 (kernel_stats compiles
+    every head dim); fp32's IEEE dots on the FMA units may spill at D >= 64."""
     block = _block(L)
-    if dtype != torch.float32:
-        block = min(block, 32)
-        return dict(BLOCK=block, BLOCK_ITER=min(block, 16 if D >= 128 else 32), num_warps=4,
-                    num_stages=2)  # fmt: skip
-    block_iter = min(block, 16)
-    num_warps = 8 if block >= 64 else 4
-    return dict(BLOCK=block, BLOCK_ITER=block_iter, num_warps=num_warps, num_stages=2)
+    if dtype == torch.float32:
+        if D <= 32:
+            return dict(BLOCK_M=16, BLOCK_N=min(block, 32), num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
+    if D == 64:
+        return dict(BLOCK_M=min(block, 32), BLOCK_N=block, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=16, BLOCK_N=block, num_warps=4 if D <= 32 else 8, num_stages=2)
 
 
-def _check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
+# Buckets per pass of the bias-gradient histogram (see _bucket_histogram).
+BUCKET_WINDOW = 2
+
+
+def fast_bias_form() -> bool:
+    """The GPU (inline PTX) form of the bias, except under the interpreter, which cannot run it."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _bias_form(nb: int) -> dict:
+    """The constexprs that pick the bias code for NB buckets (see :func:`_tile_bias`)."""
+    return dict(FAST_BIAS=fast_bias_form(), BIAS_WIDE=nb > 32, BUCKET_INT64=nb > 54)
+
+
+def _check(q, k, v, key_mask, timestamps, time_bias) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k, v must all be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -384,23 +497,29 @@ def _check(q, k, v, key_padding_mask, timestamps, time_bias) -> None:
             f"q, k, v must share one dtype among {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, "
             f"{v.dtype}"
         )
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, L):
-        raise ValueError(f"key_padding_mask must be [B, L] = [{B}, {L}]")
+    if key_mask is not None and tuple(key_mask.shape) != (B, L):
+        raise ValueError(f"key_mask must be [B, L] = [{B}, {L}]")
     if time_bias is not None:
         if timestamps is None or tuple(timestamps.shape) != (B, L):
             raise ValueError(f"timestamps must be [B, L] = [{B}, {L}] with a time_bias")
         if time_bias.dim() != 2 or time_bias.shape[0] != H:
             raise ValueError(f"time_bias must be [H, NB] with H={H}")
+        if not 1 <= time_bias.shape[1] <= MAX_TIME_BUCKETS:
+            raise ValueError(
+                f"time_bias must have 1 to {MAX_TIME_BUCKETS} buckets, got {time_bias.shape[1]}"
+            )
 
 
-def _prepare(key_padding_mask, timestamps, time_bias, placeholder):
-    mask = placeholder if key_padding_mask is None else key_padding_mask.contiguous()
-    if key_padding_mask is not None:
+def _prepare(key_mask, timestamps, time_bias, placeholder):
+    """(mask as uint8, int64 timestamps, fp32 bias table in log2 units, NB) for the kernels."""
+    mask = placeholder if key_mask is None else key_mask.contiguous()
+    if key_mask is not None:
         mask = mask.view(torch.uint8)
     if time_bias is None:
         return mask, placeholder, placeholder, 1
     ts = timestamps.to(torch.int64).contiguous()
-    return mask, ts, time_bias.contiguous(), time_bias.shape[1]
+    table = (time_bias.to(torch.float32) * LOG2E).contiguous()
+    return mask, ts, table, time_bias.shape[1]
 
 
 def nb_pad(nb: int) -> int:
@@ -418,14 +537,14 @@ def semantic_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
+    key_mask: Optional[torch.Tensor],
     timestamps: Optional[torch.Tensor],
     time_bias: Optional[torch.Tensor],
     causal: bool,
     scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward: ``(out [B, H, L, D] q.dtype, lse [B, H, L] fp32, natural log)``."""
-    _check(q, k, v, key_padding_mask, timestamps, time_bias)
+    _check(q, k, v, key_mask, timestamps, time_bias)
     B, H, L, D = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
@@ -433,13 +552,14 @@ def semantic_attention_fwd(
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    mask, ts, bias, nb = _prepare(key_padding_mask, timestamps, time_bias, q)
+    mask, ts, table, nb = _prepare(key_mask, timestamps, time_bias, q)
     cfg = fwd_config(L, D, q.dtype)
     grid = (B * H, triton.cdiv(L, cfg["BLOCK_M"]))
     _semantic_attention_fwd_kernel[grid](
-        q, k, v, out, lse, ts, mask, bias, L, H, nb, float(scale) * LOG2E,
-        HAS_MASK=key_padding_mask is not None, HAS_BIAS=time_bias is not None,
-        CAUSAL=bool(causal), D=D, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+        q, k, v, out, lse, ts, mask, table, L, H, nb, float(scale) * LOG2E,
+        HAS_MASK=key_mask is not None, HAS_BIAS=time_bias is not None,
+        CAUSAL=bool(causal), D=D, DOT_PRECISION=_dot_precision(q.dtype),
+        **_bias_form(nb), **cfg,
     )  # fmt: skip
     return out, lse
 
@@ -451,7 +571,7 @@ def semantic_attention_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
+    key_mask: Optional[torch.Tensor],
     timestamps: Optional[torch.Tensor],
     time_bias: Optional[torch.Tensor],
     causal: bool,
@@ -459,47 +579,60 @@ def semantic_attention_bwd(
     bias_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Launch the backward: ``(dq, dk, dv, dtime_bias or None)``; every one deterministic."""
-    _check(q, k, v, key_padding_mask, timestamps, time_bias)
+    _check(q, k, v, key_mask, timestamps, time_bias)
     B, H, L, D = q.shape
     bias_grad = bool(bias_grad) and time_bias is not None
     # The gradient of out.sum() arrives expanded with stride 0: the kernels need it dense.
     q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
+    if key_mask is not None:
+        # Masked keys' rows as zeros, so that a NaN there stays out of dq (ds is 0 there, but
+        # 0 * NaN is not). One pass over k and v here costs less than masking their loads,
+        # which slows the kernel's inner loop (kernel_stats counts it).
+        keep = key_mask[:, None, :, None]
+        k, v = k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
     grad_out = grad_out.to(q.dtype).contiguous()
     lse = lse.to(torch.float32).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = torch.zeros_like(time_bias) if bias_grad else None
     if q.numel() == 0:
         return dq, dk, dv, dbias
-    mask, ts, bias, nb = _prepare(key_padding_mask, timestamps, time_bias, q)
+    mask, ts, table, nb = _prepare(key_mask, timestamps, time_bias, q)
     cfg = bwd_config(L, D, q.dtype)
-    block = cfg["BLOCK"]
-    num_blocks = triton.cdiv(L, block)
-    grid = (B * H, num_blocks)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    _semantic_attention_bwd_preprocess_kernel[grid](out, grad_out, delta, L, D=D, BLOCK_M=block)
-    part = q  # placeholder, never read without BIAS_GRAD
+    dq_acc = torch.empty((B, H, L, D), dtype=torch.float32, device=q.device)
+    part = tbound = q  # placeholders, never touched without BIAS_GRAD
     if bias_grad:
-        part = torch.empty((B * H * num_blocks, nb), dtype=torch.float32, device=q.device)
-    _semantic_attention_bwd_kernel[grid](
-        q, k, v, grad_out, lse, delta, dq, dk, dv, part, ts, mask, bias,
-        L, H, nb, num_blocks, float(scale), float(scale) * LOG2E,
-        HAS_MASK=key_padding_mask is not None, HAS_BIAS=time_bias is not None,
+        part = torch.empty((B * H, nb), dtype=torch.float32, device=q.device)
+        tiles = triton.cdiv(L, cfg["BLOCK_M"])
+        tbound = torch.empty((B * H, tiles, 2), dtype=torch.int64, device=q.device)
+    _semantic_attention_bwd_kernel[(B * H,)](
+        q, k, v, out, grad_out, lse, delta, tbound, dq_acc, dq, dk, dv, part, ts, mask, table,
+        L, H, nb, float(scale), float(scale) * LOG2E,
+        HAS_MASK=key_mask is not None, HAS_BIAS=time_bias is not None,
         BIAS_GRAD=bias_grad, CAUSAL=bool(causal), D=D, NB_PAD=nb_pad(nb),
-        DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+        BUCKET_WINDOW=BUCKET_WINDOW, DOT_PRECISION=_dot_precision(q.dtype),
+        **_bias_form(nb), **cfg,
     )  # fmt: skip
     if bias_grad:
-        # Fixed-order reduction over (b, block): bitwise the same result on every run.
-        dbias = part.view(B, H, num_blocks, nb).sum(dim=(0, 2)).to(time_bias.dtype)
+        # Fixed-order reduction over b: bitwise the same result on every run.
+        dbias = part.view(B, H, nb).sum(dim=0).to(time_bias.dtype)
     return dq, dk, dv, dbias
 
 
-def gap_bucket_triton(gaps: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """The kernels' bucket function applied to int64 gaps >= 0 (exposed for tests)."""
+def gap_bucket_triton(
+    gaps: torch.Tensor, num_buckets: int, fast: Optional[bool] = None
+) -> torch.Tensor:
+    """The kernels' bucket function applied to int64 gaps (exposed for tests); ``fast`` picks
+    the GPU or the portable form (default: what the attention launchers pick here)."""
+    if not 1 <= num_buckets <= MAX_TIME_BUCKETS:
+        raise ValueError(f"num_buckets must be in [1, {MAX_TIME_BUCKETS}], got {num_buckets}")
     g = gaps.to(torch.int64).contiguous().view(-1)
     out = torch.empty_like(g)
     if g.numel():
         block = 256
+        fast = fast_bias_form() if fast is None else bool(fast)
         _gap_bucket_kernel[(triton.cdiv(g.numel(), block),)](
-            g, out, g.numel(), num_buckets, BLOCK=block
-        )
+            g, out, g.numel(), num_buckets, BLOCK=block, FAST_BIAS=fast,
+            BUCKET_INT64=_bias_form(num_buckets)["BUCKET_INT64"],
+        )  # fmt: skip
     return out.view(gaps.shape)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,19 +44,47 @@ def assert_close(actual, expected, name="tensor", *, rtol=1e-4, atol=1e-5, scale
         )
 
 
-def run_without_interpreter(script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh Python without ``TRITON_INTERPRET`` (to compile kernels ahead of
-    time for a GPU this machine lacks); skips when this Triton has no such compile API."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource
-    except ImportError as e:
-        pytest.skip(f"this Triton has no ahead-of-time compile API: {e}")
-    if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this Triton's ASTSource takes other arguments")
+KERNEL_STATS = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_stats.py"
+SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+
+
+def load_kernel_stats():
+    """``benchmarks/kernel_stats.py`` as a module (it needs no Triton to import)."""
+    if "kernel_stats" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kernel_stats", KERNEL_STATS)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernel_stats"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["kernel_stats"]
+
+
+def kernel_stats(tmp_path, cases: str = "benchmark", family: str = "") -> list:
+    """Compile the package's kernels for sm_90 as their launchers launch them (``kernel_stats.py``
+    in a fresh Python without ``TRITON_INTERPRET``) and return its records; skips when this
+    Triton cannot compile ahead of time."""
+    pytest.importorskip("triton")
+    reason = load_kernel_stats().compile_unavailable_reason(here=False)
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "kernel_stats.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    cmd = [sys.executable, str(KERNEL_STATS), "--cases", cases, "--json", str(out)]
+    if family:
+        cmd += ["--family", family]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def check_compiled(records: list, families: tuple, dtypes: set) -> None:
+    """Every family and dtype compiled; no fp16/bf16 kernel spills registers; every kernel fits
+    sm_90's shared memory."""
+    assert {r["dtype"] for r in records} == dtypes
+    for family in families:
+        assert any(r["kernel"].startswith(family) for r in records), family
+    for r in records:
+        what = f"{r['kernel']} {r['variant']} {r['dtype']} {r['config']}"
+        assert r["shared_bytes"] <= SM90_SHARED_LIMIT, f"{what}: {r['shared_bytes']} B shared"
+        if r["dtype"] != "fp32":
+            assert r["spill_bytes"] == 0, f"{what}: spills {r['spill_bytes']} B"

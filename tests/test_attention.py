@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _utils import assert_close, run_without_interpreter
+from _utils import assert_close, check_compiled, kernel_stats
 
 from spnn_fast import backends
 from spnn_fast.functional import semantic_attention
@@ -207,7 +207,7 @@ def test_empty_rows_give_zero_output_and_zero_grads(backend, device):
     assert dq[2, :, 5:].abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[0] == "torch"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_nan_in_masked_keys_and_values_stays_out(backend, device):
     """A key that takes no part (key_mask False) cannot reach the output, whatever it holds:
     NaN in its key or value rows leaves every row finite, rows without a key included."""
@@ -355,14 +355,46 @@ def test_time_bucket_is_exact(nb):
     assert bias_scores(torch.cat([zero, t], 1), tb)[0, 0, 0, 1:].tolist() == expected
 
 
-@pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda" or backends.interpret_mode()])
-@pytest.mark.parametrize("nb", [1, 32, 64])
-def test_kernel_bucket_function_equals_time_bucket(nb, device):
+def _bucket_forms():
+    """(device, fast) pairs: the portable form wherever Triton runs, the GPU form (inline PTX)
+    on CUDA only."""
+    out = []
+    if backends.interpret_mode():
+        out.append(pytest.param("cpu", False, id="portable-cpu"))
+    if CUDA:
+        out += [pytest.param("cuda", False, id="portable-cuda")]
+        out += [pytest.param("cuda", True, id="gpu-cuda", marks=pytest.mark.gpu)]
+    return out
+
+
+@pytest.mark.parametrize("device, fast", _bucket_forms())
+@pytest.mark.parametrize("nb", [1, 2, 17, 32, 33, 54, 55, 64])
+def test_kernel_bucket_function_equals_time_bucket(nb, device, fast):
+    """Both forms of the kernels' bucket, on gaps of either sign (they bucket t_i - t_j), around
+    every power of two and the ends of int64; 54/55 buckets straddle the float64 form's limit."""
     from spnn_fast.kernels.attention import gap_bucket_triton
 
     gaps = _edge_gaps()
-    got = gap_bucket_triton(gaps.to(device), nb).cpu()
-    assert torch.equal(got, time_bucket(gaps, nb))
+    want = time_bucket(gaps, nb)
+    assert torch.equal(gap_bucket_triton(gaps.to(device), nb, fast=fast).cpu(), want)
+    assert torch.equal(gap_bucket_triton(-gaps.to(device), nb, fast=fast).cpu(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="the GPU form of the bias (inline PTX) runs on CUDA only")
+@pytest.mark.parametrize("nb", [5, 32, 64])
+def test_gpu_bias_form_matches_portable_form(nb, monkeypatch):
+    """The launchers' GPU form (bucket by float64 exponent or bfind, lookup by warp shuffles)
+    gives the output and gradients of the portable form (gathered load), huge gaps included."""
+    from spnn_fast.kernels import attention as KA
+
+    inputs = make_inputs(2, 3, 129, 32, "left", True, device="cuda", seed=nb, huge=True, nb=nb)
+    g = torch.randn(inputs["q"].shape, generator=torch.Generator().manual_seed(9)).cuda()
+    fast_out, fast_grads = run_op(inputs, True, "triton", g)
+    monkeypatch.setattr(KA, "fast_bias_form", lambda: False)
+    out, grads = run_op(inputs, True, "triton", g)
+    for name, a, e in zip(("out",) + GRAD_NAMES, [fast_out] + fast_grads, [out] + grads):
+        assert_close(a, e, name, rtol=1e-5, atol=1e-6)
 
 
 def test_gradcheck_torch_path_float64():
@@ -441,46 +473,19 @@ def test_compiled_module_fullgraph(backend, device):
     assert module.time_bias.grad.abs().sum() > 0
 
 
-_COMPILE_SCRIPT = """
-import sys
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import spnn_fast.kernels.attention as ka
-
-def build(fn, types, constexprs, options):
-    sig = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-for dt, D, L, flags in [("bf16", 64, 200, True), ("fp16", 128, 50, True), ("fp32", 16, 20, False)]:
-    prec = "ieee" if dt == "fp32" else "tf32"
-    common = dict(HAS_MASK=flags, HAS_BIAS=flags, CAUSAL=flags, D=D, DOT_PRECISION=prec)
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[dt]
-    fwd = dict(ka.fwd_config(L, D, dtype))
-    opts = dict(num_warps=fwd.pop("num_warps"), num_stages=fwd.pop("num_stages"))
-    types = dict(Q="*" + dt, K="*" + dt, V="*" + dt, O="*" + dt, LSE="*fp32", T="*i64",
-                 MASK="*u8", BIAS="*fp32", L="i32", H="i32", NB="i32", qk_scale="fp32")
-    build(ka._semantic_attention_fwd_kernel, types, {**common, **fwd}, opts)
-    bwd = dict(ka.bwd_config(L, D, dtype))
-    opts = dict(num_warps=bwd.pop("num_warps"), num_stages=bwd.pop("num_stages"))
-    types.update(DO="*" + dt, DQ="*" + dt, DK="*" + dt, DV="*" + dt, DELTA="*fp32",
-                 DBIAS_PART="*fp32", num_blocks="i32", scale="fp32")
-    cx = {**common, **bwd, "BIAS_GRAD": flags, "NB_PAD": ka.nb_pad(32)}
-    build(ka._semantic_attention_bwd_kernel, types, cx, opts)
-    build(ka._semantic_attention_bwd_preprocess_kernel, types,
-          dict(D=D, BLOCK_M=bwd["BLOCK"]), dict(num_warps=4))
-print("compiled")
-"""
-
-
 @pytest.mark.skipif(CUDA, reason="with a GPU the other tests compile and run the kernels")
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """Compile fwd/bwd to sm90 cubins (ptxas ships with Triton): catches what the interpreter
-    cannot, such as type changes of loop-carried values or dot shapes the hardware lacks."""
-    proc = run_without_interpreter(_COMPILE_SCRIPT)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+def test_kernels_compile_for_hopper_as_launched(tmp_path):
+    """Forward and backward compiled to sm_90 cubins as the launchers launch them (the GPU form of
+    the bias, divisibility attributes, every head dim and dtype the kernels take): catches what
+    the interpreter cannot, such as type changes of loop-carried values, dot shapes the hardware
+    lacks, register spills and shared memory beyond the limit."""
+    records = kernel_stats(tmp_path, "all", "attention")
+    check_compiled(records, ("attention_fwd", "attention_bwd"), {"bf16", "fp16", "fp32"})
+    variants = {(r["kernel"], r["variant"]) for r in records}
+    assert variants == {(k, v) for k in ("attention_fwd", "attention_bwd")
+                        for v in ("full", "no_bias")}  # fmt: skip
+    assert all(r["config"]["FAST_BIAS"] for r in records)  # the form the interpreter never runs
+    assert all(r["loop_sass"] > 0 for r in records)
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from _utils import DEVICE, assert_close, needs_triton, run_without_interpreter
+from _utils import DEVICE, assert_close, check_compiled, kernel_stats, needs_triton
 
 import spnn_fast.functional as SF
 import spnn_fast.nn as snn
@@ -117,25 +117,32 @@ def test_triton_hidden_sizes(ds, dt):
 
 
 @needs_triton
-@pytest.mark.parametrize("block", [(16, 16), (32, 64)])
-def test_triton_tile_edges(block):
-    """Row and catalogue tiles that do not divide N and V (launchers take the tile shape)."""
+@pytest.mark.parametrize(
+    "block, splits", [((16, 16), 1), ((32, 64), 1), ((16, 16), 2), ((16, 16), 3)]
+)
+def test_triton_tile_edges(block, splits):
+    """Row and catalogue tiles that do not divide N and V, and the catalogue split into ranges
+    that a second kernel merges (the launchers take the tile shape and the number of ranges).
+    The backward takes the forward's d_student_hidden, or recomputes it."""
     from spnn_fast.kernels import distill as K
 
     inp = make_inputs(37, 45, ds=20, dt=33)
     args = (inp["hs"], inp["ws"], inp["ht"], inp["wt"], inp["y"], 3.0, 0.5, IGNORE)
-    loss, *stats = K.distill_fwd(*args, block=block)
+    loss, *stats, d_rows = K.distill_fwd(*args, block=block, splits=splits)
     want = ref.distill_rows_chunked(
         *(t.double() if t.is_floating_point() else t for t in args[:5]), *args[5:]
     )
     for name, a, e in zip(("loss", "lse_s", "lse_sT", "lse_tT"), (loss, *stats), want):
         assert_close(a, e, name)
     g = torch.rand(37, dtype=torch.float32, device=DEVICE)
-    d_hs, d_ws = K.distill_bwd(g, *args[:5], *stats, *args[5:], block=block)
     w64 = [t.double() if t.is_floating_point() else t for t in args[:5]]
     e_hs, e_ws = ref.distill_rows_chunked_backward(g.double(), *w64, *want[1:], *args[5:])
-    assert_close(d_hs, e_hs, "d_student_hidden")
-    assert_close(d_ws, e_ws, "d_student_items")
+    for given in (d_rows, None):
+        d_hs, d_ws = K.distill_bwd(
+            g, *args[:5], *stats, *args[5:], block=block, d_hidden_rows=given
+        )
+        assert_close(d_hs, e_hs, "d_student_hidden")
+        assert_close(d_ws, e_ws, "d_student_items")
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -517,58 +524,15 @@ def test_triton_memory_is_bounded_on_gpu(alpha):
 
 # --- without a GPU: compile the kernels for sm_90 (catches what the interpreter does not) -------
 
-_AOT_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from spnn_fast.kernels import distill as K
-
-    ptr = {"Y": "i64", "LOSS": "fp32", "LSE_S": "fp32", "LSE_ST": "fp32", "LSE_TT": "fp32",
-           "G": "fp32", "GMAX": "fp32"}
-    ints = {"N", "V", "DS", "DT", "ignore_index"}
-    out = []
-    # (dtype, elem, precision, BLOCK_DS, BLOCK_DT, teacher): the widest fp32 tiles with and
-    # without a teacher (alpha = 0 compiles the teacher away), and a half-precision case.
-    for dtype, elem, prec, bds, bdt, kd in (("bf16", 2, "tf32", 64, 64, True),
-                                            ("fp32", 4, "tf32x3", 256, 256, True),
-                                            ("fp32", 4, "tf32x3", 256, 256, False)):
-        bn, bv, warps, stages = K._config(bds, bdt, kd, elem)
-        consts = dict(HAS_CE=True, HAS_KD=kd, HAS_TARGET=True, BLOCK_N=bn, BLOCK_V=bv,
-                      BLOCK_DS=bds, BLOCK_DT=bdt, PRECISION=prec)
-        for fn in (K._distill_fwd_kernel, K._distill_bwd_dh_kernel, K._distill_bwd_dw_kernel):
-            sig = {}
-            for name in fn.arg_names:
-                if name in consts:
-                    sig[name] = "constexpr"
-                elif name in ints:
-                    sig[name] = "i32"
-                elif name[0].islower():
-                    sig[name] = "fp32"
-                else:
-                    sig[name] = "*" + ptr.get(name, dtype)
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                               target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": warps, "num_stages": stages})
-            out.append([fn.__name__, dtype, kd, k.metadata.shared])
-    print(json.dumps(out))
-    """
-)
-
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real")
-def test_kernels_compile_for_sm90():
-    """Real (not interpreted) compilation to sm_90 cubins: code generation, ptxas, and the shared
-    memory each kernel needs against the 227 KiB an H100/H200 block may use."""
-    proc = run_without_interpreter(_AOT_SCRIPT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 9
-    for name, dtype, teacher, shared in compiled:
-        assert shared <= 227 * 1024, (
-            f"{name} ({dtype}, teacher={teacher}) needs {shared} B of shared memory"
-        )
+def test_kernels_compile_for_sm90_as_launched(tmp_path):
+    """Real (not interpreted) compilation to sm_90 cubins of every kernel as the launchers launch
+    them, with and without a teacher, at bf16/fp16 and at the widest fp32 rows: code generation,
+    ptxas, no half-precision spills, and the shared memory each kernel needs against the 227 KiB
+    an H100/H200 block may use."""
+    records = kernel_stats(tmp_path, "all", "distill")
+    check_compiled(records, ("distill_fwd", "distill_bwd"), {"bf16", "fp16", "fp32"})
+    alphas = {r["config"]["alpha"] for r in records}
+    assert alphas == {0.0, 0.5}  # without a teacher (compiled away) and with one

@@ -1,8 +1,10 @@
 """``spnn_fast::distill_rows``: fused linear distillation + CE, per row, with its backward.
 
-The forward returns the row losses [N] (0 at ignored rows) and the three per-row statistics the
-backward recomputes the logits from; ``backend`` is ``"triton"`` (kernels/distill.py) or
-``"torch"`` (the chunked path in spnn_fast/reference/distill.py). The teacher gets no gradient.
+The forward returns the row losses [N] (0 at ignored rows), the three per-row statistics the
+backward recomputes the logits from and, from the Triton kernels, the rows' gradient
+dloss_n/d student_hidden_n [N, Ds] (empty from the torch path, which computes it in the
+backward); ``backend`` is ``"triton"`` (kernels/distill.py) or ``"torch"`` (the chunked path in
+spnn_fast/reference/distill.py). The teacher gets no gradient.
 """
 
 # No ``from __future__ import annotations``: torch.library reads the annotations as types.
@@ -33,14 +35,16 @@ def distill_rows(
     alpha: float,
     ignore_index: int,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss [N], lse_s [N], lse_sT [N], lse_tT [N]) in the accumulation dtype. Targets are
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss [N], lse_s [N], lse_sT [N], lse_tT [N], d_hidden_rows) in the accumulation dtype;
+    d_hidden_rows is [N, Ds] from the Triton kernels and empty from the torch path. Targets are
     checked by the caller (:func:`spnn_fast.functional.distillation_loss`): the op only
     launches, without waiting for the device."""
     args = (student_hidden, student_items, teacher_hidden, teacher_items, target)
     if backend == "triton":
         return _kernels().distill_fwd(*args, temperature, alpha, ignore_index)
-    return _ref.distill_rows_chunked(*args, temperature, alpha, ignore_index)
+    rows = _ref.distill_rows_chunked(*args, temperature, alpha, ignore_index)
+    return (*rows, rows[0].new_empty((0,)))
 
 
 @distill_rows.register_fake
@@ -48,7 +52,9 @@ def _(student_hidden, student_items, teacher_hidden, teacher_items, target, temp
       ignore_index, backend):  # fmt: skip
     n = student_hidden.shape[0]
     cdt = _ref.compute_dtype(student_hidden.dtype)
-    return tuple(student_hidden.new_empty(n, dtype=cdt) for _ in range(4))
+    d_rows = (n, student_hidden.shape[1]) if backend == "triton" else (0,)
+    rows = tuple(student_hidden.new_empty(n, dtype=cdt) for _ in range(4))
+    return (*rows, student_hidden.new_empty(d_rows, dtype=cdt))
 
 
 @torch.library.custom_op("spnn_fast::distill_rows_backward", mutates_args=())
@@ -66,37 +72,39 @@ def distill_rows_backward(
     alpha: float,
     ignore_index: int,
     backend: str,
+    d_hidden_rows: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """(d_student_hidden, d_student_items) for ``grad_rows`` [N] on the row losses."""
+    """(d_student_hidden, d_student_items) for ``grad_rows`` [N] on the row losses; the Triton
+    path takes d_student_hidden from the forward's ``d_hidden_rows`` when given."""
     args = (grad_rows, student_hidden, student_items, teacher_hidden, teacher_items, target)
     stats = (lse_s, lse_st, lse_tt, temperature, alpha, ignore_index)
     if backend == "triton":
-        return _kernels().distill_bwd(*args, *stats)
+        return _kernels().distill_bwd(*args, *stats, d_hidden_rows=d_hidden_rows)
     return _ref.distill_rows_chunked_backward(*args, *stats)
 
 
 @distill_rows_backward.register_fake
 def _(grad_rows, student_hidden, student_items, teacher_hidden, teacher_items, target, lse_s,
-      lse_st, lse_tt, temperature, alpha, ignore_index, backend):  # fmt: skip
+      lse_st, lse_tt, temperature, alpha, ignore_index, backend, d_hidden_rows=None):  # fmt: skip
     return torch.empty_like(student_hidden), torch.empty_like(student_items)
 
 
 def _setup_context(ctx, inputs, output):
     hs, ws, ht, wt, target, temperature, alpha, ignore_index, backend = inputs
-    _, lse_s, lse_st, lse_tt = output
-    ctx.mark_non_differentiable(lse_s, lse_st, lse_tt)
-    ctx.save_for_backward(hs, ws, ht, wt, target, lse_s, lse_st, lse_tt)
+    _, lse_s, lse_st, lse_tt, d_rows = output
+    ctx.mark_non_differentiable(lse_s, lse_st, lse_tt, d_rows)
+    ctx.save_for_backward(hs, ws, ht, wt, target, lse_s, lse_st, lse_tt, d_rows)
     ctx.params = (temperature, alpha, ignore_index, backend)
 
 
 def _backward(ctx, grad_loss, *_stat_grads):
-    hs, ws, ht, wt, target, lse_s, lse_st, lse_tt = ctx.saved_tensors
+    hs, ws, ht, wt, target, lse_s, lse_st, lse_tt, d_rows = ctx.saved_tensors
     temperature, alpha, ignore_index, backend = ctx.params
     d_hs = d_ws = None
     if grad_loss is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         d_hs, d_ws = distill_rows_backward(
             grad_loss, hs, ws, ht, wt, target, lse_s, lse_st, lse_tt,
-            temperature, alpha, ignore_index, backend,
+            temperature, alpha, ignore_index, backend, d_rows if d_rows.numel() else None,
         )  # fmt: skip
     # The teacher (and the target) never receive a gradient.
     return d_hs, d_ws, None, None, None, None, None, None, None
