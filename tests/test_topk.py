@@ -268,6 +268,7 @@ def test_torch_rank_equals_evaluation(n, v):
     target = torch.randint(1, v + 1, (n,), generator=g).to(DEVICE)
     want = ranks_from_scores(ref.full_scores(hidden, w).float(), target)
     assert torch.equal(SF.target_rank(hidden, w, target, backend="torch"), want)
+    assert torch.equal(ref.target_rank_naive(hidden, w, target), want)  # the compiled baseline
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

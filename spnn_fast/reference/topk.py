@@ -15,7 +15,8 @@ Three kinds of function live here:
 * :func:`topk_scores_reference` / :func:`target_rank_reference` form the ``N x (V + 1)`` scores:
   the test oracles (exact tie rule by a stable sort; ``ranks_from_scores`` itself).
 * :func:`topk_scores_naive`: ``torch.topk(h @ W.T, k)`` as a user would write it, the benchmark
-  baseline (its tie order is whatever ``torch.topk`` gives).
+  baseline (its tie order is whatever ``torch.topk`` gives); :func:`target_rank_naive`, the rank
+  formula on the full scores, the compiled baseline of the rank.
 * :func:`topk_scores_chunked` / :func:`target_rank_chunked`: the ``backend="torch"`` path. It
   visits the scores in ``rows x cols`` chunks sized from a byte budget (:func:`chunk_plan`), so its
   extra memory is ``O(budget + N k)``, never ``O(N V)``.
@@ -46,6 +47,7 @@ __all__ = [
     "chunk_plan",
     "full_scores",
     "target_rank_chunked",
+    "target_rank_naive",
     "target_rank_reference",
     "topk_scores_chunked",
     "topk_scores_naive",
@@ -101,6 +103,13 @@ def topk_scores_naive(hidden: Tensor, items: Tensor, k: int) -> Tuple[Tensor, Te
     """``torch.topk`` of the full scores (what code without a fused top-k writes); the benchmark
     baseline. Ties come in ``torch.topk``'s order, values in the input dtype."""
     return torch.topk(full_scores(hidden, items), k, dim=1)
+
+
+def target_rank_naive(hidden: Tensor, items: Tensor, target: Tensor) -> Tensor:
+    """The rank formula on the full scores without ``ranks_from_scores``'s checks (whose
+    data-dependent branches ``torch.compile`` cannot trace): the compiled benchmark baseline."""
+    scores = full_scores(hidden, items)
+    return (scores[:, 1:] >= scores.gather(1, target[:, None])).sum(dim=1)
 
 
 def target_rank_reference(hidden: Tensor, items: Tensor, target: Tensor) -> Tensor:
