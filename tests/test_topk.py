@@ -136,6 +136,16 @@ def test_chunked_topk_with_ties_and_exclusions(chunk, k):
     assert_topk_equal(got, want, f"chunk={chunk}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_chunked_topk_other_dtypes(dtype):
+    """float64 candidates are ordered by sorts, the others by int64 keys of their float32 value."""
+    n, v = 9, 300
+    h, w = make_inputs(n, v, integer=True, dtype=dtype)
+    ex = make_exclude(n, v, [0, 5, 250, 1, 0, 40, 299, 3, 100])
+    want = ref.topk_scores_reference(h, w, 21, *ex)
+    assert_topk_equal(ref.topk_scores_chunked(h, w, 21, *ex, chunk=(4, 7)), want, str(dtype))
+
+
 def test_chunked_topk_random_floats():
     """Several column chunks round a score as the full product may not: near the reference."""
     h, w = make_inputs(33, 1000)

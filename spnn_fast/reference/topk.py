@@ -54,9 +54,9 @@ __all__ = [
     "topk_scores_reference",
 ]
 
-# Bytes of chunk temporaries (the scores of one chunk and a float32 mask of the same shape) held
-# at once.
-TOPK_BUDGET_BYTES = 64 * 2**20
+# Bytes of chunk temporaries (the scores of one chunk and, for the rank, a float32 mask of the
+# same shape) held at once.
+TOPK_BUDGET_BYTES = 128 * 2**20
 # Widest chunk: a float32 sum of 0/1 values is exact below 2**24.
 _MAX_CHUNK_COLS = 2**24
 # Rows per chunk below which the catalogue is split instead (thin row chunks turn the matmuls
@@ -119,17 +119,20 @@ def target_rank_reference(hidden: Tensor, items: Tensor, target: Tensor) -> Tens
 
 
 # ---------------------------------------------------------------------------- chunking
-def chunk_plan(n: int, cols: int, elem_size: int, budget: Optional[int] = None) -> Tuple[int, int]:
+def chunk_plan(
+    n: int, cols: int, elem_size: int, budget: Optional[int] = None, mask_bytes: int = 4
+) -> Tuple[int, int]:
     """``(rows, cols)`` of one score chunk over ``n`` rows and ``cols = V + 1`` table rows.
 
-    The temporaries (scores of ``elem_size`` bytes and a four-byte mask per element) stay within
+    The temporaries (scores of ``elem_size`` bytes and a mask of ``mask_bytes`` per element: the
+    rank's float32 0/1, none for the top-k) stay within
     ``budget`` bytes (default :data:`TOPK_BUDGET_BYTES`, read at call time): the whole table per
     row chunk while at least ``min(n, MIN_CHUNK_ROWS)`` rows fit, else ``MIN_CHUNK_ROWS`` rows and
     as many columns as fit (at least 2, at most 2**24). :func:`_spans` may widen the last chunk
     by one.
     """
     budget = TOPK_BUDGET_BYTES if budget is None else budget
-    elems = max(1, budget // (elem_size + 4))
+    elems = max(1, budget // (elem_size + mask_bytes))
     if cols <= _MAX_CHUNK_COLS:
         if n * cols <= elems:
             return max(n, 1), cols
@@ -159,23 +162,35 @@ class _Buffer:
         return self.buf[: r * c].view(r, c)
 
 
-def _plan(hidden: Tensor, items: Tensor, chunk: Optional[Tuple[int, int]]):
+def _plan(hidden: Tensor, items: Tensor, chunk: Optional[Tuple[int, int]], mask_bytes: int = 4):
     n, cols = hidden.shape[0], items.shape[0]
-    rows, step = chunk or chunk_plan(n, cols, hidden.element_size())
+    rows, step = chunk or chunk_plan(n, cols, hidden.element_size(), mask_bytes=mask_bytes)
     return _spans(n, rows), _spans(cols, step), rows, step
 
 
 # ---------------------------------------------------------------------------- top-k
-def _sorted_pairs(values: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
-    """Candidates ordered by descending value, equal values by ascending index."""
+def _order_keys(values: Tensor, indices: Tensor) -> Tensor:
+    """int64 keys ordered like (value, -index), one per (value, index) pair: the float32 bits
+    made monotonic in the high half, the index subtracted (``0 <= index < 2**32``)."""
+    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 and +0.0 are one score
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered << 32) - indices
+
+
+def _select(values: Tensor, indices: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The best ``min(k, width)`` candidates of each row (indices distinct within a row), ordered
+    by descending value, equal values by ascending index."""
+    k = min(k, values.shape[1])
+    if values.dtype != torch.float64:  # fp32 and the half types fit the int64 keys exactly
+        pos = torch.topk(_order_keys(values, indices), k, dim=1, sorted=True).indices
+        return values.gather(1, pos), indices.gather(1, pos)
     indices, perm = indices.sort(dim=1)
-    values = values.gather(1, perm)
-    values, perm = values.sort(dim=1, descending=True, stable=True)
-    return values, indices.gather(1, perm)
+    values, perm2 = values.gather(1, perm).sort(dim=1, descending=True, stable=True)
+    return values[:, :k], indices.gather(1, perm2[:, :k])
 
 
 def _chunk_topk(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """The chunk's best ``min(k, cols)`` columns under the tie rule, ordered.
+    """The chunk's best ``min(k, cols)`` columns under the tie rule (in no particular order).
 
     ``torch.topk`` returns equal values in no promised order, so it is asked for ``k + 1``: a row
     whose ``k``-th and ``(k + 1)``-th values differ has a unique answer; a row where they are
@@ -184,8 +199,7 @@ def _chunk_topk(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """
     cols = z.shape[1]
     if cols <= k:
-        idx = torch.arange(cols, device=z.device).expand(z.shape[0], cols)
-        return _sorted_pairs(z, idx)
+        return z.clone(), torch.arange(cols, device=z.device).expand(z.shape[0], cols)
     values, idx = torch.topk(z, k + 1, dim=1, sorted=True)
     cut = values[:, k - 1]
     tie = (values[:, k] == cut) & (cut > _NEG_INF)
@@ -200,18 +214,7 @@ def _chunk_topk(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         fixed = take.nonzero()[:, 1].view(len(rows), k)  # row-major: ascending columns
         idx = idx.index_copy(0, rows, fixed)
         values = values.index_copy(0, rows, zr.gather(1, fixed))
-    return _sorted_pairs(values, idx)
-
-
-def _merge(best, cand, k: int):
-    """Top ``k`` of two ordered candidate lists whose indices are all lower in ``best``: a stable
-    sort keeps ``best`` first among equal values, hence the lower indices first."""
-    if best is None:
-        return cand
-    values = torch.cat([best[0], cand[0]], dim=1)
-    indices = torch.cat([best[1], cand[1]], dim=1)
-    values, perm = values.sort(dim=1, descending=True, stable=True)
-    return values[:, :k], indices.gather(1, perm[:, :k])
+    return values, idx
 
 
 class _Exclusions:
@@ -256,20 +259,24 @@ def topk_scores_chunked(
     indices = torch.zeros((n, k), dtype=torch.int64, device=hidden.device)
     if n == 0:
         return values, indices
-    row_spans, col_spans, rows, cols = _plan(hidden, items, chunk)
+    row_spans, col_spans, rows, cols = _plan(hidden, items, chunk, mask_bytes=0)
     buf = _Buffer(rows, cols, hidden.dtype, hidden.device)
     for r0, r1 in row_spans:
         h = hidden[r0:r1]
         excluded = _Exclusions(exclude_offsets, exclude_ids, r0, r1)
-        best = None
+        cand_v, cand_i = [], []  # each column chunk's best k: the row chunk's best k is among them
         for c0, c1 in col_spans:
             z = torch.matmul(h, items[c0:c1].T, out=buf.take(r1 - r0, c1 - c0))
             if c0 == 0:
                 z[:, 0] = _NEG_INF  # the padding row
             excluded.apply(z, c0, c1)
             v, i = _chunk_topk(z, k)
-            best = _merge(best, (v, i + c0), k)
-        v, i = best
+            cand_v.append(v)
+            cand_i.append(i + c0)
+            if len(cand_v) == 16:  # keep the candidate lists short
+                v, i = _select(torch.cat(cand_v, 1), torch.cat(cand_i, 1), k)
+                cand_v, cand_i = [v], [i]
+        v, i = _select(torch.cat(cand_v, 1), torch.cat(cand_i, 1), k)
         got = v.shape[1]  # < k only when the whole table has fewer than k columns after all
         values[r0:r1, :got] = v.float()
         indices[r0:r1, :got] = i.masked_fill(v == _NEG_INF, 0)
