@@ -349,7 +349,7 @@ def test_triton_rank_splits_and_tiles(splits, block):
 def test_rank_half_precision_on_torch_path():
     for dtype in (torch.bfloat16, torch.float16):
         h, w = make_inputs(40, 700, d=32, dtype=dtype)
-        target = torch.randint(1, 701, (40,), generator=torch.Generator().manual_seed(0))
+        target = torch.randint(1, 701, (40,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
         want = ranks_from_scores(ref.full_scores(h, w).float(), target)
         assert torch.equal(SF.target_rank(h, w, target, backend="torch"), want)
 
