@@ -289,6 +289,33 @@ def _distill(s: Session, n: int, v: int, alpha: float) -> None:
     s.compare("distill", shape, "fwd+bwd", step(ours_fn), baselines, same, [hs, ws])
 
 
+def _topk(s: Session, n: int, v: int, k: int) -> None:
+    """Top-k over the catalogue: the fused op against ``torch.topk(h @ W.T)``, eager and
+    compiled (the naive ones form the [N, V] scores)."""
+    from spnn_fast.functional import topk_scores
+    from spnn_fast.reference.topk import topk_scores_naive
+
+    dtype = torch.bfloat16 if s.dev.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(n, 64, generator=g).to(s.dev, dtype)
+    w = (torch.randn(v + 1, 64, generator=g) / 8).to(s.dev, dtype)
+    backend = "torch" if s.dry_run else "triton"
+    ours = lambda: topk_scores(h, w, k, backend=backend)  # noqa: E731
+    naive = lambda: topk_scores_naive(h, w, k)  # noqa: E731
+    compiled = torch.compile(topk_scores_naive) if not s.dry_run else None
+    baselines = {
+        "naive_eager": naive,
+        "naive_compiled": (lambda: compiled(h, w, k))
+        if compiled
+        else "a dry run skips compiled baselines",
+    }
+    # The same item scores (ties may come in another order): compare the values.
+    same = lambda got, ref: bool(  # noqa: E731
+        torch.allclose(got[0].float(), ref[0].float(), rtol=1e-2, atol=1e-2)
+    )
+    s.compare("topk", dict(N=n, V=v, k=k, D=64), "fwd", ours, baselines, same)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -310,6 +337,8 @@ def run(set_name: str, s: Session) -> int:
             lambda c=c: _attention(s, *c, modes=("fwd+bwd",), flex_modes=("fwd+bwd",))
             for c in others
         ]
+        topk = (64, 5000) if tiny else (4096, 1_000_000)
+        groups += [lambda kk=kk: _topk(s, *topk, kk) for kk in (10, 100)]
         groups += [lambda a=a: _distill(s, *big, a) for a in (0.0, 0.5)]
     failed = 0
     for group in groups:

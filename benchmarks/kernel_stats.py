@@ -410,8 +410,30 @@ def _feature_cases(N, K_, dtype) -> List[Case]:
     ]
 
 
+def _topk_cases(N, V, D, dtype, ks=(10, 100), exclude=True) -> List[Case]:
+    from spnn_fast.kernels import topk as K
+
+    dt = _DTYPES[dtype]
+    h = torch.empty(N, D, dtype=dt, device=_META)
+    w = torch.empty(V + 1, D, dtype=dt, device=_META)
+    target = torch.empty(N, dtype=torch.int64, device=_META)
+    offsets = torch.empty(N + 1, dtype=torch.int64, device=_META)
+    ids = torch.empty(4 * N, dtype=torch.int64, device=_META)
+    out_cases = []
+    for k in ks:
+        shape = dict(N=N, V=V, D=D, k=k, exclude=exclude)
+        ex = (offsets, ids) if exclude else (None, None)
+        call = lambda k=k, ex=ex: K.topk_fwd(h, w, k, *ex)
+        out_cases.append(Case("topk_fwd", f"k={k}", dtype, shape, call))
+    shape = dict(N=N, V=V, D=D)
+    out_cases.append(
+        Case("topk_rank", "full", dtype, shape, lambda: K.target_rank_fwd(h, w, target))
+    )
+    return out_cases
+
+
 CASE_SETS = ("benchmark", "compile-check", "all")
-FAMILIES = ("attention", "distill", "feature")
+FAMILIES = ("attention", "distill", "feature", "topk")
 
 
 def cases(which: str = "benchmark", families: Optional[Sequence[str]] = None) -> List[Case]:
@@ -427,6 +449,7 @@ def cases(which: str = "benchmark", families: Optional[Sequence[str]] = None) ->
         out += _attention_cases(1024, 4, 200, 64, "bf16")
         out += _distill_cases(16384, 100_000, 64, "bf16")
         out += _feature_cases(16384, 64, "bf16")
+        out += _topk_cases(4096, 1_000_000, 64, "bf16")
     if which in ("compile-check", "all"):
         for L, D, dtype, nb in ((50, 32, "bf16", 32), (512, 64, "bf16", 32), (200, 16, "bf16", 32),
                                 (50, 128, "fp16", 64), (20, 16, "fp32", 32),
@@ -436,6 +459,10 @@ def cases(which: str = "benchmark", families: Optional[Sequence[str]] = None) ->
         out += _distill_cases(4096, 100_000, 256, "bf16", dt_width=256)
         out += _distill_cases(4096, 100_000, 64, "fp16", alphas=(0.5,), dt_width=128)
         out += _feature_cases(4096, 8192, "bf16")
+        # the widest k and D, a small k, every dtype
+        out += _topk_cases(512, 100_000, 64, "fp32", ks=(128,))
+        out += _topk_cases(512, 100_000, 256, "fp32", ks=(128,), exclude=False)
+        out += _topk_cases(512, 100_000, 256, "fp16", ks=(2,))
     if families:
         out = [c for c in out if c.family.split("_")[0] in families]
     return out
@@ -539,7 +566,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument("--cases", default="benchmark", choices=CASE_SETS)
     parser.add_argument(
-        "--family", default="", help="comma list among attention, distill, feature (default all)"
+        "--family",
+        default="",
+        help="comma list among attention, distill, feature, topk (default all)",
     )
     args = parser.parse_args(argv)
     reason = compile_unavailable_reason()

@@ -1,4 +1,5 @@
-"""Command line: ``spnn-fast train`` (the main job), ``spnn-fast eval CHECKPOINT``, ``spnn-fast info``.
+"""Command line: ``spnn-fast train`` (the main job), ``spnn-fast eval CHECKPOINT``,
+``spnn-fast recommend RUN_OR_CHECKPOINT``, ``spnn-fast info``.
 
 Also runs as ``python -m spnn_fast ...`` and under ``torchrun --nproc_per_node=N -m spnn_fast
 train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA). The flags of ``train`` are
@@ -191,8 +192,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     pe.add_argument("--dataset", default=None, help="override the data set stored in it")
     pe.add_argument("--json", action="store_true")
     sub.add_parser("info", help="print what runs here (backends)")
+    from spnn_fast import recommend
+
+    recommend.add_arguments(
+        sub.add_parser("recommend", help="the top-k next items of users, from a trained run")
+    )
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info,
+                "recommend": recommend.main}  # fmt: skip
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 
 from spnn_fast.distributed import all_sum, world
-from spnn_fast.metrics import MetricAccumulator, ranks_from_scores
+from spnn_fast.functional import target_rank
+from spnn_fast.metrics import MetricAccumulator
 from spnn_fast.model import SPNN
 from spnn_fast.protocol import EvalSet, train_ends
 from spnn_fast.windows import make_batch
@@ -43,7 +44,10 @@ def evaluate(
         b = make_batch(log, rows[s : s + batch_size], ends[s : s + batch_size], max_len,
                        cfg.num_time_buckets, t_end).to(device)  # fmt: skip
         hidden = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users).hidden[:, -1]
-        ranks = ranks_from_scores(model.score(hidden).float().cpu(), targets[s : s + batch_size])
+        # The target's rank among all items without the [rows, V] score matrix; on the CPU the
+        # same product as SPNN.score, so the same ranks as ranking its scores.
+        target = torch.as_tensor(targets[s : s + batch_size], device=hidden.device)
+        ranks = target_rank(hidden, model.item_emb.weight, target, backend=cfg.backend).cpu()
         acc.add(ranks)
     acc.load_state(all_sum(acc.state()))
     model.train(was_training)

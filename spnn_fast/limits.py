@@ -15,6 +15,8 @@ __all__ = [
     "DISTILL_MAX_DIM",
     "FEATURE_MAX_K",
     "MAX_TIME_BUCKETS",
+    "TOPK_MAX_DIM",
+    "TOPK_MAX_K",
 ]
 
 # Semantic attention: head dims the kernels are compiled for (another D <= 128 is zero-padded to
@@ -30,3 +32,8 @@ DISTILL_MAX_DIM = 256
 
 # Feature distillation loss: the largest embedding size K (a whole row lives in registers).
 FEATURE_MAX_K = 8192
+
+# Top-k and target rank over the catalogue: the largest k whose running top-k the kernel holds in
+# registers (a larger k runs on the PyTorch path), and the largest hidden size D.
+TOPK_MAX_K = 128
+TOPK_MAX_DIM = 256

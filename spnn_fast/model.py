@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from spnn_fast.limits import MAX_TIME_BUCKETS
 from spnn_fast.nn import KnowledgeDetector, SemanticAttention
 
-__all__ = ["SPNN", "SPNNConfig", "SPNNOutput"]
+__all__ = ["SPNN", "SPNNConfig", "SPNNOutput", "Recommendations", "window_items"]
 
 
 @dataclass
@@ -94,6 +94,23 @@ class SPNNConfig:
 class SPNNOutput:
     hidden: Tensor  # [B, L, d_model], zero at padding
     layers: Dict[str, Tensor]  # name -> [B, L, d] intermediate features (when asked for)
+
+
+class Recommendations(NamedTuple):
+    """``items [B, k]`` int64 item ids (0 in slots no item fills) and their ``scores [B, k]``
+    float32 (``-inf`` there), best first, equal scores by the lower id."""
+
+    items: Tensor
+    scores: Tensor
+
+
+def window_items(batch) -> Tuple[Tensor, Tensor]:
+    """The items of each window of ``batch`` as a CSR pair ``(offsets [B + 1], item_ids)``,
+    read where its mask is True (no ``[B, V]`` mask is formed)."""
+    mask = batch.mask
+    offsets = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(mask.sum(dim=1), dim=0, out=offsets[1:])
+    return offsets, batch.items[mask]
 
 
 class _FeedForward(nn.Module):
@@ -301,6 +318,53 @@ class SPNN(nn.Module):
         scores = hidden @ self.item_emb.weight.T
         scores[..., 0] = float("-inf")
         return scores
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        batch,
+        k: int,
+        *,
+        exclude_seen: bool = True,
+        seen: Optional[Tuple[Tensor, Tensor]] = None,
+        backend: Optional[str] = None,
+    ) -> Recommendations:
+        """The ``k`` best next items for the newest (last) position of each window of ``batch``,
+        by :func:`spnn_fast.functional.topk_scores` (no ``[B, V]`` score matrix).
+
+        Args:
+            batch: a :class:`~spnn_fast.encode.SequenceBatch` of left-padded windows
+                (``users`` may be None: unknown users' features take the unknown code); moved to
+                the model's device.
+            k: items per window, in ``[1, V]``.
+            exclude_seen: leave out the seen items: the window's own items, or ``seen``.
+            seen: ``(offsets [B + 1], item_ids)``, a CSR list of each window's seen items used
+                instead of the window's (e.g. a user's whole history).
+            backend: of the top-k op (None: the model's ``config.backend``).
+
+        Returns:
+            :class:`Recommendations` ``(items, scores)``, ``[B, k]`` each; where fewer than
+            ``k`` unseen items exist, the last slots hold item 0 and score ``-inf``. The model
+            runs in eval mode and its mode is restored.
+        """
+        from spnn_fast.functional import topk_scores
+
+        device = self.item_emb.weight.device
+        was_training = self.training
+        self.eval()
+        try:
+            users = batch.users.to(device) if batch.users is not None else None
+            out = self(batch.items.to(device), batch.timestamps.to(device),
+                       batch.time_buckets.to(device), batch.mask.to(device), users)  # fmt: skip
+        finally:
+            self.train(was_training)
+        exclude = None
+        if exclude_seen:
+            exclude = tuple(t.to(device) for t in (window_items(batch) if seen is None else seen))
+        backend = self.config.backend if backend is None else backend
+        scores, items = topk_scores(out.hidden[:, -1], self.item_emb.weight, k, exclude=exclude,
+                                    backend=backend)  # fmt: skip
+        return Recommendations(items, scores)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -13,9 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import spnn_fast modules of lower layers only; the package's
 # __init__ and __main__ sit above all.
 LAYERS = [
-    {"_C", "limits", "_checks", "_io", "_threads", "_tables", "distributed", "metrics",
-     "reference"},
-    {"_ext"},
+    {"_C", "limits", "_checks", "_io", "_threads", "_tables", "distributed", "metrics"},
+    {"_ext", "reference"},
     {"backends", "_formats", "download", "kernels"},
     {"ops", "encode", "log"},
     {"functional", "protocol", "data"},
@@ -26,6 +25,7 @@ LAYERS = [
     {"teacher"},
     {"train"},
     {"experiment"},
+    {"recommend"},
     {"cli"},
 ]  # fmt: skip
 MAX_LINES = 450

@@ -6,10 +6,13 @@ from spnn_fast.functional.losses import (
     feature_distillation_loss,
     linear_cross_entropy,
 )
+from spnn_fast.functional.topk import target_rank, topk_scores
 
 __all__ = [
     "distillation_loss",
     "feature_distillation_loss",
     "linear_cross_entropy",
     "semantic_attention",
+    "target_rank",
+    "topk_scores",
 ]
