@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import spnn_fast modules of lower layers only; the package's
 # __init__ and __main__ sit above all.
 LAYERS = [
-    {"_C", "limits", "_checks", "_io", "_threads", "_tables", "distributed", "metrics",
+    {"_C", "limits", "_checks", "_io", "_lock", "_threads", "_tables", "distributed", "metrics",
      "reference"},
     {"_ext"},
     {"backends", "_formats", "download", "kernels"},
