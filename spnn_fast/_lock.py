@@ -33,11 +33,14 @@ class FolderBusyError(RuntimeError):
 
 
 def _holder_info() -> dict:
+    program = os.path.basename(sys.argv[0] or "python")
+    if program == "__main__.py":  # python -m PACKAGE (and torchrun -m PACKAGE)
+        program = f"python -m {os.path.basename(os.path.dirname(sys.argv[0]))}"
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]])[:300],
+        "command": " ".join([program, *sys.argv[1:]])[:300],
     }
 
 
