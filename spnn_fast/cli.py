@@ -2,7 +2,10 @@
 
 Also runs as ``python -m spnn_fast ...`` and under ``torchrun --nproc_per_node=N -m spnn_fast
 train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA). The flags of ``train`` are
-the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it.
+the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it; the others
+(``--out``, ``--resume``, ``--wait``, ``--allow-changed-data``, ...) say how to run, and are not
+saved. An error a user can act on (a setting, the data, a damaged or busy run folder, the file
+system) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations

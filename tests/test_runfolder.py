@@ -124,6 +124,27 @@ def test_two_runs_started_together_never_mix_their_models(tmp_path):
         assert result["epochs_run"] == want[0]
 
 
+def test_under_torchrun_a_busy_folder_stops_every_rank(tmp_path):
+    # Rank 0 alone takes the lock; the other rank learns it failed rather than waiting for it
+    # in the first collective until --dist-timeout.
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    out = tmp_path / "run"
+    holder = _hold(out)
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "spnn_fast", "train", "--data", data, "--out",
+               str(out), "--dist-timeout", "600", *_TINY]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_ENV)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # Ended (with --dist-timeout 600 a waiting rank would have outlived the timeout above),
+    # failed, and said why; torchrun stops the other rank once one has exited.
+    assert proc.returncode != 0
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("spnn-fast: error:")]
+    assert errors and all(f"is in use by process {holder.pid}" in x for x in errors), proc.stderr
+
+
 def test_a_lock_dies_with_its_holder(tmp_path):
     out = tmp_path / "run"
     holder = _hold(out)
