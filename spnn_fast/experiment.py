@@ -174,8 +174,11 @@ def _prepare(cfg: ExperimentConfig, run_dir: str, allow_changed_data: bool,
     # failed at its first step can be corrected in place.
     if has_models(run_dir) and os.path.exists(os.path.join(run_dir, "run.json")):
         check_same_run(cfg, run_dir, ds)
-        before = read_run_data(run_dir)
+        before, earlier = read_run_data(run_dir)
         check_same_data(before, data, run_dir, allow_changed=allow_changed_data, log=log)
+        if before is not None and before["files"] != data["files"]:  # allowed: keep a trace
+            earlier = [*earlier, before]
+        extras["earlier_data"] = earlier
     elif has_models(run_dir):
         log(f"warning: {run_dir} holds models but no run.json: they are reused unchecked")
     if world()[0] == 0:
@@ -215,6 +218,7 @@ def run(cfg: ExperimentConfig, run_dir: str, *, log=print, wait: bool = False,
                     teacher, _ = load_checkpoint(path, cfg.device)
         report = build_report(cfg, ds, results, time.perf_counter() - t0)
         report["chosen"], report["data"] = extras["chosen"] or {}, data
+        report["earlier_data"] = extras.get("earlier_data") or []
         if rank == 0:
             from spnn_fast.report import write_report
 

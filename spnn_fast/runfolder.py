@@ -237,11 +237,15 @@ def check_same_data(recorded: Optional[Dict], current: Dict, what: str, *,
 
 # ------------------------------------------------------------------------------ run.json
 def write_run_config(cfg: ExperimentConfig, run_dir: str, data: Optional[Dict] = None,
-                     chosen: Optional[Dict] = None) -> None:  # fmt: skip
-    """``run_dir/run.json``: the configuration as given, the fingerprint of its ``data`` and what
-    was ``chosen`` for the data (student_d when None); left as it is when it says the same."""
+                     chosen: Optional[Dict] = None,
+                     earlier_data: Optional[List[Dict]] = None) -> None:  # fmt: skip
+    """``run_dir/run.json``: the configuration as given, the fingerprint of its ``data``, what
+    was ``chosen`` for the data (student_d when None) and the fingerprints of data some of its
+    models were trained on before (``--allow-changed-data``); left as it is when it says the
+    same."""
     record = {"format": RUN_FORMAT, "config": cfg.to_dict()}
-    record.update({k: v for k, v in (("data", data), ("chosen", chosen)) if v is not None})
+    extras = (("data", data), ("chosen", chosen), ("earlier_data", earlier_data))
+    record.update({k: v for k, v in extras if v})
     path = os.path.join(run_dir, "run.json")
     with contextlib.suppress(OSError, ValueError):
         if read_json(path) == record:
@@ -283,19 +287,24 @@ def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentCon
                          f"pass --device to go on elsewhere)") from None  # fmt: skip
 
 
-def read_run_data(run_dir: str) -> Optional[Dict]:
-    """The data fingerprint in ``run_dir/run.json`` (None for a run that recorded none)."""
-    path, saved = _read_run(run_dir)
-    data = saved.get("data")
-    if data is None:
-        return None
+def _fingerprint_ok(data: object) -> bool:
     files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, dict) or not all(
+    return isinstance(files, dict) and all(
         isinstance(f, dict) and is_int(f.get("bytes"), 0) and isinstance(f.get("sha256"), str)
         for f in files.values()
+    )
+
+
+def read_run_data(run_dir: str) -> Tuple[Optional[Dict], List[Dict]]:
+    """(the data fingerprint in ``run_dir/run.json``, or None for a run that recorded none; the
+    fingerprints of data its models were trained on before, oldest first)."""
+    path, saved = _read_run(run_dir)
+    data, earlier = saved.get("data"), saved.get("earlier_data", [])
+    if (data is not None and not _fingerprint_ok(data)) or not (
+        isinstance(earlier, list) and all(map(_fingerprint_ok, earlier))
     ):
         raise DamagedFileError(f"{path}: its data fingerprint is damaged; {_RUN_RECOVER}")
-    return data
+    return data, earlier
 
 
 def check_same_run(cfg: ExperimentConfig, run_dir: str, ds=None) -> None:

@@ -210,10 +210,11 @@ def test_resume_and_eval_refuse_changed_data_naming_both(tmp_path):
     proc = _cli("train", "--resume", out, "--allow-changed-data")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "going on (--allow-changed-data)" in proc.stdout
-    # run.json now records the data the run goes on with
-    assert json.loads((out / "run.json").read_text())["data"]["files"]["cycle.csv"]["bytes"] == (
-        data.stat().st_size
-    )
+    # run.json now records the data the run goes on with, and the data it was trained on
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["data"]["files"]["cycle.csv"]["bytes"] == data.stat().st_size
+    assert saved["earlier_data"] == [recorded]
+    assert json.loads((out / "report.json").read_text())["earlier_data"] == [recorded]
 
 
 def test_a_relative_data_path_is_recorded_absolute(tmp_path):
