@@ -25,15 +25,18 @@ from spnn_fast.config import STUDENT_MAX_D, ExperimentConfig, num_parameters
 from spnn_fast.data import Dataset, load
 from spnn_fast.distributed import world
 from spnn_fast.evaluation import evaluate
+from spnn_fast.fingerprint import (
+    absolute_dataset,
+    check_same_data,
+    data_fingerprint,
+    is_fingerprint,
+)
 from spnn_fast.model import SPNN
 from spnn_fast.runfolder import (
-    absolute_dataset,
     agree,
-    check_same_data,
     check_same_run,
     check_trainer_state,
     claim,
-    data_fingerprint,
     has_models,
     load_checkpoint,
     model_dir,
@@ -290,7 +293,7 @@ def evaluate_checkpoint(path: str, device: str = "cpu", dataset: Optional[str] =
         raise DamagedFileError(f"{path} names no data set: give --dataset")
     source = absolute_dataset(source)
     recorded = ck.get("data")
-    if recorded is not None and not isinstance(recorded.get("files"), dict):
+    if recorded is not None and not is_fingerprint(recorded):
         raise DamagedFileError(f"{path}: its data fingerprint is damaged; give --dataset and "
                                f"--allow-changed-data to evaluate it anyway")  # fmt: skip
     check_same_data(recorded, data_fingerprint(source), path,

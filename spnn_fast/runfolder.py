@@ -1,8 +1,8 @@
 """The run folder of the main job, and the files in it::
 
     run.lock                      held by the process that runs in the folder (:func:`claim`)
-    run.json                      the configuration and a fingerprint of the data (what --resume
-                                  reads)
+    run.json                      the configuration and a fingerprint of the data
+                                  (:mod:`spnn_fast.fingerprint`; what --resume reads)
     seed<S>/<model>/last.pt       trainer state after the last finished epoch (atomic)
     seed<S>/<model>/best.pt       the selected model (spnn-fast eval reads it)
     seed<S>/<model>/result.json   its metrics, history and timings
@@ -18,16 +18,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import hashlib
 import os
 import time
-from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from spnn_fast._checks import check_device, is_int, is_real
-from spnn_fast._formats import resolve, source_files
 from spnn_fast._io import (
     DamagedFileError,
     atomic_write,
@@ -38,7 +35,7 @@ from spnn_fast._io import (
 from spnn_fast._lock import FolderBusyError, LockFile, describe_holder
 from spnn_fast.config import ExperimentConfig
 from spnn_fast.distributed import world
-from spnn_fast.download import KNOWN_DATASETS, cache_dir
+from spnn_fast.fingerprint import absolute_dataset, is_fingerprint
 from spnn_fast.model import SPNN, SPNNConfig
 
 __all__ = [
@@ -46,13 +43,10 @@ __all__ = [
     "LOCK_NAME",
     "RUN_FORMAT",
     "FolderBusyError",
-    "absolute_dataset",
     "agree",
-    "check_same_data",
     "check_same_run",
     "check_trainer_state",
     "claim",
-    "data_fingerprint",
     "has_models",
     "load_checkpoint",
     "model_dir",
@@ -179,62 +173,6 @@ def claim(run_dir: str, *, wait: bool = False, log: Callable[[str], None] = prin
     lock.release()
 
 
-# ------------------------------------------------------------------------------ the data
-def _is_name(dataset: str) -> bool:
-    # The rule of spnn_fast.data.load: a known name without a path separator is a name.
-    return dataset in KNOWN_DATASETS and os.sep not in dataset and "/" not in dataset
-
-
-def absolute_dataset(dataset: str) -> str:
-    """``dataset`` as a run folder records it: a known name as it is, a path made absolute (so
-    that ``--resume`` and ``eval`` from another directory read the same file)."""
-    return dataset if _is_name(dataset) else os.path.abspath(os.path.expanduser(dataset))
-
-
-def _data_files(dataset: str) -> List[Path]:
-    if _is_name(dataset):
-        return source_files(cache_dir() / dataset / f"{dataset}.inter", "atomic")
-    return source_files(*resolve(Path(dataset).expanduser(), None))
-
-
-def data_fingerprint(dataset: str) -> Dict:
-    """What ``load(dataset)`` reads: ``{"source": absolute path or name, "files": {name:
-    {"bytes": size, "sha256": hex digest}}}`` over the data file and its side files."""
-    files = {}
-    for path in _data_files(dataset):
-        digest, size = hashlib.sha256(), 0
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-                size += len(chunk)
-        files[path.name] = {"bytes": size, "sha256": digest.hexdigest()}
-    return {"source": absolute_dataset(dataset), "files": files}
-
-
-def _describe_data(fp: Dict) -> str:
-    return ", ".join(f"{name} ({f['bytes']:,} bytes, sha256 {f['sha256'][:16]})"
-                     for name, f in sorted(fp["files"].items())) or "no files"  # fmt: skip
-
-
-def check_same_data(recorded: Optional[Dict], current: Dict, what: str, *,
-                    allow_changed: bool = False, log: Callable[[str], None] = print) -> None:  # fmt: skip
-    """ValueError unless ``current`` (a :func:`data_fingerprint`) is the data ``recorded`` for
-    ``what`` (a run folder, a checkpoint); with ``allow_changed`` a warning instead."""
-    if recorded is None:
-        log(f"warning: {what} records no fingerprint of its data (an older spnn_fast wrote it): "
-            f"the data are not checked")  # fmt: skip
-        return
-    if recorded["files"] == current["files"]:
-        return
-    differ = (f"{current['source']} is not the data {what} was trained on: it now holds "
-              f"{_describe_data(current)}; {what} recorded {_describe_data(recorded)}")  # fmt: skip
-    if allow_changed:
-        log(f"warning: {differ}; going on (--allow-changed-data)")
-        return
-    raise ValueError(f"{differ}. Restore those data, or train into another --out, or pass "
-                     f"--allow-changed-data to go on with these")  # fmt: skip
-
-
 # ------------------------------------------------------------------------------ run.json
 def write_run_config(cfg: ExperimentConfig, run_dir: str, data: Optional[Dict] = None,
                      chosen: Optional[Dict] = None,
@@ -287,21 +225,13 @@ def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentCon
                          f"pass --device to go on elsewhere)") from None  # fmt: skip
 
 
-def _fingerprint_ok(data: object) -> bool:
-    files = data.get("files") if isinstance(data, dict) else None
-    return isinstance(files, dict) and all(
-        isinstance(f, dict) and is_int(f.get("bytes"), 0) and isinstance(f.get("sha256"), str)
-        for f in files.values()
-    )
-
-
 def read_run_data(run_dir: str) -> Tuple[Optional[Dict], List[Dict]]:
     """(the data fingerprint in ``run_dir/run.json``, or None for a run that recorded none; the
     fingerprints of data its models were trained on before, oldest first)."""
     path, saved = _read_run(run_dir)
     data, earlier = saved.get("data"), saved.get("earlier_data", [])
-    if (data is not None and not _fingerprint_ok(data)) or not (
-        isinstance(earlier, list) and all(map(_fingerprint_ok, earlier))
+    if (data is not None and not is_fingerprint(data)) or not (
+        isinstance(earlier, list) and all(map(is_fingerprint, earlier))
     ):
         raise DamagedFileError(f"{path}: its data fingerprint is damaged; {_RUN_RECOVER}")
     return data, earlier

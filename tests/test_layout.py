@@ -17,7 +17,7 @@ LAYERS = [
      "reference"},
     {"_ext"},
     {"backends", "_formats", "download", "kernels"},
-    {"ops", "encode", "log"},
+    {"ops", "encode", "log", "fingerprint"},
     {"functional", "protocol", "data"},
     {"nn", "windows"},
     {"model"},
