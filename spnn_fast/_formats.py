@@ -11,7 +11,7 @@ import numpy as np
 
 from spnn_fast._tables import Table, parse_ids, parse_timestamps, read_table
 
-__all__ = ["Raw", "Side", "read_atomic", "read_csv", "read_ml1m", "resolve"]
+__all__ = ["Raw", "Side", "read_atomic", "read_csv", "read_ml1m", "resolve", "source_files"]
 
 _FORMATS = ("atomic", "ml-1m", "csv")
 _COLUMN_NAMES = {
@@ -19,6 +19,8 @@ _COLUMN_NAMES = {
     "item": ("item", "item_id"),
     "timestamp": ("timestamp", "time"),
 }
+# The keyword of load() that names each column.
+_COLUMN_KEYWORDS = {"user": "user_col", "item": "item_col", "timestamp": "time_col"}
 
 
 @dataclass
@@ -47,10 +49,12 @@ def _find_column(table: Table, wanted: Optional[str], role: str, names: Sequence
     for c in candidates:
         if c.lower() in lowered:
             return lowered.index(c.lower())
-    hint = f"{role}_col={wanted!r}" if wanted is not None else f"one of {list(names)}"
+    keyword = _COLUMN_KEYWORDS[role]
+    hint = f"{keyword}={wanted!r}" if wanted is not None else f"one of {list(names)}"
     raise ValueError(
         f"{table.path}: no {role} column ({hint}); the header has {table.header}. "
-        f"Pass {role}_col= to name it"
+        f"Name it with load(..., {keyword}=...), or rename it in the header to one of "
+        f"{list(names)}"
     )
 
 
@@ -100,7 +104,7 @@ def read_atomic(path: Path, user_col, item_col, time_col) -> Raw:
                             (("user_id", "user"), ("item_id", "item"), ("timestamp", "time")))  # fmt: skip
     users, items = parse_ids(table, u, "user"), parse_ids(table, i, "item")
     raw = Raw(path.stem, users, items, parse_timestamps(table, t))
-    item_path, user_path = path.with_suffix(".item"), path.with_suffix(".user")
+    item_path, user_path = _side_paths(path, "atomic")
     if item_path.is_file():
         raw.item_side = _read_atomic_side(item_path, table.header[i])
     if user_path.is_file():
@@ -117,7 +121,7 @@ def read_ml1m(path: Path) -> Raw:
         parse_ids(table, 1, "item"),
         parse_timestamps(table, 3),
     )
-    movies, users = path.parent / "movies.dat", path.parent / "users.dat"
+    movies, users = _side_paths(path, "ml-1m")
     if movies.is_file():
         t = read_table(movies, "::", ["item", "title", "genre"])
         raw.item_side = Side(t, 0, {"genre": ("token_seq", 2, "|")}, ("genre",))
@@ -143,6 +147,22 @@ def read_csv(path: Path, delimiter: Optional[str], user_col, item_col, time_col)
         parse_ids(table, i, "item"),
         parse_timestamps(table, t),
     )
+
+
+def _side_paths(file: Path, fmt: str) -> Tuple[Optional[Path], Optional[Path]]:
+    """(item side file, user side file) that a file of format ``fmt`` is read with, when
+    present."""
+    if fmt == "atomic":
+        return file.with_suffix(".item"), file.with_suffix(".user")
+    if fmt == "ml-1m":
+        return file.parent / "movies.dat", file.parent / "users.dat"
+    return None, None
+
+
+def source_files(file: Path, fmt: str) -> List[Path]:
+    """Every file :func:`spnn_fast.data.load` reads for ``file`` of format ``fmt``: the file
+    and the side files beside it that exist."""
+    return [file] + [p for p in _side_paths(file, fmt) if p is not None and p.is_file()]
 
 
 def resolve(path: Path, fmt: Optional[str]) -> Tuple[Path, str]:

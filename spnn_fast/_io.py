@@ -15,24 +15,38 @@ def atomic_write(
 ) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
 
-    A failure (or an interrupt) removes the temporary file and leaves ``path`` as it was.
+    A failure (or an interrupt) removes the temporary file and leaves ``path`` as it was; an
+    OSError (a full disk, a folder without write permission) is raised naming ``path``. The
+    data reach the disk (fsync) before the rename, so a crash leaves the old file or the new one.
     """
     folder, name = os.path.split(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
         with os.fdopen(fd, "w" if text else "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, f"cannot write {os.fspath(path)}: {e.strerror}") from None
         raise
 
 
 class DamagedFileError(ValueError):
     """A file the package wrote earlier cannot be read back (the message names it, says what
     is wrong with it and how to recover)."""
+
+
+def _empty(path) -> str:
+    try:
+        return "it is empty" if os.path.getsize(path) == 0 else ""
+    except OSError:
+        return ""
 
 
 def load_checkpoint_file(
@@ -46,11 +60,11 @@ def load_checkpoint_file(
     hint = f"; {recover}" if recover else ""
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # not a damaged file: one that cannot be opened
     except Exception as e:  # torch raises many types for a damaged file
-        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise DamagedFileError(f"{path} is damaged ({type(e).__name__}: {why}){hint}") from None
+        why = _empty(path) or f"it is truncated or not a checkpoint ({type(e).__name__})"
+        raise DamagedFileError(f"{path} is damaged: {why}{hint}") from None
     if not isinstance(obj, dict):
         raise DamagedFileError(f"{path} does not hold an spnn_fast checkpoint{hint}")
     missing = [k for k in keys if k not in obj]
@@ -70,7 +84,8 @@ def read_json(path: Union[str, os.PathLike], keys: Sequence[str] = (), recover: 
     except FileNotFoundError:
         raise
     except (ValueError, UnicodeDecodeError) as e:
-        raise DamagedFileError(f"{path} is not valid JSON ({e}){hint}") from None
+        why = _empty(path) or f"it is not valid JSON ({e})"
+        raise DamagedFileError(f"{path} is damaged: {why}{hint}") from None
     if not isinstance(obj, dict):
         raise DamagedFileError(f"{path} does not hold a JSON object{hint}")
     missing = [k for k in keys if k not in obj]

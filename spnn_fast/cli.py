@@ -3,7 +3,10 @@
 
 Also runs as ``python -m spnn_fast ...`` and under ``torchrun --nproc_per_node=N -m spnn_fast
 train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA). The flags of ``train`` are
-the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it.
+the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it; the others
+(``--out``, ``--resume``, ``--wait``, ``--allow-changed-data``, ...) say how to run, and are not
+saved. An error a user can act on (a setting, the data, a damaged or busy run folder, the file
+system) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import gc
 import json
 import logging
@@ -22,7 +26,7 @@ from typing import Dict, List, Optional
 __all__ = ["main"]
 
 # Flags of the train command that are not settings of the run (never saved in run.json).
-_RUN_OPTIONS = ("out", "resume", "threads", "dist_timeout")
+_RUN_OPTIONS = ("out", "resume", "threads", "dist_timeout", "wait", "allow_changed_data")
 
 
 _METAVARS = {int: "N", float: "X", str: "NAME"}
@@ -75,8 +79,17 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a rank waits for the others before failing")  # fmt: skip
+    p.add_argument("--wait", action="store_true",
+                   help="when another process owns the run folder, wait for it instead of "
+                        "failing")  # fmt: skip
+    _add_data_check_flag(p, "go on with a run folder whose data (its recorded fingerprint) "
+                         "have changed; the report then mixes models trained on both")  # fmt: skip
     _add_config_flags(p.add_argument_group("settings of the run (saved in run.json)"))
     return p
+
+
+def _add_data_check_flag(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--allow-changed-data", action="store_true", help=help)
 
 
 def _settings(args) -> Dict[str, object]:
@@ -135,7 +148,7 @@ def _cmd_train(args) -> int:
     fix_threads(args.threads)
     cfg, out = _run_config(args)
     distributed = _init_distributed(cfg.device, args.dist_timeout)
-    log = print
+    log = lambda *a, **k: print(*a, **k, flush=True)  # noqa: E731  (seen at once through a pipe)
     if distributed:
         import torch.distributed as dist
 
@@ -144,7 +157,8 @@ def _cmd_train(args) -> int:
         if dist.get_rank() != 0:
             log = lambda *a, **k: None  # noqa: E731
     try:
-        report = run(cfg, out, log=log)
+        report = run(cfg, out, log=log, wait=args.wait,
+                     allow_changed_data=args.allow_changed_data)  # fmt: skip
         log(markdown(report))
         log(f"report: {os.path.join(out, 'report.md')}")
         if distributed:
@@ -162,7 +176,9 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from spnn_fast.experiment import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.device, args.dataset)
+    metrics = evaluate_checkpoint(args.checkpoint, args.device, args.dataset,
+                                  allow_changed_data=args.allow_changed_data,
+                                  log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -191,6 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pe.add_argument("--device", default="cpu")
     pe.add_argument("--dataset", default=None, help="override the data set stored in it")
     pe.add_argument("--json", action="store_true")
+    _add_data_check_flag(pe, "evaluate on data whose fingerprint differs from the one the "
+                         "checkpoint records")  # fmt: skip
     sub.add_parser("info", help="print what runs here (backends)")
     from spnn_fast import recommend
 
@@ -202,9 +220,30 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "recommend": recommend.main}  # fmt: skip
     try:
         return commands[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"spnn-fast: error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        print(f"spnn-fast: error: {_message(e, args)}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple:
+    """What a command reports in one line, without a traceback: bad settings and data, damaged
+    files, a busy run folder, what cannot run here, and the file system's errors."""
+    from spnn_fast._lock import FolderBusyError
+    from spnn_fast.backends import BackendUnavailableError
+    from spnn_fast.download import DatasetUnavailableError
+
+    return (ValueError, TypeError, OSError, FolderBusyError, BackendUnavailableError,
+            DatasetUnavailableError)  # fmt: skip
+
+
+def _message(e: BaseException, args) -> str:
+    if not isinstance(e, OSError) or not e.strerror:
+        return str(e)
+    text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    folder = getattr(args, "resume", None) or getattr(args, "out", None)
+    if e.errno == errno.ENOSPC and args.command == "train" and folder:
+        text += f"; free some space, then go on with --resume {folder} (finished models are kept)"
+    return text
 
 
 if __name__ == "__main__":

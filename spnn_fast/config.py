@@ -15,21 +15,39 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from spnn_fast import backends, limits
 from spnn_fast._checks import check_device, is_int, is_real
-from spnn_fast.model import SPNNConfig
+from spnn_fast.model import SPNN, SPNNConfig
 
 __all__ = [
+    "MAX_LAYERS",
+    "MAX_LEN",
+    "MAX_WIDTH",
+    "MODEL_BACKENDS",
     "SCHEDULES",
+    "STUDENT_MAX_D",
     "TEACHER_INPUTS",
     "ExperimentConfig",
     "TrainConfig",
     "check_window_stride",
+    "num_parameters",
 ]
 
 SCHEDULES = ("constant", "cosine")
 # What a distilled student's teacher reads: its whole window ("full", privileged) or the
 # student's own, possibly cut, input ("cut": plain distillation).
 TEACHER_INPUTS = ("full", "cut")
+# Bounds of the main job's model shapes, so that a slip of the finger (--max-len 100000000) is
+# refused before anything is written instead of allocating a position table of gigabytes: a
+# window of L events holds L x L attention scores per head and sequence (64 MiB at L = MAX_LEN).
+MAX_LEN = 4096
+MAX_WIDTH = 4096  # d_model of a model
+MAX_LAYERS = 64
+# The students' width when student_d is None: the width the main job was tuned at on ml-100k,
+# or the largest multiple of student_heads below it that keeps the 1/4 rule on a larger catalogue.
+STUDENT_MAX_D = 24
+# The backends of the model's ops (attention and losses): they have no C++ implementation.
+MODEL_BACKENDS = tuple(b for b in backends.BACKENDS if b != "cpp")
 
 
 def check_window_stride(stride) -> None:
@@ -159,7 +177,10 @@ class ExperimentConfig:
     teacher_d: int = setting(_S.d_model, "the teacher's width")
     teacher_layers: int = setting(_S.n_layers, "the teacher's semantic perception layers")
     teacher_heads: int = setting(_S.n_heads, "the teacher's attention heads")
-    student_d: int = setting(24, "the students' width")
+    student_d: Optional[int] = setting(
+        None, f"the students' width (None: the largest multiple of student_heads <= "
+        f"{STUDENT_MAX_D} that keeps a student at most 1/4 of the teacher's parameters on the "
+        f"data; the report names it)")  # fmt: skip
     student_layers: int = setting(1, "the students' layers")
     student_heads: int = setting(1, "the students' attention heads")
     dropout: float = setting(0.2, "the students' dropout (and the teacher's when "
@@ -224,8 +245,72 @@ class ExperimentConfig:
                 f"teacher_max_len={m!r} must be None (= max_len) or an integer >= max_len "
                 f"({self.max_len}): the teacher reads at least the student's window"
             )
+        self._check_shapes()
+        b = self.backend
+        if b is not None and (not isinstance(b, str) or b.lower() not in MODEL_BACKENDS):
+            raise ValueError(
+                f"backend={b!r} must be None or one of {', '.join(MODEL_BACKENDS)} (attention "
+                f"and the losses have no other implementation)"
+            )
         check_device(self.device)
         self.train_configs()  # every TrainConfig check (rates, distillation weights, windows)
+
+    def _check_shapes(self) -> None:
+        """The models' shapes, each against its rule and its bound (this module's MAX_*)."""
+        window = f"an integer in [1, {MAX_LEN}] (the bound spnn_fast.config.MAX_LEN)"
+        width = f"an integer in [1, {MAX_WIDTH}] (the bound spnn_fast.config.MAX_WIDTH)"
+        layers = f"an integer in [1, {MAX_LAYERS}] (the bound spnn_fast.config.MAX_LAYERS)"
+        bounded = {  # name: (bound, rule); None accepted where the field says so
+            "max_len": (MAX_LEN, window), "teacher_max_len": (MAX_LEN, window),
+            "teacher_d": (MAX_WIDTH, width), "student_d": (MAX_WIDTH, width),
+            "teacher_layers": (MAX_LAYERS, layers), "student_layers": (MAX_LAYERS, layers),
+            "teacher_heads": (math.inf, "an integer >= 1"),
+            "student_heads": (math.inf, "an integer >= 1"),
+        }  # fmt: skip
+        for name, (bound, rule) in bounded.items():
+            v = getattr(self, name)
+            if v is None and name in ("teacher_max_len", "student_d"):
+                continue
+            if not is_int(v, 1) or v > bound:
+                none = "None or " if name in ("teacher_max_len", "student_d") else ""
+                raise ValueError(f"{name}={v!r} must be {none}{rule}")
+        for who in ("teacher", "student"):
+            d, heads = getattr(self, f"{who}_d"), getattr(self, f"{who}_heads")
+            if d is not None and d % heads:
+                raise ValueError(
+                    f"{who}_d={d} must be a multiple of {who}_heads={heads}: each head takes "
+                    f"{who}_d / {who}_heads dims"
+                )
+        if self.student_d is None and self.student_heads > STUDENT_MAX_D:
+            raise ValueError(
+                f"student_heads={self.student_heads} leaves no default student width (a "
+                f"multiple of student_heads <= {STUDENT_MAX_D}): give student_d"
+            )
+
+    def check_backend(self) -> None:
+        """ValueError unless the models' attention and losses can run here with ``backend`` on
+        ``device`` (None: ``$SPNN_FAST_BACKEND``, else auto): the check the first training step
+        would make, made before anything is written."""
+        try:
+            backends.select("attention and losses", self.backend, ("triton", "torch"),
+                            self.device)  # fmt: skip
+        except backends.BackendUnavailableError as e:
+            raise ValueError(f"backend={self.backend!r} on device={self.device!r}: {e}") from None
+        if not isinstance(self.backend, str) or self.backend.lower() != "triton":
+            return  # auto falls back to torch where a kernel cannot take a shape
+        widths = {"teacher": self.teacher_d, "student": self.student_d or STUDENT_MAX_D}
+        for who, d in widths.items():
+            head = d // getattr(self, f"{who}_heads")
+            if head > limits.ATTN_HEAD_DIMS[-1]:
+                raise ValueError(
+                    f"backend='triton': the {who}'s heads are {head} wide, the attention kernels "
+                    f"take at most {limits.ATTN_HEAD_DIMS[-1]}; use more heads or backend=auto"
+                )
+            if d > limits.DISTILL_MAX_DIM:
+                raise ValueError(
+                    f"backend='triton': {who}_d={d} is wider than the distillation kernels take "
+                    f"({limits.DISTILL_MAX_DIM}); use backend=auto"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -263,8 +348,31 @@ class ExperimentConfig:
                                       teacher_cache_mb=self.teacher_cache_mb),
         }  # fmt: skip
 
+    def for_data(self, ds) -> ExperimentConfig:
+        """This configuration with ``student_d`` chosen for the data set ``ds`` where it is None:
+        the largest multiple of ``student_heads`` up to :data:`STUDENT_MAX_D` whose student has
+        at most 1/4 of the teacher's parameters there (the item embeddings count, and their share
+        grows with the catalogue: on ml-100k the width is 24, on MovieLens-1M's 3,706 items it is
+        smaller). The one place the width is chosen."""
+        if self.student_d is not None:
+            return self
+        teacher = num_parameters(self._model_configs(ds, self.student_heads)["teacher"], ds)
+        heads = self.student_heads
+        for d in range(STUDENT_MAX_D - STUDENT_MAX_D % heads, 0, -heads):
+            if 4 * num_parameters(self._model_configs(ds, d)["student"], ds) <= teacher:
+                return dataclasses.replace(self, student_d=d)
+        raise ValueError(
+            f"no student width <= {STUDENT_MAX_D} (a multiple of student_heads={heads}) keeps the "
+            f"student at most 1/4 of the teacher's {teacher:,} parameters on {ds.name}: widen "
+            f"the teacher (teacher_d, teacher_layers) or give student_d and fewer student_layers"
+        )
+
     def model_configs(self, ds) -> Dict[str, SPNNConfig]:
-        """The :class:`SPNNConfig` of each model on the data set ``ds``."""
+        """The :class:`SPNNConfig` of each model on the data set ``ds`` (``student_d`` chosen by
+        :meth:`for_data` where it is None)."""
+        return self._model_configs(ds, self.for_data(ds).student_d)
+
+    def _model_configs(self, ds, student_d: int) -> Dict[str, SPNNConfig]:
         cfg = self.spelled_out()
         side = cfg.use_side_features
         item_vocab = {n: ds.feature_vocab[n] for n in ds.item_features} if side else {}
@@ -275,7 +383,24 @@ class ExperimentConfig:
                              max_len=cfg.teacher_max_len, n_heads=cfg.teacher_heads,
                              dropout=cfg.teacher_dropout,
                              detector_layers=[f"layers.{cfg.teacher_layers - 1}"], **common)  # fmt: skip
-        student = SPNNConfig(d_model=cfg.student_d, n_layers=cfg.student_layers,
+        student = SPNNConfig(d_model=student_d, n_layers=cfg.student_layers,
                              max_len=cfg.max_len, n_heads=cfg.student_heads, dropout=cfg.dropout,
                              **common)  # fmt: skip
         return {"teacher": teacher, "student": student, "student_kd": student}
+
+
+def num_parameters(mcfg: SPNNConfig, ds) -> int:
+    """The parameters of an SPNN of shape ``mcfg`` on the data set ``ds``, counted without
+    building its item table: a model's parameters are affine in the catalogue's size (one
+    embedding row per item), so two models of 1 and 2 items give the count for any size."""
+    V = mcfg.num_items
+    if V <= 2:
+        return SPNN(mcfg, ds.item_features, ds.user_features).num_parameters()
+
+    def count(items: int) -> int:
+        tables = {n: t[: items + 1] for n, t in ds.item_features.items()}
+        shape = dataclasses.replace(mcfg, num_items=items)
+        return SPNN(shape, tables, ds.user_features).num_parameters()
+
+    one, two = count(1), count(2)
+    return one + (V - 1) * (two - one)

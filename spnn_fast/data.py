@@ -300,6 +300,18 @@ def _build(raw: Raw, min_events: int, item_fields: Fields, user_fields: Fields) 
         )
     if not keep.any():
         raise ValueError(f"{raw.name}: no user has at least min_events={min_events} events")
+    # Leave-one-out keeps a user's last two events for validation and test; the next-item
+    # targets of training are the events in between, of which a user with 3 events has none.
+    untrained = int(((counts >= min_events) & (counts <= 3)).sum())
+    if untrained:
+        logger.warning(
+            "%s: %d of %d users have 3 or fewer events, so no training target: leave-one-out "
+            "keeps their last two events for validation and test (they are evaluated, never "
+            "trained on; min_events=4 drops them)",
+            raw.name,
+            untrained,
+            len(counts) - dropped,
+        )
     log = InteractionLog(raw.users[keep], raw.items[keep], raw.timestamps[keep])
     item_feats, item_vocab, item_labels = _features(
         raw.item_side, item_fields, "item", log.item_ids, 1

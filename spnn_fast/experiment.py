@@ -10,34 +10,50 @@ in :mod:`spnn_fast.runfolder`.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
+import shutil
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from spnn_fast.config import ExperimentConfig
+from spnn_fast._io import DamagedFileError
+from spnn_fast.config import STUDENT_MAX_D, ExperimentConfig, num_parameters
 from spnn_fast.data import Dataset, load
 from spnn_fast.distributed import world
 from spnn_fast.evaluation import evaluate
+from spnn_fast.fingerprint import (
+    absolute_dataset,
+    check_same_data,
+    data_fingerprint,
+    is_fingerprint,
+)
 from spnn_fast.model import SPNN
 from spnn_fast.runfolder import (
+    agree,
     check_same_run,
+    check_trainer_state,
+    claim,
+    has_models,
     load_checkpoint,
     model_dir,
     read_result,
+    read_run_data,
     save_checkpoint,
     write_json,
     write_run_config,
 )
-from spnn_fast.train import Trainer
+from spnn_fast.train import _STATE_KEYS, Trainer
 
 __all__ = [
     "METRICS",
     "MODELS",
     "REPORT_SPLITS",
     "build_report",
+    "check_sizes",
     "evaluate_checkpoint",
     "run",
     "seed_model",
@@ -46,6 +62,7 @@ __all__ = [
 MODELS = ("teacher", "student", "student_kd")
 REPORT_SPLITS = {"all": "test", "cold@3": "cold@3", "cold@5": "cold@5", "cold@10": "cold@10"}
 METRICS = tuple(f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in (5, 10, 20))
+_GIB = float(1 << 30)
 
 
 def seed_model(seed: int, name: str) -> None:
@@ -56,67 +73,159 @@ def seed_model(seed: int, name: str) -> None:
     torch.manual_seed(seed * 1000 + MODELS.index(name))
 
 
-def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, log) -> Dict:
+def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, data, log) -> Dict:
     out_dir = model_dir(run_dir, seed, name)
     result_path = os.path.join(out_dir, "result.json")
     if os.path.exists(result_path):
         log(f"[seed {seed}] {name}: already done, reusing its result")
-        return read_result(result_path)
+        return read_result(result_path, tuple(REPORT_SPLITS.values()), METRICS)
     seed_model(seed, name)
     model = SPNN(mcfg, ds.item_features, ds.user_features)
     trainer = Trainer(model, ds, tcfg, teacher=teacher, seed=seed, device=cfg.device,
                       progress=True, desc=f"[seed {seed}] {name}")  # fmt: skip
+    last = os.path.join(out_dir, "last.pt")
+    if os.path.exists(last):
+        check_trainer_state(last, _STATE_KEYS, trainer.objective, trainer.optimizer, seed)
     result = trainer.fit(out_dir, log=log)
     rank, size = world()
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         save_checkpoint(model, os.path.join(out_dir, "best.pt"), name=name, seed=seed,
-                        dataset=cfg.dataset)  # fmt: skip
+                        dataset=cfg.dataset, data=data)  # fmt: skip
         write_json(result, result_path)
     if size > 1:  # the other ranks read best.pt next (the teacher of student_kd)
         torch.distributed.barrier()
     return result
 
 
-def check_sizes(cfg: ExperimentConfig, ds: Dataset) -> None:
-    """ValueError unless the student has at most 1/4 of the teacher's parameters on ``ds``."""
+def check_sizes(cfg: ExperimentConfig, ds: Dataset) -> Dict[str, int]:
+    """The parameters of each model on ``ds``; ValueError unless the student has at most 1/4 of
+    the teacher's."""
     mcfgs = cfg.model_configs(ds)
-    sizes = {n: SPNN(mcfgs[n], ds.item_features, ds.user_features).num_parameters()
-             for n in ("teacher", "student")}  # student_kd shares the student's shape  # fmt: skip
+    sizes = {n: num_parameters(m, ds) for n, m in mcfgs.items()}
     if sizes["student"] * 4 > sizes["teacher"]:
         raise ValueError(
             f"the student has {sizes['student']:,} parameters, more than 1/4 of the teacher's "
             f"{sizes['teacher']:,}: lower student_d / student_layers or widen the teacher"
         )
+    return sizes
 
 
-def run(cfg: ExperimentConfig, run_dir: str, *, log=print) -> Dict:
-    """Run (or resume) the whole pipeline into ``run_dir`` and write the report there."""
-    rank, _ = world()
-    check_same_run(cfg, run_dir)
-    t0 = time.perf_counter()
+def _device_memory(device: str) -> Optional[int]:
+    """Bytes of memory of ``device`` (None where it cannot be told)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(cfg: ExperimentConfig, ds: Dataset, sizes: Dict[str, int]) -> None:
+    """ValueError when a model cannot fit in the device's memory: what it needs at the least
+    (its parameters with their gradients and AdamW's two moments, and one layer's attention
+    probabilities per layer for a batch, kept for the backward pass) exceeds all of it."""
+    total = _device_memory(cfg.device)
+    if total is None:
+        return
+    batch = -(-cfg.batch_size // world()[1])  # windows per rank
+    for name, m in cfg.model_configs(ds).items():
+        scores = batch * m.n_heads * m.max_len**2 * m.n_layers
+        need = 4 * (4 * sizes[name] + scores)
+        if need > total:
+            raise ValueError(
+                f"the {name} needs at least {need / _GIB:.1f} GiB on {cfg.device} (4 copies of "
+                f"its {sizes[name]:,} parameters, and {batch} windows x {m.n_heads} heads x "
+                f"{m.max_len}^2 attention scores x {m.n_layers} layers), more than its "
+                f"{total / _GIB:.1f} GiB: lower batch_size, max_len or the model's size"
+            )
+
+
+def check_free_space(cfg: ExperimentConfig, sizes: Dict[str, int], run_dir: str) -> None:
+    """OSError (ENOSPC) when ``run_dir``'s disk lacks the room for the checkpoints the run has
+    still to write: per model a best.pt (its parameters) and a last.pt (parameters, AdamW's
+    moments and the best state), plus a temporary copy while a file is replaced."""
+    todo = [sizes[n] for seed in range(cfg.seeds) for n in MODELS
+            if not os.path.exists(os.path.join(model_dir(run_dir, seed, n), "result.json"))]  # fmt: skip
+    if not todo:
+        return
+    need = sum(4 * 5 * p for p in todo) + 4 * 4 * max(todo)
+    free = shutil.disk_usage(run_dir).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"the run writes about {need / 2**20:,.1f} MiB of "
+                      f"checkpoints into {run_dir}, whose disk has {free / 2**20:,.1f} MiB free")  # fmt: skip
+
+
+def _prepare(cfg: ExperimentConfig, run_dir: str, allow_changed_data: bool,
+             log: Callable) -> Tuple[Dataset, Dict, ExperimentConfig, Dict]:  # fmt: skip
+    """The checks of a run that need its data, in the claimed folder, before run.json is
+    written: (data set, its fingerprint, the config with its sizes chosen, the run.json
+    extras)."""
     ds = load(cfg.dataset)
     log(f"data: {ds}")
-    check_sizes(cfg, ds)
-    mcfgs, tcfgs = cfg.model_configs(ds), cfg.train_configs()
-    os.makedirs(run_dir, exist_ok=True)
-    if rank == 0:
-        write_run_config(cfg, run_dir)
-    results: Dict[str, List[Dict]] = {m: [] for m in MODELS}
-    for seed in range(cfg.seeds):
-        teacher = None
-        for name in MODELS:
-            res = _train_one(name, seed, ds, cfg, mcfgs[name], tcfgs[name], run_dir,
-                             teacher if name == "student_kd" else None, log)  # fmt: skip
-            results[name].append(res)
-            if name == "teacher":
-                path = os.path.join(model_dir(run_dir, seed, name), "best.pt")
-                teacher, _ = load_checkpoint(path, cfg.device)
-    report = build_report(cfg, ds, results, time.perf_counter() - t0)
-    if rank == 0:
-        from spnn_fast.report import write_report
+    data = data_fingerprint(cfg.dataset)
+    sized = cfg.for_data(ds)
+    chosen = {}
+    if cfg.student_d is None:
+        chosen["student_d"] = sized.student_d
+        log(f"student_d: {sized.student_d} (the largest multiple of student_heads <= "
+            f"{STUDENT_MAX_D} that keeps a student at most 1/4 of the teacher on these data)")  # fmt: skip
+    sizes = check_sizes(sized, ds)
+    check_memory(sized, ds, sizes)
+    extras = {"data": data, "chosen": chosen or None}
+    # A folder whose run.json no model was trained under yet takes the new settings: a run that
+    # failed at its first step can be corrected in place.
+    if has_models(run_dir) and os.path.exists(os.path.join(run_dir, "run.json")):
+        check_same_run(cfg, run_dir, ds)
+        before, earlier = read_run_data(run_dir)
+        check_same_data(before, data, run_dir, allow_changed=allow_changed_data, log=log)
+        if before is not None and before["files"] != data["files"]:  # allowed: keep a trace
+            earlier = [*earlier, before]
+        extras["earlier_data"] = earlier
+    elif has_models(run_dir):
+        log(f"warning: {run_dir} holds models but no run.json: they are reused unchecked")
+    if world()[0] == 0:
+        check_free_space(sized, sizes, run_dir)
+    return ds, data, sized, extras
 
-        write_report(report, run_dir)
+
+def run(cfg: ExperimentConfig, run_dir: str, *, log=print, wait: bool = False,
+        allow_changed_data: bool = False) -> Dict:  # fmt: skip
+    """Run (or resume) the whole pipeline into ``run_dir`` and write the report there.
+
+    Every setting is checked before ``run.json`` is written: the backend against the device, the
+    folder claimed for this process (:func:`~spnn_fast.runfolder.claim`; ``wait``: wait for
+    another process that owns it), the data read and fingerprinted, the student's width chosen
+    where it is None, the sizes against the 1/4 rule, the device's memory and the disk, and a
+    folder that holds models of other settings, or of other data (unless
+    ``allow_changed_data``), refused. A path of data is recorded absolute.
+    """
+    agree(cfg.check_backend)
+    cfg = dataclasses.replace(cfg, dataset=absolute_dataset(cfg.dataset))
+    rank, _ = world()
+    with claim(run_dir, wait=wait, log=log):
+        t0 = time.perf_counter()
+        ds, data, sized, extras = agree(lambda: _prepare(cfg, run_dir, allow_changed_data, log))
+        if rank == 0:
+            write_run_config(cfg, run_dir, **extras)
+        mcfgs, tcfgs = sized.model_configs(ds), sized.train_configs()
+        results: Dict[str, List[Dict]] = {m: [] for m in MODELS}
+        for seed in range(cfg.seeds):
+            teacher = None
+            for name in MODELS:
+                res = _train_one(name, seed, ds, cfg, mcfgs[name], tcfgs[name], run_dir,
+                                 teacher if name == "student_kd" else None, data, log)  # fmt: skip
+                results[name].append(res)
+                if name == "teacher":
+                    path = os.path.join(model_dir(run_dir, seed, name), "best.pt")
+                    teacher, _ = load_checkpoint(path, cfg.device)
+        report = build_report(cfg, ds, results, time.perf_counter() - t0)
+        report["chosen"], report["data"] = extras["chosen"] or {}, data
+        report["earlier_data"] = extras.get("earlier_data") or []
+        if rank == 0:
+            from spnn_fast.report import write_report
+
+            write_report(report, run_dir)
     return report
 
 
@@ -171,12 +280,25 @@ def build_report(cfg: ExperimentConfig, ds: Dataset, results: Dict[str, List[Dic
     }
 
 
-def evaluate_checkpoint(path: str, device: str = "cpu", dataset: Optional[str] = None) -> Dict:
-    """Metrics of a saved model on every split of its dataset."""
+def evaluate_checkpoint(path: str, device: str = "cpu", dataset: Optional[str] = None, *,
+                        allow_changed_data: bool = False, log=print) -> Dict:  # fmt: skip
+    """Metrics of a saved model on every split of its data set (``dataset``: another path to
+    them). Data whose fingerprint differs from the one the checkpoint records are refused,
+    naming both, unless ``allow_changed_data``."""
     from spnn_fast.protocol import eval_sets
 
     model, ck = load_checkpoint(path, device)
-    ds = load(dataset or ck["dataset"])
+    source = dataset or ck.get("dataset")
+    if not isinstance(source, str):
+        raise DamagedFileError(f"{path} names no data set: give --dataset")
+    source = absolute_dataset(source)
+    recorded = ck.get("data")
+    if recorded is not None and not is_fingerprint(recorded):
+        raise DamagedFileError(f"{path}: its data fingerprint is damaged; give --dataset and "
+                               f"--allow-changed-data to evaluate it anyway")  # fmt: skip
+    check_same_data(recorded, data_fingerprint(source), path,
+                    allow_changed=allow_changed_data, log=log)  # fmt: skip
+    ds = load(source)
     if ds.log.num_items != model.config.num_items:
         raise ValueError(
             f"{path} scores {model.config.num_items} items, the dataset has {ds.log.num_items}"

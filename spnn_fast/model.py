@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from spnn_fast._checks import is_int, is_real
 from spnn_fast.limits import MAX_TIME_BUCKETS
 from spnn_fast.nn import KnowledgeDetector, SemanticAttention
 
@@ -61,18 +62,30 @@ class SPNNConfig:
     backend: Optional[str] = None
 
     def __post_init__(self) -> None:
-        checks = {
-            "num_items": self.num_items >= 1,
-            "max_len": self.max_len >= 1,
-            "d_model": self.d_model >= 1 and self.d_model % max(self.n_heads, 1) == 0,
-            "n_heads": self.n_heads >= 1,
-            "n_layers": self.n_layers >= 1,
-            "dropout": 0.0 <= self.dropout < 1.0,
-            "num_time_buckets": 1 <= self.num_time_buckets <= MAX_TIME_BUCKETS,
+        heads_ok = is_int(self.n_heads, 1)
+        checks = {  # name: (holds, the rule)
+            "num_items": (is_int(self.num_items, 1), "an integer >= 1"),
+            "max_len": (is_int(self.max_len, 1), "an integer >= 1"),
+            "n_heads": (heads_ok, "an integer >= 1"),
+            "d_model": (
+                is_int(self.d_model, 1) and (not heads_ok or self.d_model % self.n_heads == 0),
+                f"an integer >= 1 and a multiple of n_heads={self.n_heads!r} (each head "
+                f"takes d_model / n_heads dims)",
+            ),
+            "n_layers": (is_int(self.n_layers, 1), "an integer >= 1"),
+            "d_ff": (
+                self.d_ff is None or is_int(self.d_ff, 1),
+                "None (4 * d_model) or an integer >= 1",
+            ),  # fmt: skip
+            "dropout": (is_real(self.dropout, 0.0) and self.dropout < 1.0, "a number in [0, 1)"),
+            "num_time_buckets": (
+                is_int(self.num_time_buckets, 1) and self.num_time_buckets <= MAX_TIME_BUCKETS,
+                f"an integer in [1, {MAX_TIME_BUCKETS}] (the kernels' time-bias table)",
+            ),
         }
-        for name, ok in checks.items():
+        for name, (ok, rule) in checks.items():
             if not ok:
-                raise ValueError(f"SPNNConfig.{name}={getattr(self, name)!r} is invalid")
+                raise ValueError(f"SPNNConfig.{name}={getattr(self, name)!r} must be {rule}")
         self.detector_layers = list(self.detector_layers)
         for layer in self.detector_layers:
             if layer not in self.layer_names():

@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import spnn_fast modules of lower layers only; the package's
 # __init__ and __main__ sit above all.
 LAYERS = [
-    {"_C", "limits", "_checks", "_io", "_threads", "_tables", "distributed", "metrics"},
+    {"_C", "limits", "_checks", "_io", "_lock", "_threads", "_tables", "distributed", "metrics"},
     {"_ext", "reference"},
     {"backends", "_formats", "download", "kernels"},
-    {"ops", "encode", "log"},
+    {"ops", "encode", "log", "fingerprint"},
     {"functional", "protocol", "data"},
     {"nn", "windows"},
     {"model"},
