@@ -1,12 +1,15 @@
 """Semantic attention: the fused op against eager math, SDPA and FlexAttention, in one run.
 
 Every configuration has a padding mask (right padding, lengths uniform in [L/4, L]), causal
-masking and the time bias (NB = 32, timestamps with gaps from 0 to 1e9 s). Implementations:
+masking and, but in the ``no_bias`` groups, the time bias (NB = 32, timestamps with gaps from 0
+to 1e9 s). Implementations:
 
 * ``spnn_fast[triton]`` - the fused kernels (CUDA only: the interpreter is not a benchmark)
 * ``spnn_fast[torch]``  - the PyTorch path (chunked recomputation)
 * ``eager``             - ``semantic_attention_math``: full [B, H, L, L] scores, autograd
 * ``sdpa``              - ``scaled_dot_product_attention`` with mask + bias as one float mask
+* ``sdpa_bool``         - without the bias (the ``no_bias`` groups): SDPA with the padding and
+                          causality as one boolean mask, against the op without a time bias
 * ``flex``              - compiled FlexAttention, bias as ``score_mod``; its block mask is built
                           outside the timed region (favouring it); no CPU backward in torch
 
@@ -33,6 +36,7 @@ from spnn_fast.reference.attention import (
     semantic_attention_flex,
     semantic_attention_math,
     semantic_attention_sdpa,
+    semantic_attention_sdpa_bool,
 )
 
 DEV = _common.device()
@@ -49,7 +53,11 @@ else:
     CONFIGS = [
         (B, H, L, D) for (B, H) in [(256, 2), (1024, 4)] for L in [50, 200] for D in [32, 64]
     ]
-IMPLS = ["spnn_fast[triton]", "spnn_fast[torch]", "eager", "sdpa", "flex"]
+IMPLS = ["spnn_fast[triton]", "spnn_fast[torch]", "eager", "sdpa", "flex", "sdpa_bool"]
+BIAS_IMPLS = {
+    "time_bias": IMPLS[:-1],
+    "no_bias": ["spnn_fast[triton]", "spnn_fast[torch]", "sdpa_bool"],
+}
 MODES = ["fwd", "fwd+bwd"]
 
 
@@ -73,8 +81,10 @@ def _inputs(cfg):
     return dict(q=q, k=k, v=v, key_mask=mask, timestamps=ts, time_bias=tb)
 
 
-def _skip_reason(impl: str, mode: str, cfg) -> str | None:
+def _skip_reason(impl: str, mode: str, cfg, bias: str = "time_bias") -> str | None:
     B, H, L, D = cfg
+    if impl not in BIAS_IMPLS[bias]:
+        return f"{impl} is not compared in the {bias} groups"
     if impl == "spnn_fast[triton]" and not CUDA:
         return "Triton kernels are benchmarked on CUDA only (on the CPU they run interpreted)"
     if impl == "flex":
@@ -92,6 +102,8 @@ def _callable(impl: str, inputs: dict):
     if impl.startswith("spnn_fast["):
         backend = impl[len("spnn_fast[") : -1]
         return lambda **kw: semantic_attention(**kw, causal=True, backend=backend)
+    if impl == "sdpa_bool":
+        return lambda q, k, v, key_mask, **_: semantic_attention_sdpa_bool(q, k, v, key_mask)
     fn = {"eager": semantic_attention_math, "sdpa": semantic_attention_sdpa}.get(impl)
     if fn is not None:
         return lambda **kw: fn(**kw, causal=True)
@@ -116,7 +128,8 @@ def _runner(impl: str, mode: str, inputs: dict):
             return out
 
         return run
-    leaves = {n: inputs[n].detach().requires_grad_(True) for n in ("q", "k", "v", "time_bias")}
+    leaves = {n: inputs[n].detach().requires_grad_(True) for n in ("q", "k", "v", "time_bias")
+              if inputs[n] is not None}  # fmt: skip
     args = {**inputs, **leaves}
     grad_out = torch.randn_like(inputs["q"])
 
@@ -131,14 +144,19 @@ def _runner(impl: str, mode: str, inputs: dict):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", list(BIAS_IMPLS))
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
-def test_semantic_attention(benchmark, impl, mode, cfg):
-    reason = _skip_reason(impl, mode, cfg)
+def test_semantic_attention(benchmark, impl, mode, bias, cfg):
+    reason = _skip_reason(impl, mode, cfg, bias)
     if reason:
         pytest.skip(reason)
     B, H, L, D = cfg
-    benchmark.group = f"semantic_attention {mode} {_cfg_id(cfg)}"
+    benchmark.group = f"semantic_attention {mode} {_cfg_id(cfg)}" + (
+        "" if bias == "time_bias" else " no_bias"
+    )
     inputs = _inputs(cfg)
+    if bias == "no_bias":
+        inputs = {**inputs, "timestamps": None, "time_bias": None}
     try:
         run = _runner(impl, mode, inputs)
         result = run()  # compiles what needs compiling
@@ -163,6 +181,7 @@ def test_semantic_attention(benchmark, impl, mode, cfg):
         peak_bytes=peak,
         bhll_bytes=scores_bytes,
         mode=mode,
+        bias=bias,
         B=B,
         H=H,
         L=L,

@@ -8,6 +8,9 @@ One group per configuration ``N x V`` (D = 64 for student and teacher), ``alpha`
   alpha and dtype, reused across shapes)
 * ``liger_flce``: Liger-Kernel's fused linear cross-entropy, alpha = 0 only, CUDA only, when
   ``liger_kernel`` is installed (it is not a dependency)
+* ``torch_lce``, ``torch_lce_chunked``: PyTorch's own ``linear_cross_entropy`` (alpha = 0 only,
+  where the installed torch has it): its reference path (``options=None``, which forms the
+  logits) and its chunked path (``LinearCrossEntropyOptions()``, its automatic choice)
 
 Each benchmark records ``peak_bytes`` (extra memory of one step, measured after a warm-up). A
 baseline whose logits cannot fit is skipped with an ``OOM:`` reason: on the CPU the reason is
@@ -37,7 +40,8 @@ from spnn_fast.reference.distill import distillation_loss_reference
 
 D = 64
 ALPHAS = (0.0, 0.5)
-IMPLS = ("spnn_fast", "naive_eager", "naive_compiled", "liger_flce")
+IMPLS = ("spnn_fast", "naive_eager", "naive_compiled", "liger_flce", "torch_lce",
+         "torch_lce_chunked")  # fmt: skip
 # N x V fp32 buffers the naive version holds at its peak (measured on the CPU at N=4096,
 # V=1e5: 4.7 GB for alpha = 0, 12.5 GB for alpha = 0.5).
 _NAIVE_BUFFERS = {False: 3, True: 8}
@@ -106,6 +110,11 @@ def _loss_fn(impl: str, alpha: float, dtype: torch.dtype):
             fn = lambda hs, ws, ht, wt, y: distillation_loss_reference(hs, ws, ht, wt, y, **kw)
             _COMPILED[key] = torch.compile(fn, dynamic=True)
         return _COMPILED[key]
+    if impl.startswith("torch_lce"):
+        import torch.nn.functional as F
+
+        options = torch.nn.LinearCrossEntropyOptions() if impl == "torch_lce_chunked" else None
+        return lambda hs, ws, ht, wt, y: F.linear_cross_entropy(hs, ws, y, options=options)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     def liger(hs, ws, ht, wt, y):
@@ -116,6 +125,11 @@ def _loss_fn(impl: str, alpha: float, dtype: torch.dtype):
 
 
 def _skip_reason(impl, n, v, alpha, dtype, dev):
+    if impl.startswith("torch_lce"):
+        if alpha != 0.0:
+            return "PyTorch's linear_cross_entropy has no distillation term (alpha = 0 only)"
+        if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return f"torch {torch.__version__} has no linear_cross_entropy"
     if impl == "liger_flce":
         if alpha != 0.0:
             return "Liger's fused linear cross-entropy has no distillation term (alpha = 0 only)"
@@ -127,7 +141,7 @@ def _skip_reason(impl, n, v, alpha, dtype, dev):
             return "liger_kernel is not installed (optional baseline)"
     if impl == "naive_compiled" and _common.SMOKE:
         return "smoke mode: compile baseline skipped"
-    if impl.startswith("naive") and dev.type == "cpu":
+    if impl in ("naive_eager", "naive_compiled", "torch_lce") and dev.type == "cpu":
         need = _NAIVE_BUFFERS[alpha > 0] * n * v * 4
         have = _available_bytes(dev)
         if need > 0.8 * have:

@@ -13,10 +13,14 @@ baseline runs in the same process on the same inputs (built by ``bench_attention
   ``flex_compiled`` (compiled FlexAttention, the bias as a ``score_mod``, padding and causality
   as a block mask built outside the timed region);
 * the distillation loss, N=16384, V=10^5, D=64, forward + backward, alpha 0 and 0.5: against
-  ``naive_eager`` and ``naive_compiled`` (``torch.compile`` of the naive loss);
+  ``naive_eager`` and ``naive_compiled`` (``torch.compile`` of the naive loss) and, at alpha 0
+  where the installed torch has it, PyTorch's own ``linear_cross_entropy`` (``torch_lce``: its
+  reference path; ``torch_lce_chunked``: its chunked path);
 * attention at L=50, D=32 and L=512, D=64 against the two SDPA baselines.
 
-The ``more`` set adds FlexAttention's forward and the other lengths, and V=10^6 (a baseline that
+The ``more`` set adds FlexAttention's forward and the other lengths, the fused top-k over
+10^6 items against ``torch.topk`` of the full scores (``naive_eager``, ``naive_compiled``), and
+V=10^6 (a baseline that
 runs out of memory is reported as skipped). Each result is appended to ``DIR/quick.jsonl`` as it finishes
 (with the peak extra memory of one call, and whether the baseline's forward matched ours), and
 ``DIR/quick.json`` is rewritten after each one::
@@ -49,7 +53,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 ATTENTION_BASELINES = ("sdpa_float_mask", "flex_compiled", "sdpa_flash_causal_nobias")
-DISTILL_BASELINES = ("naive_eager", "naive_compiled")
+DISTILL_BASELINES = ("naive_eager", "naive_compiled", "torch_lce", "torch_lce_chunked")
+TOPK_BASELINES = ("naive_eager", "naive_compiled")
 
 
 def card_slug(card: str) -> str:
@@ -285,6 +290,9 @@ def _distill(s: Session, n: int, v: int, alpha: float) -> None:
         if s.dry_run
         else step(BD._loss_fn("naive_compiled", alpha, dtype))
     )
+    for name in ("torch_lce", "torch_lce_chunked"):  # PyTorch's own, where it has one
+        reason = BD._skip_reason(name, n, v, alpha, dtype, torch.device("cuda"))
+        baselines[name] = reason or step(BD._loss_fn(name, alpha, dtype))
     same = lambda got, ref: bool(torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2))  # noqa: E731
     s.compare("distill", shape, "fwd+bwd", step(ours_fn), baselines, same, [hs, ws])
 

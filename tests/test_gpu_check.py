@@ -23,6 +23,8 @@ BASELINES = {
     "sdpa_flash_causal_nobias",
     "naive_eager",
     "naive_compiled",
+    "torch_lce",
+    "torch_lce_chunked",
 }
 
 

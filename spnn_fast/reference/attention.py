@@ -39,6 +39,7 @@ __all__ = [
     "semantic_attention_flex",
     "semantic_attention_math",
     "semantic_attention_sdpa",
+    "semantic_attention_sdpa_bool",
     "semantic_attention_torch_bwd",
     "semantic_attention_torch_fwd",
 ]
@@ -146,6 +147,26 @@ def semantic_attention_sdpa(
     nonempty = allowed.any(dim=-1, keepdim=True)
     mask = mask.masked_fill(~(allowed | ~nonempty), torch.finfo(q.dtype).min)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out * nonempty.to(out.dtype)
+
+
+def semantic_attention_sdpa_bool(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with the padding and causality as one boolean
+    ``attn_mask`` and no bias: what stock PyTorch offers for the bias-free op (the benchmark
+    baseline). Rows without admissible keys attend to every key, then are multiplied by zero."""
+    L = q.shape[2]
+    allowed = admissible(L, key_mask, causal, q.device)
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    nonempty = allowed.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~nonempty, scale=scale)
     return out * nonempty.to(out.dtype)
 
 
