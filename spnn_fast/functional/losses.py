@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -11,6 +11,7 @@ from torch import Tensor
 from spnn_fast import limits
 from spnn_fast._checks import FLOAT_DTYPES, check_matrix, check_same, describe, is_int, is_real
 from spnn_fast.functional._dispatch import triton_or_torch
+from spnn_fast.reference.distill_ensemble import ENSEMBLES
 
 __all__ = ["distillation_loss", "feature_distillation_loss", "linear_cross_entropy"]
 
@@ -41,8 +42,47 @@ def _target_rows(target: object, lead: torch.Size, hs: Tensor) -> Tensor:
     return target.reshape(-1).to(torch.int64)
 
 
+def _check_teacher(hs: Tensor, lead: torch.Size, v: int, ht: object, wt: object, at: str):
+    """One teacher ``(ht [N, Dt], wt [V, Dt])``; ``at`` is its index in the lists ("[m]") or ""
+    for a lone tensor, named in the errors."""
+    name_h, name_w = f"teacher_hidden{at}", f"teacher_items{at}"
+    if isinstance(ht, Tensor) and ht.shape[:-1] != lead:
+        raise ValueError(
+            f"{name_h} must be [..., Dt] with student_hidden's leading shape "
+            f"{tuple(lead)}, got {describe(ht)}"
+        )
+    ht = _rows(name_h, ht)
+    check_matrix(name_w, wt)
+    check_same("student_hidden", hs, name_h, ht)
+    check_same("student_hidden", hs, name_w, wt)
+    dt = ht.shape[1]
+    if wt.shape != (v, dt):
+        raise ValueError(f"{name_w} must be [V={v}, Dt={dt}], got {name_w} {tuple(wt.shape)}")
+    return ht, wt
+
+
+def _check_teachers(hs: Tensor, lead: torch.Size, v: int, ht: object, wt: object):
+    """``(ht [N, Dt], wt [V, Dt])`` for one teacher given as tensors, or the lists
+    ``([ht_m [N, Dt_m]], [wt_m [V, Dt_m]])`` of M >= 1 teachers given as lists or tuples."""
+    many_h, many_w = isinstance(ht, (list, tuple)), isinstance(wt, (list, tuple))
+    if not many_h and not many_w:
+        return _check_teacher(hs, lead, v, ht, wt, "")
+    if not (many_h and many_w) or len(ht) != len(wt) or not ht:
+        kinds = [f"{type(t).__name__} of {len(t)}" if isinstance(t, (list, tuple))
+                 else type(t).__name__ for t in (ht, wt)]  # fmt: skip
+        raise ValueError(
+            f"teacher_hidden and teacher_items must both be tensors (one teacher) or both lists "
+            f"of the same number M >= 1 of tensors (teacher m: teacher_hidden[m] [..., Dt_m], "
+            f"teacher_items[m] [V, Dt_m]); got {kinds[0]} and {kinds[1]}"
+        )
+    pairs = [_check_teacher(hs, lead, v, h, w, f"[{m}]") for m, (h, w) in enumerate(zip(ht, wt))]
+    return [h for h, _ in pairs], [w for _, w in pairs]
+
+
 def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index, reduction):
-    """Validated ``(hs [N, Ds], ht [N, Dt] or None, target [N] int64 or None, lead shape)``."""
+    """Validated ``(hs [N, Ds], teacher rows, teacher items, target [N] int64 or None, lead
+    shape)``: the teacher's ``ht [N, Dt]`` and ``wt`` as given, lists of them for a list of
+    teachers, or None."""
     lead = hs.shape[:-1] if isinstance(hs, Tensor) else None
     hs = _rows("student_hidden", hs)
     check_matrix("student_items", ws)
@@ -72,26 +112,13 @@ def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index
     if ht is not None or wt is not None:
         if ht is None or wt is None:
             raise ValueError("teacher_hidden and teacher_items must be given together")
-        if isinstance(ht, Tensor) and ht.shape[:-1] != lead:
-            raise ValueError(
-                f"teacher_hidden must be [..., Dt] with student_hidden's leading shape "
-                f"{tuple(lead)}, got {describe(ht)}"
-            )
-        ht = _rows("teacher_hidden", ht)
-        check_matrix("teacher_items", wt)
-        check_same("student_hidden", hs, "teacher_hidden", ht)
-        check_same("student_hidden", hs, "teacher_items", wt)
-        dt = ht.shape[1]
-        if wt.shape != (v, dt):
-            raise ValueError(
-                f"teacher_items must be [V={v}, Dt={dt}], got teacher_items {tuple(wt.shape)}"
-            )
+        ht, wt = _check_teachers(hs, lead, v, ht, wt)
     if alpha < 1 and target is None:
         raise ValueError(f"alpha={alpha} < 1 includes cross-entropy: target is required")
     if target is not None:
         target = _target_rows(target, lead, hs)
         _check_target_values(target, v, ignore_index)
-    return hs, ht, target, lead
+    return hs, ht, wt, target, lead
 
 
 def _check_target_values(target: Tensor, v: int, ignore_index: int) -> None:
@@ -110,39 +137,67 @@ def _check_target_values(target: Tensor, v: int, ignore_index: int) -> None:
         )
 
 
-def _distill_backend(backend: Optional[str], hs: Tensor, ht: Optional[Tensor]) -> str:
+def _distill_backend(
+    backend: Optional[str], hs: Tensor, dt: Optional[int], teachers: int = 1,
+    ensemble: str = "distributions",
+) -> str:  # fmt: skip
+    """The backend of a call with teacher width ``dt`` (None without a teacher; the summed
+    width of the concatenated teacher with ``ensemble="logits"``)."""
+
     def why_not():
-        dims = [hs.shape[1]] + ([ht.shape[1]] if ht is not None else [])
+        if teachers > 1 and ensemble == "distributions":
+            return (
+                f"the Triton kernels take one teacher or ensemble='logits'; got {teachers} "
+                f"teachers with ensemble='distributions' (the torch path runs it)"
+            )
+        dims = [hs.shape[1]] + ([dt] if dt is not None else [])
         if hs.dtype == torch.float64:
             return "the kernels take fp32/fp16/bf16, got float64"
         if max(dims) > limits.DISTILL_MAX_DIM:
-            return f"the kernels take hidden sizes <= {limits.DISTILL_MAX_DIM}, got {max(dims)}"
+            summed = " (the teachers' widths summed)" if teachers > 1 and max(dims) == dt else ""
+            return (
+                f"the kernels take hidden sizes <= {limits.DISTILL_MAX_DIM}, got {max(dims)}"
+                f"{summed}"
+            )
         return None
 
     return triton_or_torch("distillation_loss", backend, hs.device, why_not)
 
 
+def _mean_logits_teacher(hts: List[Tensor], wts: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """One teacher whose logits are the mean of the M teachers': ``cat_m(ht_m) / M`` against
+    ``cat_m(wt_m)`` gives ``(1/M) sum_m ht_m @ wt_m.T``. Copies O((N + V) * sum Dt_m), never
+    O(N * V); the teachers are detached, so no graph is recorded."""
+    ht = torch.cat([h.detach() for h in hts], dim=1).div_(len(hts))
+    return ht, torch.cat([w.detach() for w in wts], dim=1)
+
+
 def distillation_loss(
     student_hidden: Tensor,
     student_items: Tensor,
-    teacher_hidden: Optional[Tensor] = None,
-    teacher_items: Optional[Tensor] = None,
+    teacher_hidden: Union[Tensor, Sequence[Tensor], None] = None,
+    teacher_items: Union[Tensor, Sequence[Tensor], None] = None,
     target: Optional[Tensor] = None,
     *,
     temperature: float = 2.0,
     alpha: Optional[float] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    ensemble: str = "distributions",
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Fused linear cross-entropy + logit distillation over an item catalogue.
+    """Fused linear cross-entropy + logit distillation over an item catalogue, from one teacher
+    or an ensemble of teachers.
 
     Args:
         student_hidden: ``[..., Ds]`` student hidden states (one per scored position; leading
             dims are flattened into ``N`` rows).
         student_items: ``[V, Ds]`` student item embeddings; ``target`` indexes its rows.
         teacher_hidden: ``[..., Dt]`` (student_hidden's leading shape), teacher_items
-            ``[V, Dt]``; required when ``alpha > 0``. Never receive a gradient.
+            ``[V, Dt]``; required when ``alpha > 0``. Never receive a gradient. An ensemble of
+            M >= 1 teachers is two lists (or tuples) of the same length: teacher m has
+            ``teacher_hidden[m] [..., Dt_m]`` and ``teacher_items[m] [V, Dt_m]`` (the widths
+            may differ between teachers).
         target: ``[...]`` (the leading shape) class indices of any integer dtype, in ``[0, V)``
             or ``ignore_index``; required when ``alpha < 1``. With ``alpha = 1`` it is
             optional and only marks ignored rows.
@@ -151,36 +206,58 @@ def distillation_loss(
             (plain cross-entropy; :func:`linear_cross_entropy` is PyTorch's form of it) without.
         reduction: ``"mean"`` over counted rows (0, with zero gradients, when none counts),
             ``"sum"``, or ``"none"`` (the leading shape, 0 at ignored rows).
+        ensemble: how M teachers combine: ``"distributions"`` (the mean of their
+            temperature-softened distributions) or ``"logits"`` (the softmax of their mean
+            logits). Both are the single-teacher loss when M = 1.
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`spnn_fast.backends`).
 
     With ``z_s = student_hidden @ student_items.T`` and ``z_t = teacher_hidden @ teacher_items.T``
     (``[N, V]``, never held whole), each counted row contributes
-    ``(1 - alpha) * CE(z_s, target) + alpha * T**2 * KL(softmax(z_t/T) || softmax(z_s/T))``.
-    The Triton kernels stream the catalogue in tiles; the torch path works in chunks of at most
-    ``spnn_fast.reference.distill.LOGIT_BUDGET_BYTES``. Gradients flow to ``student_hidden`` and
-    ``student_items``. The loss is float32 (float64 for float64 inputs).
+    ``(1 - alpha) * CE(z_s, target) + alpha * T**2 * KL(p_t || softmax(z_s/T))`` with
+    ``p_t = softmax(z_t/T)``. For M teachers, ``z_m = teacher_hidden[m] @ teacher_items[m].T``
+    and ``p_t = (1/M) sum_m softmax(z_m/T)`` (``"distributions"``) or
+    ``softmax((1/M) sum_m z_m / T)`` (``"logits"``). The Triton kernels stream the catalogue in
+    tiles; they take one teacher, which the "logits" ensemble is (its teachers concatenated,
+    within the kernels' width limit), so ``"distributions"`` with M >= 2 runs on the torch path.
+    The torch path works in chunks of at most ``spnn_fast.reference.distill.LOGIT_BUDGET_BYTES``
+    and keeps O(N * M) statistics. Gradients flow to ``student_hidden`` and ``student_items``.
+    The loss is float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: mismatched shapes, dtypes or devices, a target outside ``[0, V)`` other than
-            ``ignore_index``, ``temperature <= 0``, ``alpha`` outside ``[0, 1]``, a missing teacher
-            with ``alpha > 0`` or a missing target with ``alpha < 1``, an unknown reduction.
+        ValueError: mismatched shapes, dtypes or devices (naming the teacher's index in a list),
+            teacher lists of different lengths or empty, a target outside ``[0, V)`` other than
+            ``ignore_index``, ``temperature <= 0``, ``alpha`` outside ``[0, 1]``, a missing
+            teacher with ``alpha > 0`` or a missing target with ``alpha < 1``, an unknown
+            reduction or ensemble, ``backend="triton"`` for what the kernels cannot run.
     """
     from spnn_fast.ops.distill import distill_rows
     from spnn_fast.reference.distill import reduce_rows
 
     if alpha is None:
         alpha = 0.0 if teacher_hidden is None and teacher_items is None else 0.5
-    hs, ht, target, lead = _check_distill_args(
+    if not isinstance(ensemble, str) or ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {', '.join(ENSEMBLES)}; got {ensemble!r}")
+    hs, ht, wt, target, lead = _check_distill_args(
         student_hidden, student_items, teacher_hidden, teacher_items, target,
         temperature, alpha, ignore_index, reduction,
     )  # fmt: skip
     if alpha == 0:  # plain fused linear cross-entropy: the teacher is not read
-        ht = teacher_items = None
-    name = _distill_backend(backend, hs, ht)
-    loss_rows = distill_rows(
-        hs, student_items, ht, teacher_items, target, float(temperature), float(alpha),
-        int(ignore_index), name,
-    )[0]  # fmt: skip
+        ht = wt = None
+    elif isinstance(ht, list) and len(ht) == 1:  # one teacher, whatever the ensemble
+        ht, wt = ht[0], wt[0]
+    args = (float(temperature), float(alpha), int(ignore_index))
+    if isinstance(ht, list) and ensemble == "distributions":
+        from spnn_fast.ops.distill_ensemble import distill_rows_ensemble
+
+        _distill_backend(backend, hs, None, len(ht), ensemble)  # validates; the torch path runs
+        loss_rows = distill_rows_ensemble(hs, student_items, ht, wt, target, *args)[0]
+    else:
+        teachers = len(ht) if isinstance(ht, list) else 1
+        if teachers > 1:
+            ht, wt = _mean_logits_teacher(ht, wt)
+        dt = None if ht is None else ht.shape[1]
+        name = _distill_backend(backend, hs, dt, teachers, ensemble)
+        loss_rows = distill_rows(hs, student_items, ht, wt, target, *args, name)[0]
     if reduction == "none":
         return loss_rows.reshape(lead)
     return reduce_rows(loss_rows, target, ignore_index, reduction)
