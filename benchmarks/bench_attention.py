@@ -31,10 +31,10 @@ import torch
 
 from spnn_fast import backends
 from spnn_fast.functional import semantic_attention
-from spnn_fast.reference.attention import (
+from spnn_fast.reference.attention import semantic_attention_math
+from spnn_fast.reference.attention_baselines import (
     flex_unavailable_reason,
     semantic_attention_flex,
-    semantic_attention_math,
     semantic_attention_sdpa,
     semantic_attention_sdpa_bool,
 )

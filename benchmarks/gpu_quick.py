@@ -203,7 +203,7 @@ def _attention(
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from spnn_fast.reference.attention import flex_unavailable_reason
+    from spnn_fast.reference.attention_baselines import flex_unavailable_reason
 
     inputs = BA._inputs((B, H, L, D))
     ours_impl = "spnn_fast[torch]" if s.dry_run else "spnn_fast[triton]"

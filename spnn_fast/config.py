@@ -20,6 +20,8 @@ from spnn_fast._checks import check_device, is_int, is_real
 from spnn_fast.model import SPNN, SPNNConfig
 
 __all__ = [
+    "ENSEMBLES",
+    "KD_TEACHERS",
     "MAX_LAYERS",
     "MAX_LEN",
     "MAX_WIDTH",
@@ -37,6 +39,10 @@ SCHEDULES = ("constant", "cosine")
 # What a distilled student's teacher reads: its whole window ("full", privileged) or the
 # student's own, possibly cut, input ("cut": plain distillation).
 TEACHER_INPUTS = ("full", "cut")
+# What student_kd's logit term learns from: its own seed's teacher, or the ensemble of the run's
+# teachers (one per seed); and how an ensemble's predictions combine.
+KD_TEACHERS = ("seed", "ensemble")
+ENSEMBLES = ("distributions", "logits")
 # Bounds of the main job's model shapes, so that a slip of the finger (--max-len 100000000) is
 # refused before anything is written instead of allocating a position table of gigabytes: a
 # window of L events holds L x L attention scores per head and sequence (64 MiB at L = MAX_LEN).
@@ -95,6 +101,9 @@ class TrainConfig:
     feature_weight: float = 1.0 / 64  # the feature loss sums squares over d_knowledge = 64 dims
     layer_pairs: List[Tuple[str, str]] = field(default_factory=list)
     teacher_input: str = "full"  # one of TEACHER_INPUTS
+    # With several teachers (an ensemble for the logit term): how their predictions combine, one
+    # of ENSEMBLES (see spnn_fast.functional.distillation_loss)
+    ensemble: str = "distributions"
     # With teacher_input="full" the frozen teacher's outputs on each window never change: they are
     # computed once, over every training window, and kept on the training device when they take
     # at most this many MiB (0: the teacher runs on every batch). Same values either way (bitwise
@@ -131,6 +140,8 @@ class TrainConfig:
         })  # fmt: skip
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble={self.ensemble!r} must be one of {', '.join(ENSEMBLES)}")
         if self.teacher_input not in TEACHER_INPUTS:
             raise ValueError(
                 f"teacher_input={self.teacher_input!r} must be one of {', '.join(TEACHER_INPUTS)}"
@@ -211,6 +222,13 @@ class ExperimentConfig:
     kd_teacher_input: str = setting(_T.teacher_input, "what student_kd's teacher reads: its "
                                     "full window (privileged) or the student's own, possibly "
                                     "cut, input", choices=TEACHER_INPUTS)  # fmt: skip
+    kd_teacher: str = setting("seed", "what student_kd's logit term learns from: its own seed's "
+                              "teacher, or the ensemble of all the run's teachers (one per "
+                              "seed; its feature term reads its own seed's teacher either way)",
+                              choices=KD_TEACHERS)  # fmt: skip
+    kd_ensemble: str = setting(_T.ensemble, "with kd_teacher ensemble: the mean of the teachers' "
+                               "temperature-softened distributions, or the softmax of their "
+                               "mean logits", choices=ENSEMBLES)  # fmt: skip
     use_side_features: bool = setting(True, "item and user features where the data has them")
     backend: Optional[str] = setting(None, "attention and losses: auto, triton or torch "
                                      "(None: $SPNN_FAST_BACKEND, else auto)")  # fmt: skip
@@ -251,6 +269,14 @@ class ExperimentConfig:
             raise ValueError(
                 f"backend={b!r} must be None or one of {', '.join(MODEL_BACKENDS)} (attention "
                 f"and the losses have no other implementation)"
+            )
+        if self.kd_teacher not in KD_TEACHERS:
+            raise ValueError(f"kd_teacher={self.kd_teacher!r} must be one of "
+                             f"{', '.join(KD_TEACHERS)}")  # fmt: skip
+        if self.kd_teacher == "ensemble" and is_int(self.seeds) and self.seeds < 2:
+            raise ValueError(
+                f"kd_teacher='ensemble' distils from the ensemble of the run's teachers, one per "
+                f"seed: it needs seeds >= 2, got seeds={self.seeds}"
             )
         check_device(self.device)
         self.train_configs()  # every TrainConfig check (rates, distillation weights, windows)
@@ -323,13 +349,18 @@ class ExperimentConfig:
             self,
             teacher_dropout=self.dropout if self.teacher_dropout is None else self.teacher_dropout,
             teacher_max_len=self.teacher_max_len or self.max_len,
+            # how an ensemble combines says nothing without one
+            kd_ensemble=self.kd_ensemble if self.kd_teacher == "ensemble" else _T.ensemble,
         )
 
     def differences(self, other: ExperimentConfig) -> List[str]:
         """The fields, but those in :attr:`MAY_CHANGE`, in which the two runs differ (each
         compared as the models see it, :meth:`spelled_out`)."""
         a, b = self.spelled_out().to_dict(), other.spelled_out().to_dict()
-        return [k for k in a if k not in self.MAY_CHANGE and a[k] != b[k]]
+        may = set(self.MAY_CHANGE)
+        if "ensemble" in (self.kd_teacher, other.kd_teacher):
+            may.discard("seeds")  # more teachers: another ensemble for every distilled student
+        return [k for k in a if k not in may and a[k] != b[k]]
 
     def train_configs(self) -> Dict[str, TrainConfig]:
         """The :class:`TrainConfig` of each model: ``teacher``, ``student``, ``student_kd``."""
@@ -345,6 +376,7 @@ class ExperimentConfig:
                                       temperature=self.temperature,
                                       feature_weight=self.feature_weight, layer_pairs=pairs,
                                       teacher_input=self.kd_teacher_input,
+                                      ensemble=self.kd_ensemble,
                                       teacher_cache_mb=self.teacher_cache_mb),
         }  # fmt: skip
 

@@ -73,7 +73,8 @@ def seed_model(seed: int, name: str) -> None:
     torch.manual_seed(seed * 1000 + MODELS.index(name))
 
 
-def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, data, log) -> Dict:
+def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, data, log,
+               ensemble=None) -> Dict:  # fmt: skip
     out_dir = model_dir(run_dir, seed, name)
     result_path = os.path.join(out_dir, "result.json")
     if os.path.exists(result_path):
@@ -81,8 +82,8 @@ def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, data, log) -> 
         return read_result(result_path, tuple(REPORT_SPLITS.values()), METRICS)
     seed_model(seed, name)
     model = SPNN(mcfg, ds.item_features, ds.user_features)
-    trainer = Trainer(model, ds, tcfg, teacher=teacher, seed=seed, device=cfg.device,
-                      progress=True, desc=f"[seed {seed}] {name}")  # fmt: skip
+    trainer = Trainer(model, ds, tcfg, teacher=teacher, ensemble=ensemble, seed=seed,
+                      device=cfg.device, progress=True, desc=f"[seed {seed}] {name}")  # fmt: skip
     last = os.path.join(out_dir, "last.pt")
     if os.path.exists(last):
         check_trainer_state(last, _STATE_KEYS, trainer.objective, trainer.optimizer, seed)
@@ -208,17 +209,7 @@ def run(cfg: ExperimentConfig, run_dir: str, *, log=print, wait: bool = False,
         ds, data, sized, extras = agree(lambda: _prepare(cfg, run_dir, allow_changed_data, log))
         if rank == 0:
             write_run_config(cfg, run_dir, **extras)
-        mcfgs, tcfgs = sized.model_configs(ds), sized.train_configs()
-        results: Dict[str, List[Dict]] = {m: [] for m in MODELS}
-        for seed in range(cfg.seeds):
-            teacher = None
-            for name in MODELS:
-                res = _train_one(name, seed, ds, cfg, mcfgs[name], tcfgs[name], run_dir,
-                                 teacher if name == "student_kd" else None, data, log)  # fmt: skip
-                results[name].append(res)
-                if name == "teacher":
-                    path = os.path.join(model_dir(run_dir, seed, name), "best.pt")
-                    teacher, _ = load_checkpoint(path, cfg.device)
+        results = _train_all(cfg, sized, ds, run_dir, data, log)
         report = build_report(cfg, ds, results, time.perf_counter() - t0)
         report["chosen"], report["data"] = extras["chosen"] or {}, data
         report["earlier_data"] = extras.get("earlier_data") or []
@@ -227,6 +218,60 @@ def run(cfg: ExperimentConfig, run_dir: str, *, log=print, wait: bool = False,
 
             write_report(report, run_dir)
     return report
+
+
+def _train_all(cfg, sized, ds, run_dir, data, log) -> Dict[str, List[Dict]]:
+    """Every model of every seed (all the teachers first: a distilled student may learn from
+    their ensemble), then, with two seeds or more, the teachers' ensemble evaluated."""
+    mcfgs, tcfgs = sized.model_configs(ds), sized.train_configs()
+    results: Dict[str, List[Dict]] = {m: [] for m in MODELS}
+    teachers = []
+    for name in MODELS:
+        for seed in range(cfg.seeds):
+            ensemble = teachers if name == "student_kd" and cfg.kd_teacher == "ensemble" else None
+            teacher = teachers[seed] if name == "student_kd" else None
+            res = _train_one(name, seed, ds, cfg, mcfgs[name], tcfgs[name], run_dir, teacher,
+                             data, log, ensemble)  # fmt: skip
+            results[name].append(res)
+            if name == "teacher":
+                path = os.path.join(model_dir(run_dir, seed, name), "best.pt")
+                teachers.append(load_checkpoint(path, cfg.device)[0])
+    if len(teachers) > 1:
+        results[ENSEMBLE] = [_ensemble_result(cfg, ds, teachers, run_dir, log)]
+    return results
+
+
+# The report's name of the teachers' ensemble (evaluated, not trained).
+ENSEMBLE = "teacher_ensemble"
+
+
+def _ensemble_result(cfg: ExperimentConfig, ds: Dataset, teachers, run_dir: str, log) -> Dict:
+    """The teachers' ensemble on every split, as ``kd_ensemble`` combines them (at the
+    distillation's temperature): what an ensemble-distilled student learns from. Saved in
+    ``ensemble/result.json`` and reused."""
+    from spnn_fast.protocol import eval_sets
+
+    path = os.path.join(run_dir, "ensemble", "result.json")
+    if os.path.exists(path):
+        saved = read_result(path, tuple(REPORT_SPLITS.values()), METRICS)
+        if (saved.get("ensemble"), saved.get("temperature")) == (cfg.kd_ensemble, cfg.temperature):
+            return saved
+    final = {split: evaluate(teachers, ds.log, es, with_se=True, device=cfg.device,
+                             ensemble=cfg.kd_ensemble, temperature=cfg.temperature)
+             for split, es in eval_sets(ds.log).items()}  # fmt: skip
+    result = {
+        "metrics": {s: m for s, (m, _) in final.items()},
+        "standard_errors": {s: se for s, (_, se) in final.items()},
+        "history": [], "best_epoch": 0, "train_seconds": 0.0, "windows_per_second": 0.0,
+        "params": sum(t.num_parameters() for t in teachers),
+        "ensemble": cfg.kd_ensemble, "temperature": cfg.temperature,
+    }  # fmt: skip
+    log(f"{ENSEMBLE} of {len(teachers)} teachers ({cfg.kd_ensemble}): valid NDCG@10 "
+        f"{result['metrics']['valid']['NDCG@10']:.4f}")  # fmt: skip
+    if world()[0] == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json(result, path)
+    return result
 
 
 def _mean_std(values: List[float]) -> Dict[str, float]:

@@ -10,7 +10,7 @@ with knowledge detectors (a teacher) also trains them with an auxiliary next-ite
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +24,9 @@ from spnn_fast.nn import FeatureDistiller
 
 __all__ = ["Objective", "TeacherView"]
 
-# A teacher's view of a batch: its hidden states [B, L, d] and its paired layers' outputs.
-TeacherView = Tuple[Tensor, Dict[str, Tensor]]
+# The teachers' view of a batch: each teacher's hidden states [B, L, d] and the outputs of the
+# layers the distillers read (of the student's own teacher).
+TeacherView = Tuple[List[Tensor], Dict[str, Tensor]]
 
 
 def _pair_name(s_layer: str, t_layer: str) -> str:
@@ -56,10 +57,19 @@ class Objective(nn.Module):
     distillers' student projections); the frozen teacher is held outside the module tree.
     """
 
-    def __init__(self, model: SPNN, tcfg: TrainConfig, teacher: Optional[SPNN]) -> None:
+    def __init__(
+        self,
+        model: SPNN,
+        tcfg: TrainConfig,
+        teacher: Optional[SPNN],
+        ensemble: Optional[Sequence[SPNN]] = None,
+    ) -> None:
         super().__init__()
         self.model, self.tcfg = model, tcfg
         self._teacher = [teacher] if teacher is not None else []
+        # the logit term's teachers: an ensemble, or the teacher alone (plain lists: frozen
+        # models outside the module tree, as the teacher)
+        self.logit_teachers = list(ensemble) if ensemble else list(self._teacher)
         pairs = tcfg.layer_pairs if teacher is not None else []
         # the teacher layers the distillers read (a TeacherView holds their outputs)
         self.teacher_layers = tuple(sorted({p[1] for p in pairs}))
@@ -100,8 +110,9 @@ class Objective(nn.Module):
     def forward(
         self, b: SequenceBatch, norm: Dict[str, float], t_view: Optional[TeacherView] = None
     ) -> Tuple[Tensor, Dict]:
-        """Loss of the student batch ``b`` (``t_view``: the teacher's view of the same windows,
-        required with a teacher) and its parts, detached."""
+        """Loss of the student batch ``b`` (``t_view``: the teachers' view of the same windows,
+        required with a teacher; its hidden states in the order of ``logit_teachers``) and its
+        parts, detached."""
         tcfg, model, teacher = self.tcfg, self.model, self.teacher
         det_layers = tuple(model.config.detector_layers)
         out = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users,
@@ -114,10 +125,14 @@ class Objective(nn.Module):
             loss = distillation_loss(h, model.item_table(), target=y, alpha=0.0, reduction="sum",
                                      backend=model.config.backend)  # fmt: skip
         else:
-            t_hidden, t_layers = t_view
+            t_hiddens, t_layers = t_view
+            t_h = [t[sel] for t in t_hiddens]
+            t_w = [t.item_table() for t in self.logit_teachers]
+            if len(t_h) == 1:  # one teacher: the tensors themselves
+                t_h, t_w = t_h[0], t_w[0]
             loss = distillation_loss(
-                h, model.item_table(), t_hidden[sel], teacher.item_table(), y,
-                temperature=tcfg.temperature, alpha=tcfg.alpha, reduction="sum",
+                h, model.item_table(), t_h, t_w, y, temperature=tcfg.temperature,
+                alpha=tcfg.alpha, ensemble=tcfg.ensemble, reduction="sum",
                 backend=model.config.backend,
             )  # fmt: skip
         loss = loss / norm["targets"]

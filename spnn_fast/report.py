@@ -40,6 +40,8 @@ def markdown(report: Dict) -> str:
             )
     lines += ["", "| model | train seconds | sequences / s | best epochs |", "|---|---|---|---|"]
     for name, m in models.items():
+        if not any(m["history"]):  # evaluated, not trained (the teachers' ensemble)
+            continue
         lines.append(
             f"| {name} | {_ms(m['train_seconds'], 1)} | {m['sequences_per_second']['mean']:.0f} | "
             f"{m['best_epoch']} |"
@@ -58,6 +60,13 @@ def markdown(report: Dict) -> str:
             f"- student_kd / teacher, all-users NDCG@10: {keep:.3f}",
             f"- student / teacher parameters: {kd['params'] / t['params']:.3f}",
         ]
+        if "teacher_ensemble" in models:
+            ens = models["teacher_ensemble"]["metrics"]
+            lines.append(
+                "- teacher_ensemble / student, cold@5 NDCG@10: "
+                f"{ens['cold@5']['NDCG@10']['mean'] / max(s['metrics']['cold@5']['NDCG@10']['mean'], 1e-12):.3f}x; "
+                f"all-users: {ens['all']['NDCG@10']['mean'] / max(s['metrics']['all']['NDCG@10']['mean'], 1e-12):.3f}x"
+            )
     se = {n: m["metrics"]["all"]["NDCG@10"].get("se_users") for n, m in models.items()}
     if all(v is not None for v in se.values()):
         lines += [

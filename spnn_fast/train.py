@@ -17,7 +17,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ class Trainer:
         dataset: the data (its log is split leave-one-out).
         tcfg: the training configuration.
         teacher: a trained teacher to distil from (frozen), or None for plain CE training.
+        ensemble: the teachers of the logit term when it learns from an ensemble (frozen; the
+            ``teacher`` among them, whose layers the feature term reads), combined as
+            ``tcfg.ensemble`` says; None: the teacher alone.
         seed: seeds window shuffles, cuts and dropout (per epoch, so a resumed run repeats an
             uninterrupted one); the model's initialisation is the caller's.
         device: where to train.
@@ -61,6 +64,7 @@ class Trainer:
         tcfg: TrainConfig,
         *,
         teacher: Optional[SPNN] = None,
+        ensemble: Optional[Sequence[SPNN]] = None,
         seed: int = 0,
         device: torch.device | str = "cpu",
         progress: bool = False,
@@ -70,14 +74,17 @@ class Trainer:
         self.dataset, self.log, self.tcfg, self.seed = dataset, dataset.log, tcfg, seed
         self.model = model.to(self.device)
         L = model.config.max_len
-        if teacher is not None:
-            if teacher.config.max_len < L:
+        if ensemble is not None and (teacher is None or not any(t is teacher for t in ensemble)):
+            raise ValueError("ensemble must hold the teacher (whose layers the distillers read)")
+        teachers = list(ensemble) if ensemble is not None else [teacher] if teacher else []
+        for t in teachers:
+            if t.config.max_len < L:
                 raise ValueError(
-                    f"the teacher's max_len ({teacher.config.max_len}) must be >= the student's "
+                    f"the teacher's max_len ({t.config.max_len}) must be >= the student's "
                     f"({L}): it reads at least the student's window"
                 )
-            teacher = teacher.to(self.device).eval().requires_grad_(False)
-        self.objective = Objective(self.model, tcfg, teacher).to(self.device)
+            t.to(self.device).eval().requires_grad_(False)
+        self.objective = Objective(self.model, tcfg, teacher, ensemble).to(self.device)
         self.rank, self.size = world()
         self.step_module: nn.Module = self.objective
         if self.size > 1:
@@ -91,10 +98,11 @@ class Trainer:
         self.splits = eval_sets(self.log)
         # Batches as long as the longer of the student's and the teacher's windows (the teacher
         # sees up to its own max_len events before each window end).
-        self.batch_len = max(L, teacher.config.max_len if teacher is not None else 0)
+        self.batch_len = max([L] + [t.config.max_len for t in teachers])
         self.teacher: Optional[TeacherOutputs] = None
         if teacher is not None:
-            self.teacher = TeacherOutputs(teacher, self.objective.teacher_layers, tcfg,
+            own = next(i for i, t in enumerate(teachers) if t is teacher)
+            self.teacher = TeacherOutputs(teachers, own, self.objective.teacher_layers, tcfg,
                                           self.windows, L, self._batch)  # fmt: skip
         self.progress, self.desc = progress and self.rank == 0, desc
         self.history: List[Dict] = []

@@ -21,8 +21,8 @@ from spnn_fast.ops.attention import semantic_attention_bwd, semantic_attention_f
 from spnn_fast.reference.attention import (
     bias_scores,
     semantic_attention_math,
-    semantic_attention_sdpa,
 )
+from spnn_fast.reference.attention_baselines import semantic_attention_sdpa
 from spnn_fast.reference.time_bucket import time_bucket, time_bucket_np
 
 CUDA = torch.cuda.is_available()

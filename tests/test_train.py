@@ -757,7 +757,8 @@ def test_teacher_cache_respects_its_budget(cycle_ds):
         cache = tr.teacher.cache()
         assert (cache is not None) == cached
         if cached:
-            assert cache.hidden.shape == (n, 8, 16) and cache.layers["layers.0"].shape == (n, 8, 16)
+            assert cache.hiddens[0].shape == (n, 8, 16)
+            assert cache.layers["layers.0"].shape == (n, 8, 16)
     assert Trainer(student, cycle_ds, TrainConfig(), seed=0).teacher is None
     cut = TrainConfig(teacher_input="cut")
     assert Trainer(student, cycle_ds, cut, teacher=teacher, seed=0).teacher.cache() is None
