@@ -830,3 +830,19 @@ def test_shifted_eval_reads_a_run_and_shifts_only_the_inputs(tmp_path, capsys):
         for split in ("valid", "test"):
             assert row[split] == round(result["metrics"][split]["NDCG@10"], 5)
     assert [r["model"] for r in lines[len(MODELS) :]] == list(MODELS)
+
+
+def test_every_setting_of_the_run_is_a_train_flag(capsys):
+    """The train command's flags are generated from ExperimentConfig: one per field, with the
+    field's help and default, and None spelled as such for the Optional ones."""
+    from spnn_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(ExperimentConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert f"(default: {f.default})" in " ".join(text.split()), f.name
+    assert _train_cli_config("--teacher-max-len", "None").teacher_max_len is None
+    assert _train_cli_config("--no-use-side-features").use_side_features is False

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from spnn_fast import backends
 
-__all__ = ["triton_or_torch"]
+__all__ = ["check_values", "triton_or_torch"]
 
 
 def triton_or_torch(op: str, backend: Optional[str], device: torch.device, why_not) -> str:
@@ -22,3 +22,14 @@ def triton_or_torch(op: str, backend: Optional[str], device: torch.device, why_n
     if isinstance(backend, str) and backend.lower() == "triton":
         raise ValueError(f"{op}: backend='triton' cannot run this call: {why}")
     return "torch"
+
+
+def check_values(ok: torch.Tensor, message: Callable[[], str], short: str) -> None:
+    """A check of tensor values (``ok``: a bool tensor, True when they are good). Eagerly a
+    ValueError with ``message()`` (reading ``ok`` waits for the device: the check, not the op,
+    holds that one sync); under torch.compile an asynchronous device-side assert with ``short``,
+    which traces without a graph break."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, short)
+    elif not bool(ok):
+        raise ValueError(message())

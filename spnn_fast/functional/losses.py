@@ -10,7 +10,7 @@ from torch import Tensor
 
 from spnn_fast import limits
 from spnn_fast._checks import FLOAT_DTYPES, check_matrix, check_same, describe, is_int, is_real
-from spnn_fast.functional._dispatch import triton_or_torch
+from spnn_fast.functional._dispatch import check_values, triton_or_torch
 from spnn_fast.reference.distill_ensemble import ENSEMBLES
 
 __all__ = ["distillation_loss", "feature_distillation_loss", "linear_cross_entropy"]
@@ -128,13 +128,14 @@ def _check_target_values(target: Tensor, v: int, ignore_index: int) -> None:
     if target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= v))
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), f"target outside [0, V={v}) and not ignore_index")
-    elif bool(bad.any()):
-        raise ValueError(
+    check_values(
+        ~bad.any(),
+        lambda: (
             f"target holds {int(target[bad][0])}, outside [0, V={v}) and not "
             f"ignore_index={ignore_index} ({int(bad.sum())} such rows)"
-        )
+        ),
+        f"target outside [0, V={v}) and not ignore_index",
+    )
 
 
 def _distill_backend(

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from spnn_fast import limits
 from spnn_fast._checks import check_matrix, check_same, describe
-from spnn_fast.functional._dispatch import triton_or_torch
+from spnn_fast.functional._dispatch import check_values, triton_or_torch
 
 __all__ = ["target_rank", "topk_scores"]
 
@@ -42,6 +42,52 @@ def _check_ids(name: str, t: object, n: Optional[int], hidden: Tensor) -> Tensor
         raise ValueError(f"{name} must have shape [{n}], got {describe(t)}")
     check_same("hidden", hidden, name, t, dtype=False)
     return t
+
+
+def _check_finite(hidden: Tensor, items: Tensor) -> None:
+    for name, t in (("hidden", hidden), ("items", items)):
+        if t.numel() == 0:
+            continue
+        # min and max propagate NaN and show infinities, in one pass without temporaries
+        lo, hi = torch.aminmax(t)
+        check_values(
+            torch.isfinite(lo) & torch.isfinite(hi),
+            lambda t=t, name=name: (
+                f"{name} holds NaN or infinite values (first in row "
+                f"{int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])}); scores would not rank"
+            ),
+            f"{name} holds NaN or infinite values",
+        )
+
+
+def _check_exclude(offsets: Tensor, ids: Tensor, v: int) -> None:
+    check_values(offsets[0] == 0,
+                 lambda: f"exclude offsets must start at 0, got {int(offsets[0])}",
+                 "exclude offsets must start at 0")  # fmt: skip
+    step = offsets.diff()
+
+    def decreasing() -> str:
+        row = int((step < 0).nonzero()[0, 0])
+        return (f"exclude offsets must be non-decreasing; offsets[{row + 1}] = "
+                f"{int(offsets[row + 1])} < offsets[{row}] = {int(offsets[row])}")  # fmt: skip
+
+    check_values((step >= 0).all(), decreasing, "exclude offsets must be non-decreasing")
+    check_values(offsets[-1] == ids.shape[0],
+                 lambda: f"exclude offsets must end at len(item_ids) = {ids.shape[0]}, got "
+                 f"{int(offsets[-1])}", "exclude offsets must end at len(item_ids)")  # fmt: skip
+    if ids.numel():
+        check_values(((ids >= 1) & (ids <= v)).all(),
+                     lambda: f"exclude item_ids must lie in [1, V] = [1, {v}] (0 is padding), got "
+                     f"values in [{int(ids.min())}, {int(ids.max())}]",
+                     f"exclude item_ids must lie in [1, V={v}]")  # fmt: skip
+
+
+def _check_target(target: Tensor, v: int) -> None:
+    if target.numel():
+        check_values(((target >= 1) & (target <= v)).all(),
+                     lambda: f"target must lie in [1, V] = [1, {v}] (0 is padding), got values in "
+                     f"[{int(target.min())}, {int(target.max())}]",
+                     f"target must lie in [1, V={v}]")  # fmt: skip
 
 
 def _topk_backend(op: str, backend: Optional[str], hidden: Tensor, k: int) -> str:
@@ -108,6 +154,8 @@ def topk_scores(
             )
         offsets = _check_ids("exclude offsets", exclude[0], hidden.shape[0] + 1, hidden)
         ids = _check_ids("exclude item_ids", exclude[1], None, hidden)
+        _check_exclude(offsets, ids, v)
+    _check_finite(hidden, items)
     name = _topk_backend("topk_scores", backend, hidden, int(k))
     return _op(hidden.detach(), items.detach(), int(k), offsets, ids, name)
 
@@ -142,7 +190,9 @@ def target_rank(
     """
     from spnn_fast.ops.topk import target_rank as _op
 
-    _check_catalogue(hidden, items)
+    v = _check_catalogue(hidden, items)
     _check_ids("target", target, hidden.shape[0], hidden)
+    _check_target(target, v)
+    _check_finite(hidden, items)
     name = _topk_backend("target_rank", backend, hidden, 1)
     return _op(hidden.detach(), items.detach(), target, name)
