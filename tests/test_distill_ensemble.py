@@ -164,9 +164,10 @@ def test_large_logits_stable(ensemble, alpha, temperature):
 # --- the chunked path across chunk boundaries -----------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [(16, 300), (33, 1000), (5, 1), (2, 7)])
+@pytest.mark.parametrize("chunk", [(16, 300), (33, 1000), (5, 1), (2, 7), (5, 13)])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_chunked_matches_reference(chunk, alpha):
+    """Chunks of whole catalogue rows (one pass over the catalogue) and of split rows (two)."""
     n, v = (33, 1000) if chunk[1] >= 300 else (11, 13)
     inp = make_inputs(n, v, seed=3)
     hs, ws, hts, wts, y = (inp[k] for k in ("hs", "ws", "hts", "wts", "y"))
