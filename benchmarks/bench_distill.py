@@ -22,6 +22,13 @@ machine) only N = 4096 with V <= 1e5, plus the fused path alone at V = 1e6, alph
 ``SPNN_BENCH_FULL=1`` for the whole grid. ``SPNN_BENCH_DTYPES`` (comma list, e.g.
 ``bfloat16,float32``) picks dtypes; default bfloat16 on CUDA, float32 on the CPU.
 Smoke mode (``--benchmark-disable``): tiny sizes, no compile.
+
+``test_distillation_loss_ensemble``: the loss from M = 3 teachers (D = 64 each), alpha = 0.5, per
+``ensemble``: "distributions" runs the ensemble op (the chunked torch path on every device);
+"logits" is one concatenated teacher of width 3 x 64 = 192, within the kernels' limit, so it
+runs the Triton kernels on CUDA. Baseline ``naive_eager``:
+``spnn_fast.reference.distill_ensemble.distillation_loss_ensemble_reference`` (forms every
+teacher's logits). Sizes: N = 4096 with V = 1e4 (and 1e5 on CUDA).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from _common import device, peak_memory, record, sync
 
 import spnn_fast.functional as SF
 from spnn_fast.reference.distill import distillation_loss_reference
+from spnn_fast.reference.distill_ensemble import distillation_loss_ensemble_reference
 
 D = 64
 ALPHAS = (0.0, 0.5)
@@ -213,3 +221,48 @@ def test_distillation_loss(benchmark, impl, n, v, alpha, dtype):
         dtype=str(dtype),
         device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
     )
+
+
+ENSEMBLE_M = 3
+
+
+@pytest.mark.parametrize("ensemble", ("distributions", "logits"))
+@pytest.mark.parametrize(
+    "n, v",
+    [(64, 500)] if _common.SMOKE else [(4096, 10**4)] + [(4096, 10**5)] * (device().type == "cuda"),
+    ids=lambda x: f"{x}",
+)  # fmt: skip
+@pytest.mark.parametrize("impl", ("spnn_fast", "naive_eager"))
+def test_distillation_loss_ensemble(benchmark, impl, n, v, ensemble):
+    dev, dtype = device(), _dtypes()[0]
+    benchmark.group = (
+        f"distillation_loss ensemble={ensemble} M={ENSEMBLE_M} N={n} V={v} D={D} alpha=0.5 "
+        f"{str(dtype)[6:]}"
+    )
+    hs, ws, _, _, y = _inputs(n, v, dtype, dev)
+    g = torch.Generator().manual_seed(1)  # teachers that differ from each other
+    mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dev, dtype)
+    hts = [mk(n, D) for _ in range(ENSEMBLE_M)]
+    wts = [mk(v, D, scale=0.1) for _ in range(ENSEMBLE_M)]
+    fn = SF.distillation_loss if impl == "spnn_fast" else distillation_loss_ensemble_reference
+
+    def step():
+        hs.grad = ws.grad = None
+        loss = fn(hs, ws, hts, wts, y, temperature=2.0, alpha=0.5, ensemble=ensemble)
+        loss.backward()
+        sync(dev)
+        return loss
+
+    step()
+    if dev.type == "cpu":
+        gc.collect()
+        _release_cpu_heap()
+    peak = peak_memory(step, dev)
+    benchmark.pedantic(step, rounds=1 if _common.SMOKE else 3, iterations=1)
+    backend = "triton" if dev.type == "cuda" and ensemble == "logits" else "torch"
+    name = f"spnn_fast[{backend}]" if impl == "spnn_fast" else impl
+    record(
+        benchmark, impl=name, baseline_of=None if impl == "spnn_fast" else "spnn_fast",
+        peak_bytes=peak, n=n, v=v, d=D, m=ENSEMBLE_M, ensemble=ensemble, alpha=0.5,
+        dtype=str(dtype), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+    )  # fmt: skip

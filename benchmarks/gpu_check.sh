@@ -64,8 +64,8 @@ run_gpu_tests() { # the tests that run the kernels on the GPU; TESTS_K overrides
   # 8 workers when pytest-xdist is installed (Triton compiles dominate), 2 CPU threads each
   if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n 8); export OMP_NUM_THREADS=2; fi
   args+=(-k "${TESTS_K:-cuda or gpu or triton or low_precision or half}")
-  "$PY" -m pytest tests/test_attention.py tests/test_distill.py tests/test_feature_distill.py \
-    "${args[@]}"
+  "$PY" -m pytest tests/test_attention.py tests/test_distill.py tests/test_distill_ensemble.py \
+    tests/test_feature_distill.py "${args[@]}"
 }
 
 train_cuda() { # the main job on ml-100k on the GPU, 1 seed, 1 epoch: windows per second

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -124,7 +124,8 @@ class DistillationLoss(nn.Module):
     """Fused linear cross-entropy + logit distillation; see
     :func:`spnn_fast.functional.distillation_loss` for the arguments of ``forward``.
 
-    ``alpha = 0`` is the plain fused linear cross-entropy (no teacher needed).
+    ``alpha = 0`` is the plain fused linear cross-entropy (no teacher needed). Lists of teacher
+    tensors are an ensemble, combined as ``ensemble`` says.
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class DistillationLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         backend: Optional[str] = None,
+        ensemble: str = "distributions",
     ) -> None:
         super().__init__()
         self.temperature = temperature
@@ -141,31 +143,34 @@ class DistillationLoss(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.backend = backend
+        self.ensemble = ensemble
 
     def forward(
         self,
         student_hidden: Tensor,
         student_items: Tensor,
-        teacher_hidden: Optional[Tensor] = None,
-        teacher_items: Optional[Tensor] = None,
+        teacher_hidden: Union[Tensor, Sequence[Tensor], None] = None,
+        teacher_items: Union[Tensor, Sequence[Tensor], None] = None,
         target: Optional[Tensor] = None,
     ) -> Tensor:
         """The loss of :func:`spnn_fast.functional.distillation_loss`: hidden states
-        ``[..., Ds]`` / ``[..., Dt]``, item tables ``[V, Ds]`` / ``[V, Dt]``, integer ``target``
-        of the leading shape (``ignore_index`` where a row does not count); float32, a scalar
-        or the leading shape with ``reduction="none"``."""
+        ``[..., Ds]`` / ``[..., Dt]`` (or a list of M teachers' ``[..., Dt_m]``), item tables
+        ``[V, Ds]`` / ``[V, Dt]`` (or the M teachers' ``[V, Dt_m]``), integer ``target`` of the
+        leading shape (``ignore_index`` where a row does not count); float32, a scalar or the
+        leading shape with ``reduction="none"``."""
         from spnn_fast.functional import distillation_loss
 
         return distillation_loss(
             student_hidden, student_items, teacher_hidden, teacher_items, target,
             temperature=self.temperature, alpha=self.alpha, ignore_index=self.ignore_index,
-            reduction=self.reduction, backend=self.backend,
+            reduction=self.reduction, ensemble=self.ensemble, backend=self.backend,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, alpha={self.alpha}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"ensemble={self.ensemble!r}"
         )
 
 

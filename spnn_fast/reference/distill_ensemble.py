@@ -20,14 +20,17 @@ that loss with one concatenated teacher (``cat_m(ht_m) / M`` against ``cat_m(Wt_
   the catalogue gives every teacher's ``lse_m = logsumexp(z_m / T)`` (and the student's
   ``lse_s = logsumexp(z_s)``, ``lse_sT = logsumexp(z_s / T)``); a second pass sums
   ``p_ens,c * (log p_ens,c - log p_s,c)`` with ``log p_ens,c = logsumexp_m(z_m,c / T - lse_m) -
-  log M``, accumulated teacher by teacher in one chunk buffer. The backward recomputes ``p_ens``
+  log M``, accumulated teacher by teacher in one chunk buffer. When a chunk holds whole
+  catalogue rows (the chunk plan's usual case) the two passes are one: each teacher's ``lse_m``
+  is known as soon as its logits are. The backward recomputes ``p_ens``
   chunk by chunk from the saved ``lse_m [N, M]``::
 
     dz_s = (1 - alpha) * (softmax(z_s) - onehot(y)) + alpha * T * (softmax(z_s / T) - p_ens)
 
   The chunks are those of :func:`spnn_fast.reference.distill.chunk_plan` (the same three buffers
-  under the same byte budget), visited in a fixed order, so the extra memory is
-  ``O(N * M + budget + V * Ds)``, never ``O(N * V)``, and a call's result is deterministic.
+  under the same byte budget), visited in a fixed order: the extra memory is the budget, the
+  ``O(N * M)`` statistics and copies of the operands (the teachers' hidden states divided by T;
+  the tables in fp32 for half inputs), never ``O(N * V)``, and a call's result is deterministic.
 """
 
 from __future__ import annotations
@@ -91,28 +94,94 @@ def distillation_loss_ensemble_reference(
     return _single.reduce_rows(loss, target, ignore_index, reduction)
 
 
-def _setup(hs, ws, hts, wts, alpha, chunk):
-    """Student operands in the accumulation dtype, the teachers' (empty without distillation),
-    the flags ``(has_ce, has_kd)``, the chunk shape and the three-buffer workspace."""
+def _setup(hs, ws, hts, wts, alpha, temperature, chunk):
+    """Student operands in the accumulation dtype, the teachers' (empty without distillation;
+    the hidden states divided by T, so that their matmuls give ``z_m / T`` at once), the flags
+    ``(has_ce, has_kd)``, the chunk shape and the three-buffer workspace."""
     hs, ws, _, _, _, _, rows, cols, work = _single._setup(hs, ws, None, None, 0.0, chunk)
     has_ce, has_kd = alpha < 1, alpha > 0
-    hts = [h.to(hs.dtype) for h in hts] if has_kd else []
+    hts = [h.to(hs.dtype) / temperature for h in hts] if has_kd else []
     wts = [w.to(hs.dtype) for w in wts] if has_kd else []
     return hs, ws, hts, wts, has_ce, has_kd, rows, cols, work
 
 
-def _log_p_ens(hts, wts, sl, c0, c1, lse_t, inv_t, out: Tensor, scratch: Tensor) -> Tensor:
+def _log_p_ens(hts, wts, sl, c0, c1, lse_t, out: Tensor, scratch: Tensor) -> Tensor:
     """``log p_ens`` of rows ``sl`` and columns ``c0:c1`` into ``out``: teacher 0's log-softmax
     (from its saved ``lse``), then each further teacher's, formed in ``scratch``, merged with
     ``logaddexp`` in place; minus ``log M``. The teachers are visited in their order."""
     for k, (h, w) in enumerate(zip(hts, wts)):
         z = torch.matmul(h[sl], w[c0:c1].T, out=out if k == 0 else scratch)
-        z.mul_(inv_t).sub_(lse_t[sl, k, None])
+        z.sub_(lse_t[sl, k, None])
         if k > 0:
             torch.logaddexp(out, z, out=out)
     if len(hts) > 1:
         out.sub_(math.log(len(hts)))
     return out
+
+
+def _lse_pass(ops, sl, v, cols, inv_t, has_ce, has_kd, work, lse_s, lse_st, lse_t) -> None:
+    """Pass 1 over the catalogue for rows ``sl``: ``lse_s``, ``lse_sT`` and every teacher's
+    ``lse_t``, combined across column chunks."""
+    hs, ws, hts, wts = ops
+    r = sl.stop - sl.start
+    for c0, c1 in _single._spans(v, cols):
+        first, c = c0 == 0, c1 - c0
+        zs = torch.matmul(hs[sl], ws[c0:c1].T, out=work.take(0, r, c))
+        tmp = work.take(1, r, c)
+        if has_ce:
+            mx, s = _single._max_sumexp(zs, tmp)
+            lse_s[sl] = _single._combine(lse_s[sl], mx + s.log(), first)
+        if has_kd:
+            mx, s = _single._max_sumexp(zs.mul_(inv_t), tmp)
+            lse_st[sl] = _single._combine(lse_st[sl], mx + s.log(), first)
+            for k, (h, w) in enumerate(zip(hts, wts)):
+                zt = torch.matmul(h[sl], w[c0:c1].T, out=work.take(2, r, c))
+                mx, s = _single._max_sumexp(zt, tmp)
+                lse_t[sl, k] = _single._combine(lse_t[sl, k], mx + s.log(), first)
+
+
+def _kl_pass(ops, sl, v, cols, inv_t, work, lse_st, lse_t) -> Tensor:
+    """Pass 2 for rows ``sl``, from pass 1's statistics: ``KL(p_ens || p_s) =
+    sum_c p_ens,c * (log p_ens,c - log p_s,c)``, summed over the column chunks in order."""
+    hs, ws, hts, wts = ops
+    r = sl.stop - sl.start
+    kl = hs.new_zeros(r)
+    for c0, c1 in _single._spans(v, cols):
+        c = c1 - c0
+        log_ps = torch.matmul(hs[sl], ws[c0:c1].T, out=work.take(0, r, c))
+        log_ps.mul_(inv_t).sub_(lse_st[sl, None])
+        log_pe = _log_p_ens(hts, wts, sl, c0, c1, lse_t, work.take(2, r, c), work.take(1, r, c))
+        p_e = torch.exp(log_pe, out=work.take(1, r, c))
+        kl += p_e.mul_(log_pe.sub_(log_ps)).sum(dim=1)
+    return kl
+
+
+def _kl_whole_rows(ops, sl, v, inv_t, has_ce, work, lse_s, lse_st, lse_t) -> Tensor:
+    """Both passes at once when a chunk holds whole catalogue rows (the usual case): each
+    teacher's ``lse`` is then known as soon as its logits are formed, so its log-softmax merges
+    into ``log p_ens`` at once and no logits are formed twice. The same statistics as
+    :func:`_lse_pass` and the same KL as :func:`_kl_pass`, in half the matmuls."""
+    hs, ws, hts, wts = ops
+    r = sl.stop - sl.start
+    log_pe, scratch, tmp = work.take(2, r, v), work.take(1, r, v), work.take(0, r, v)
+    for k, (h, w) in enumerate(zip(hts, wts)):
+        z = torch.matmul(h[sl], w.T, out=log_pe if k == 0 else scratch)
+        mx, s = _single._max_sumexp(z, tmp)
+        lse_t[sl, k] = mx + s.log()
+        z.sub_(lse_t[sl, k, None])
+        if k > 0:
+            torch.logaddexp(log_pe, z, out=log_pe)
+    if len(hts) > 1:
+        log_pe.sub_(math.log(len(hts)))
+    zs = torch.matmul(hs[sl], ws.T, out=scratch)
+    if has_ce:
+        mx, s = _single._max_sumexp(zs, tmp)
+        lse_s[sl] = mx + s.log()
+    mx, s = _single._max_sumexp(zs.mul_(inv_t), tmp)
+    lse_st[sl] = mx + s.log()
+    log_ps = zs.sub_(lse_st[sl, None])
+    p_e = torch.exp(log_pe, out=tmp)
+    return p_e.mul_(log_pe.sub_(log_ps)).sum(dim=1)
 
 
 @torch.no_grad()
@@ -136,40 +205,19 @@ def distill_rows_ensemble_chunked(
     """
     n, v, m = student_hidden.shape[0], student_items.shape[0], len(teacher_hidden)
     hs, ws, hts, wts, has_ce, has_kd, rows, cols, work = _setup(
-        student_hidden, student_items, teacher_hidden, teacher_items, alpha, chunk
+        student_hidden, student_items, teacher_hidden, teacher_items, alpha, temperature, chunk
     )
-    inv_t = 1.0 / temperature
+    ops, inv_t = (hs, ws, hts, wts), 1.0 / temperature
     lse_s, lse_st, kl = (hs.new_zeros(n) for _ in range(3))
     lse_t = hs.new_zeros(n, m)
     for r0, r1 in _single._spans(n, rows):
-        sl, r = slice(r0, r1), r1 - r0
-        # Pass 1: the log-sum-exps of the student and of every teacher.
-        for c0, c1 in _single._spans(v, cols):
-            first, c = c0 == 0, c1 - c0
-            zs = torch.matmul(hs[sl], ws[c0:c1].T, out=work.take(0, r, c))
-            tmp = work.take(1, r, c)
-            if has_ce:
-                mx, s = _single._max_sumexp(zs, tmp)
-                lse_s[sl] = _single._combine(lse_s[sl], mx + s.log(), first)
-            if has_kd:
-                mx, s = _single._max_sumexp(zs.mul_(inv_t), tmp)
-                lse_st[sl] = _single._combine(lse_st[sl], mx + s.log(), first)
-                for k, (h, w) in enumerate(zip(hts, wts)):
-                    zt = torch.matmul(h[sl], w[c0:c1].T, out=work.take(2, r, c)).mul_(inv_t)
-                    mx, s = _single._max_sumexp(zt, tmp)
-                    lse_t[sl, k] = _single._combine(lse_t[sl, k], mx + s.log(), first)
-        if not has_kd:
+        sl = slice(r0, r1)
+        if has_kd and cols == v:
+            kl[sl] = _kl_whole_rows(ops, sl, v, inv_t, has_ce, work, lse_s, lse_st, lse_t)
             continue
-        # Pass 2: KL(p_ens || p_s) = sum_c p_ens,c * (log p_ens,c - log p_s,c).
-        for c0, c1 in _single._spans(v, cols):
-            c = c1 - c0
-            log_ps = torch.matmul(hs[sl], ws[c0:c1].T, out=work.take(0, r, c))
-            log_ps.mul_(inv_t).sub_(lse_st[sl, None])
-            log_pe = _log_p_ens(
-                hts, wts, sl, c0, c1, lse_t, inv_t, work.take(2, r, c), work.take(1, r, c)
-            )
-            p_e = torch.exp(log_pe, out=work.take(1, r, c))
-            kl[sl] += p_e.mul_(log_pe.sub_(log_ps)).sum(dim=1)
+        _lse_pass(ops, sl, v, cols, inv_t, has_ce, has_kd, work, lse_s, lse_st, lse_t)
+        if has_kd:
+            kl[sl] = _kl_pass(ops, sl, v, cols, inv_t, work, lse_st, lse_t)
     loss = hs.new_zeros(n)
     if has_ce:
         y = _single._safe_target(target, ignore_index)
@@ -201,7 +249,7 @@ def distill_rows_ensemble_chunked_backward(
     of :func:`distill_rows_ensemble_chunked`, from its statistics."""
     n, v = student_hidden.shape[0], student_items.shape[0]
     hs, ws, hts, wts, has_ce, has_kd, rows, cols, work = _setup(
-        student_hidden, student_items, teacher_hidden, teacher_items, alpha, chunk
+        student_hidden, student_items, teacher_hidden, teacher_items, alpha, temperature, chunk
     )
     inv_t = 1.0 / temperature
     g = grad_rows.to(hs.dtype)
@@ -217,7 +265,7 @@ def distill_rows_ensemble_chunked_backward(
             dz = None
             if has_kd:
                 p_e = _log_p_ens(
-                    hts, wts, sl, c0, c1, lse_t, inv_t, work.take(2, r, c), work.take(1, r, c)
+                    hts, wts, sl, c0, c1, lse_t, work.take(2, r, c), work.take(1, r, c)
                 ).exp_()
                 dz = torch.mul(zs, inv_t, out=work.take(1, r, c))
                 dz.sub_(lse_st[sl, None]).exp_().sub_(p_e).mul_(alpha * temperature)
