@@ -34,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "LOGIT_BUDGET_BYTES",
     "chunk_plan",
+    "chunked_grads",
     "distill_rows_chunked",
     "distill_rows_chunked_backward",
     "distillation_loss_reference",
@@ -240,10 +241,32 @@ def distill_rows_chunked_backward(
     chunk: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Gradients ``(d_student_hidden, d_student_items)`` for ``grad_rows [N]`` on the row losses."""
-    n, v = student_hidden.shape[0], student_items.shape[0]
     hs, ws, ht, wt, has_ce, has_kd, rows, cols, work = _setup(
         student_hidden, student_items, teacher_hidden, teacher_items, alpha, chunk
     )
+    inv_t = 1.0 / temperature
+
+    def teacher_probs(sl: slice, c0: int, c1: int) -> Tensor:  # softmax(z_t / T), one chunk
+        pt = torch.matmul(ht[sl], wt[c0:c1].T, out=work.take(1, sl.stop - sl.start, c1 - c0))
+        return pt.mul_(inv_t).sub_(lse_tt[sl, None]).exp_()
+
+    d_hs, d_ws = chunked_grads(
+        grad_rows, hs, ws, target, lse_s, lse_st, temperature, alpha, ignore_index, has_ce,
+        has_kd, rows, cols, work, teacher_probs, dz_buffer=2,
+    )  # fmt: skip
+    return d_hs.to(student_hidden.dtype), d_ws.to(student_items.dtype)
+
+
+def chunked_grads(
+    grad_rows, hs, ws, target, lse_s, lse_st, temperature, alpha, ignore_index, has_ce, has_kd,
+    rows, cols, work, teacher_probs, dz_buffer,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """``(d_hs, d_ws)`` in the accumulation dtype, chunk by chunk, for any teacher:
+    ``teacher_probs(rows_slice, c0, c1)`` gives the teacher's (or an ensemble's) softened
+    distribution on a chunk, in a workspace buffer other than 0 and ``dz_buffer``. With
+    ``dz = (1-alpha)(softmax(z_s) - onehot(y)) + alpha T (softmax(z_s/T) - p_t)`` per row, times
+    ``grad_rows``; the one-hot part is added outside the chunks."""
+    n, v = hs.shape[0], ws.shape[0]
     inv_t = 1.0 / temperature
     g = grad_rows.to(hs.dtype)
     if target is not None:
@@ -257,9 +280,8 @@ def distill_rows_chunked_backward(
             zs = torch.matmul(hs[sl], ws[c0:c1].T, out=work.take(0, r, c))
             dz = None
             if has_kd:
-                pt = torch.matmul(ht[sl], wt[c0:c1].T, out=work.take(1, r, c))
-                pt.mul_(inv_t).sub_(lse_tt[sl, None]).exp_()
-                dz = torch.mul(zs, inv_t, out=work.take(2, r, c))
+                pt = teacher_probs(sl, c0, c1)
+                dz = torch.mul(zs, inv_t, out=work.take(dz_buffer, r, c))
                 dz.sub_(lse_st[sl, None]).exp_().sub_(pt).mul_(alpha * temperature)
             if has_ce:  # the softmax part; the one-hot part is added below, outside the chunks
                 ps = zs.sub_(lse_s[sl, None]).exp_().mul_(1.0 - alpha)
@@ -272,4 +294,4 @@ def distill_rows_chunked_backward(
         coef = g.mul(alpha - 1.0)[:, None]  # d loss / d z_s[n, y_n] from the one-hot term
         d_hs.add_(coef * ws[y])
         d_ws.index_add_(0, y, coef * hs)
-    return d_hs.to(student_hidden.dtype), d_ws.to(student_items.dtype)
+    return d_hs, d_ws

@@ -247,37 +247,18 @@ def distill_rows_ensemble_chunked_backward(
 ) -> Tuple[Tensor, Tensor]:
     """Gradients ``(d_student_hidden, d_student_items)`` for ``grad_rows [N]`` on the row losses
     of :func:`distill_rows_ensemble_chunked`, from its statistics."""
-    n, v = student_hidden.shape[0], student_items.shape[0]
     hs, ws, hts, wts, has_ce, has_kd, rows, cols, work = _setup(
         student_hidden, student_items, teacher_hidden, teacher_items, alpha, temperature, chunk
     )
-    inv_t = 1.0 / temperature
-    g = grad_rows.to(hs.dtype)
-    if target is not None:
-        g = torch.where(target != ignore_index, g, torch.zeros_like(g))
-    d_hs = torch.zeros_like(hs)
-    d_ws = torch.zeros_like(ws)
-    for r0, r1 in _single._spans(n, rows):
-        sl, r = slice(r0, r1), r1 - r0
-        for c0, c1 in _single._spans(v, cols):
-            c = c1 - c0
-            zs = torch.matmul(hs[sl], ws[c0:c1].T, out=work.take(0, r, c))
-            dz = None
-            if has_kd:
-                p_e = _log_p_ens(
-                    hts, wts, sl, c0, c1, lse_t, work.take(2, r, c), work.take(1, r, c)
-                ).exp_()
-                dz = torch.mul(zs, inv_t, out=work.take(1, r, c))
-                dz.sub_(lse_st[sl, None]).exp_().sub_(p_e).mul_(alpha * temperature)
-            if has_ce:  # the softmax part; the one-hot part is added below, outside the chunks
-                ps = zs.sub_(lse_s[sl, None]).exp_().mul_(1.0 - alpha)
-                dz = ps if dz is None else dz.add_(ps)
-            dz.mul_(g[sl, None])
-            d_hs[sl].addmm_(dz, ws[c0:c1])
-            d_ws[c0:c1].addmm_(dz.T, hs[sl])
-    if has_ce:
-        y = _single._safe_target(target, ignore_index)
-        coef = g.mul(alpha - 1.0)[:, None]  # d loss / d z_s[n, y_n] from the one-hot term
-        d_hs.add_(coef * ws[y])
-        d_ws.index_add_(0, y, coef * hs)
+
+    def teacher_probs(sl: slice, c0: int, c1: int) -> Tensor:  # p_ens on one chunk
+        r, c = sl.stop - sl.start, c1 - c0
+        return _log_p_ens(
+            hts, wts, sl, c0, c1, lse_t, work.take(2, r, c), work.take(1, r, c)
+        ).exp_()
+
+    d_hs, d_ws = _single.chunked_grads(
+        grad_rows, hs, ws, target, lse_s, lse_st, temperature, alpha, ignore_index, has_ce,
+        has_kd, rows, cols, work, teacher_probs, dz_buffer=1,
+    )  # fmt: skip
     return d_hs.to(student_hidden.dtype), d_ws.to(student_items.dtype)
