@@ -245,9 +245,9 @@ def _k_pad(k: int) -> int:
 
 def _config(block_d: int, k_pad: int) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_V, num_warps) of the top-k kernel: the kept keys ([BLOCK_N, K_PAD] int64)
-    and a tile's keys live in registers, so the row block narrows as k or D grows. Per cuobjdump
-    on sm_90 cubins (not timed): no register spills up to D = 64 (any k) and for fp16/bf16 up to
-    D = 256; fp32 at D > 64 spills."""
+    and a tile's keys live in registers, so the row block narrows as k or D grows, sized so that
+    fp16/bf16 never spill (``benchmarks/kernel_stats.py`` compiles every variant; fp32 at
+    D > 64 may)."""
     if block_d > 64:
         return 32, 64, 8
     return (64 if k_pad <= 32 else 32), 64, 4

@@ -4,6 +4,7 @@ raw traceback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -97,3 +98,12 @@ def read_json(path: Union[str, os.PathLike], keys: Sequence[str] = (), recover: 
 def write_json(obj, path: Union[str, os.PathLike]) -> None:
     """``obj`` as indented JSON at ``path``, atomically."""
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), text=True)
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

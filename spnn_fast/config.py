@@ -18,6 +18,7 @@ import numpy as np
 from spnn_fast import backends, limits
 from spnn_fast._checks import check_device, is_int, is_real
 from spnn_fast.model import SPNN, SPNNConfig
+from spnn_fast.reference.distill_ensemble import ENSEMBLES
 
 __all__ = [
     "ENSEMBLES",
@@ -42,15 +43,14 @@ TEACHER_INPUTS = ("full", "cut")
 # What student_kd's logit term learns from: its own seed's teacher, or the ensemble of the run's
 # teachers (one per seed); and how an ensemble's predictions combine.
 KD_TEACHERS = ("seed", "ensemble")
-ENSEMBLES = ("distributions", "logits")
 # Bounds of the main job's model shapes, so that a slip of the finger (--max-len 100000000) is
 # refused before anything is written instead of allocating a position table of gigabytes: a
 # window of L events holds L x L attention scores per head and sequence (64 MiB at L = MAX_LEN).
 MAX_LEN = 4096
 MAX_WIDTH = 4096  # d_model of a model
 MAX_LAYERS = 64
-# The students' width when student_d is None: the width the main job was tuned at on ml-100k,
-# or the largest multiple of student_heads below it that keeps the 1/4 rule on a larger catalogue.
+# The students' width when student_d is None: at most this, the largest multiple of
+# student_heads that keeps a student within 1/4 of the teacher's parameters on the data.
 STUDENT_MAX_D = 24
 # The backends of the model's ops (attention and losses): they have no C++ implementation.
 MODEL_BACKENDS = tuple(b for b in backends.BACKENDS if b != "cpp")

@@ -56,7 +56,13 @@ import numpy as np
 
 from spnn_fast._formats import Raw, Side, read_atomic, read_csv, read_ml1m, resolve
 from spnn_fast._tables import canonical_ints
-from spnn_fast.download import KNOWN_DATASETS, DatasetUnavailableError, check_counts, fetch
+from spnn_fast.download import (
+    KNOWN_DATASETS,
+    DatasetUnavailableError,
+    check_counts,
+    fetch,
+    is_dataset_name,
+)
 from spnn_fast.log import InteractionLog
 
 __all__ = [
@@ -259,7 +265,7 @@ def load(
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
     text = os.fspath(source)
-    named = text in KNOWN_DATASETS and os.sep not in text and "/" not in text
+    named = is_dataset_name(text)
     if named:
         folder = fetch(text, download=download)
         raw = read_atomic(folder / f"{text}.inter", user_col, item_col, time_col)

@@ -20,7 +20,14 @@ from typing import Dict, List
 
 from spnn_fast._io import atomic_write
 
-__all__ = ["KNOWN_DATASETS", "DatasetUnavailableError", "cache_dir", "check_counts", "fetch"]
+__all__ = [
+    "KNOWN_DATASETS",
+    "DatasetUnavailableError",
+    "cache_dir",
+    "check_counts",
+    "fetch",
+    "is_dataset_name",
+]
 
 logger = logging.getLogger("spnn_fast")
 
@@ -37,6 +44,12 @@ KNOWN_DATASETS: Dict[str, str] = {
 
 class DatasetUnavailableError(RuntimeError):
     """A named data set is neither cached nor downloadable (the message says how to provide it)."""
+
+
+def is_dataset_name(text: str) -> bool:
+    """Whether ``load(text)`` reads a named data set: a known name without a path separator (a
+    name with one, such as ``./ml-100k``, is a path)."""
+    return text in KNOWN_DATASETS and os.sep not in text and "/" not in text
 
 
 def cache_dir() -> Path:

@@ -12,6 +12,7 @@ from spnn_fast.functional import target_rank
 from spnn_fast.metrics import MetricAccumulator, ranks_from_scores
 from spnn_fast.model import SPNN
 from spnn_fast.protocol import EvalSet, train_ends
+from spnn_fast.reference.distill import LOGIT_BUDGET_BYTES
 from spnn_fast.windows import make_batch
 
 __all__ = ["evaluate"]
@@ -21,7 +22,8 @@ def _ensemble_ranks(models, hiddens, target, ensemble: str, temperature: float) 
     """Ranks of ``target`` under the ensemble of ``models`` (their last hidden states
     ``hiddens``): ``"logits"`` ranks by the mean logits, one product of the concatenated hidden
     states and item tables, so the fused rank op serves it; ``"distributions"`` by the mean of
-    the temperature-softened distributions, which takes each row's scores ``[rows, V + 1]``."""
+    the temperature-softened distributions, which takes each row's scores ``[rows, V + 1]``
+    (:func:`evaluate` sizes its row batches so that they stay within the logits budget)."""
     m = len(models)
     tables = [model.item_emb.weight for model in models]
     if ensemble == "logits":
@@ -67,6 +69,10 @@ def evaluate(
         m.eval()
     model = models[0]
     cfg = model.config
+    if len(models) > 1 and ensemble == "distributions":
+        # its rows' scores are formed ([rows, V] per teacher): as many rows as the budget holds
+        per_row = 2 * len(models) * (cfg.num_items + 1) * 4
+        batch_size = min(batch_size, max(1, LOGIT_BUDGET_BYTES // per_row))
     max_len = min(cfg.max_len, eval_set.max_history or cfg.max_len)
     acc = MetricAccumulator(ks, device=torch.device("cpu"))
     rows, ends, targets = (a[rank::size] for a in (eval_set.rows, eval_set.ends, eval_set.targets))

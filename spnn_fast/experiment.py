@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from spnn_fast._io import DamagedFileError
+from spnn_fast._io import DamagedFileError, file_sha256
 from spnn_fast.config import STUDENT_MAX_D, ExperimentConfig, num_parameters
 from spnn_fast.data import Dataset, load
 from spnn_fast.distributed import world
@@ -54,6 +54,7 @@ __all__ = [
     "REPORT_SPLITS",
     "build_report",
     "check_sizes",
+    "checkpoint_data",
     "evaluate_checkpoint",
     "run",
     "seed_model",
@@ -252,9 +253,13 @@ def _ensemble_result(cfg: ExperimentConfig, ds: Dataset, teachers, run_dir: str,
     from spnn_fast.protocol import eval_sets
 
     path = os.path.join(run_dir, "ensemble", "result.json")
+    # what the saved row was evaluated on: the teachers (each best.pt's hash) and how they combine
+    members = [file_sha256(os.path.join(model_dir(run_dir, s, "teacher"), "best.pt"))
+               for s in range(len(teachers))]  # fmt: skip
     if os.path.exists(path):
         saved = read_result(path, tuple(REPORT_SPLITS.values()), METRICS)
-        if (saved.get("ensemble"), saved.get("temperature")) == (cfg.kd_ensemble, cfg.temperature):
+        now = (members, cfg.kd_ensemble, cfg.temperature)
+        if (saved.get("teachers"), saved.get("ensemble"), saved.get("temperature")) == now:
             return saved
     final = {split: evaluate(teachers, ds.log, es, with_se=True, device=cfg.device,
                              ensemble=cfg.kd_ensemble, temperature=cfg.temperature)
@@ -264,7 +269,7 @@ def _ensemble_result(cfg: ExperimentConfig, ds: Dataset, teachers, run_dir: str,
         "standard_errors": {s: se for s, (_, se) in final.items()},
         "history": [], "best_epoch": 0, "train_seconds": 0.0, "windows_per_second": 0.0,
         "params": sum(t.num_parameters() for t in teachers),
-        "ensemble": cfg.kd_ensemble, "temperature": cfg.temperature,
+        "ensemble": cfg.kd_ensemble, "temperature": cfg.temperature, "teachers": members,
     }  # fmt: skip
     log(f"{ENSEMBLE} of {len(teachers)} teachers ({cfg.kd_ensemble}): valid NDCG@10 "
         f"{result['metrics']['valid']['NDCG@10']:.4f}")  # fmt: skip
@@ -325,14 +330,11 @@ def build_report(cfg: ExperimentConfig, ds: Dataset, results: Dict[str, List[Dic
     }
 
 
-def evaluate_checkpoint(path: str, device: str = "cpu", dataset: Optional[str] = None, *,
-                        allow_changed_data: bool = False, log=print) -> Dict:  # fmt: skip
-    """Metrics of a saved model on every split of its data set (``dataset``: another path to
-    them). Data whose fingerprint differs from the one the checkpoint records are refused,
-    naming both, unless ``allow_changed_data``."""
-    from spnn_fast.protocol import eval_sets
-
-    model, ck = load_checkpoint(path, device)
+def checkpoint_data(path: str, ck: Dict, dataset: Optional[str] = None, *,
+                    allow_changed_data: bool = False, log=print) -> Dataset:  # fmt: skip
+    """The data set of a saved model (``dataset``: another path to them), loaded and checked
+    against the fingerprint the checkpoint records (refused, naming both, unless
+    ``allow_changed_data``) and against the model's item count."""
     source = dataset or ck.get("dataset")
     if not isinstance(source, str):
         raise DamagedFileError(f"{path} names no data set: give --dataset")
@@ -340,13 +342,22 @@ def evaluate_checkpoint(path: str, device: str = "cpu", dataset: Optional[str] =
     recorded = ck.get("data")
     if recorded is not None and not is_fingerprint(recorded):
         raise DamagedFileError(f"{path}: its data fingerprint is damaged; give --dataset and "
-                               f"--allow-changed-data to evaluate it anyway")  # fmt: skip
+                               f"--allow-changed-data to use it anyway")  # fmt: skip
+    ds = load(source)  # first: a named data set may need its download
     check_same_data(recorded, data_fingerprint(source), path,
                     allow_changed=allow_changed_data, log=log)  # fmt: skip
-    ds = load(source)
-    if ds.log.num_items != model.config.num_items:
-        raise ValueError(
-            f"{path} scores {model.config.num_items} items, the dataset has {ds.log.num_items}"
-        )
+    items = ck["config"]["num_items"]
+    if ds.log.num_items != items:
+        raise ValueError(f"{path} scores {items} items, the data set has {ds.log.num_items}")
+    return ds
+
+
+def evaluate_checkpoint(path: str, device: str = "cpu", dataset: Optional[str] = None, *,
+                        allow_changed_data: bool = False, log=print) -> Dict:  # fmt: skip
+    """Metrics of a saved model on every split of its data set (see :func:`checkpoint_data`)."""
+    from spnn_fast.protocol import eval_sets
+
+    model, ck = load_checkpoint(path, device)
+    ds = checkpoint_data(path, ck, dataset, allow_changed_data=allow_changed_data, log=log)
     return {s: evaluate(model.to(device), ds.log, es, device=device)
             for s, es in eval_sets(ds.log).items()}  # fmt: skip

@@ -5,31 +5,26 @@ from another directory reads the same file."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from spnn_fast._checks import is_int
 from spnn_fast._formats import resolve, source_files
-from spnn_fast.download import KNOWN_DATASETS, cache_dir
+from spnn_fast._io import file_sha256
+from spnn_fast.download import cache_dir, is_dataset_name
 
 __all__ = ["absolute_dataset", "check_same_data", "data_fingerprint", "is_fingerprint"]
-
-
-def _is_name(dataset: str) -> bool:
-    # The rule of spnn_fast.data.load: a known name without a path separator is a name.
-    return dataset in KNOWN_DATASETS and os.sep not in dataset and "/" not in dataset
 
 
 def absolute_dataset(dataset: str) -> str:
     """``dataset`` as a run folder records it: a known name as it is, a path made absolute (so
     that ``--resume`` and ``eval`` from another directory read the same file)."""
-    return dataset if _is_name(dataset) else os.path.abspath(os.path.expanduser(dataset))
+    return dataset if is_dataset_name(dataset) else os.path.abspath(os.path.expanduser(dataset))
 
 
 def _data_files(dataset: str) -> List[Path]:
-    if _is_name(dataset):
+    if is_dataset_name(dataset):
         return source_files(cache_dir() / dataset / f"{dataset}.inter", "atomic")
     return source_files(*resolve(Path(dataset).expanduser(), None))
 
@@ -37,14 +32,8 @@ def _data_files(dataset: str) -> List[Path]:
 def data_fingerprint(dataset: str) -> Dict:
     """What ``load(dataset)`` reads: ``{"source": absolute path or name, "files": {name:
     {"bytes": size, "sha256": hex digest}}}`` over the data file and its side files."""
-    files = {}
-    for path in _data_files(dataset):
-        digest, size = hashlib.sha256(), 0
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-                size += len(chunk)
-        files[path.name] = {"bytes": size, "sha256": digest.hexdigest()}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in _data_files(dataset)}  # fmt: skip
     return {"source": absolute_dataset(dataset), "files": files}
 
 

@@ -134,17 +134,6 @@ def resolve_checkpoint(source: str, model: Optional[str] = None, seed: Optional[
     return path
 
 
-def _dataset_of(checkpoint: dict, path: str) -> str:
-    """The data set a checkpoint was trained on: its ``dataset`` key, else its run's run.json."""
-    if checkpoint.get("dataset"):
-        return checkpoint["dataset"]
-    run_json = os.path.join(os.path.dirname(path), "..", "..", "run.json")
-    if os.path.isfile(run_json):
-        with open(run_json) as f:
-            return json.load(f)["config"]["dataset"]
-    raise ValueError(f"{path} does not name its data set; pass --dataset")
-
-
 def select_users(log, users: str) -> np.ndarray:
     """User rows of ``log`` for ``users``: ``"all"``, or a file of raw user ids, one per line
     (blank lines skipped), in the file's order."""
@@ -230,6 +219,7 @@ def serve(
     batch_size: int = 256,
     dataset: Optional[str] = None,
     progress: Optional[bool] = None,
+    allow_changed_data: bool = False,
 ) -> int:
     """``spnn-fast recommend``: write each selected user's top ``k`` to ``out`` (CSV on stdout
     when None); returns the number of rows written. ``progress=None`` shows a bar when the users
@@ -240,7 +230,7 @@ def serve(
             output folder. ValueError: a bad argument (named as its flag).
     """
     from spnn_fast._io import atomic_write
-    from spnn_fast.data import load
+    from spnn_fast.experiment import checkpoint_data
     from spnn_fast.runfolder import load_checkpoint
 
     for flag, value, low in (("--k", k, 1), ("--batch-size", batch_size, 1)):
@@ -249,18 +239,13 @@ def serve(
     fmt = _output_format(out)
     path = resolve_checkpoint(source, model, seed)
     net, checkpoint = load_checkpoint(path, device)
-    name = dataset or _dataset_of(checkpoint, path)
     try:
-        ds = load(name)
+        ds = checkpoint_data(path, checkpoint, dataset, allow_changed_data=allow_changed_data,
+                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     except FileNotFoundError as e:
-        if dataset is not None:
-            raise FileNotFoundError(f"--dataset {dataset}: {e}") from None
-        raise FileNotFoundError(
-            f"{path} was trained on {name}, which is not there from here ({e}); pass --dataset"
-        ) from None
+        flag = f"--dataset {dataset}" if dataset is not None else f"{path}'s data set"
+        raise FileNotFoundError(f"{flag}: {e}; pass --dataset") from None
     v = ds.log.num_items
-    if v != net.config.num_items:
-        raise ValueError(f"{path} scores {net.config.num_items} items, the data set has {v}")
     if k > v:
         raise ValueError(f"--k must be in [1, V={v}] (the data set's items), got {k}")
     rows = select_users(ds.log, users)
@@ -297,6 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256, help="users per forward pass")
     parser.add_argument("--dataset", default=None,
                         help="the data set (default: the one stored in the checkpoint)")  # fmt: skip
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="serve even if the data differ from those the model was trained on")  # fmt: skip
     return parser
 
 
@@ -307,6 +294,7 @@ def main(args: argparse.Namespace) -> int:
         args.source, model=args.model, seed=args.seed, users=args.users, k=args.k,
         include_seen=args.include_seen, out=args.out, device=args.device,
         batch_size=args.batch_size, dataset=args.dataset,
+        allow_changed_data=args.allow_changed_data,
     )  # fmt: skip
     if args.out is not None:
         print(f"recommend: {count} rows written to {args.out}", file=sys.stderr)

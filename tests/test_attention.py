@@ -654,3 +654,17 @@ def test_kernels_take_their_limits_from_the_triton_free_module():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="valid"):
         semantic_attention(**_bad(), backend="cuda-graphs")
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("shape", [(2, 2, 0, 16), (2, 0, 4, 16), (0, 2, 4, 16)])
+def test_empty_shapes_give_empty_results(backend, device, shape):
+    """No rows, heads or sequences: an empty output and empty gradients, never a crash."""
+    B, H, L, D = shape
+    q = torch.randn(shape, device=device, requires_grad=True)
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)
+    ts = torch.zeros(B, L, dtype=torch.int64, device=device)
+    tb = torch.zeros(H, 4, device=device, requires_grad=True)
+    out = semantic_attention(q, q, q, key_mask=mask, timestamps=ts, time_bias=tb, backend=backend)
+    out.sum().backward()
+    assert out.shape == shape and q.grad.shape == shape

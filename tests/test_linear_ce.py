@@ -119,6 +119,11 @@ def test_autocast_runs_the_matmul_in_bfloat16_and_returns_float32():
     # Both round the operands to bfloat16; the sums may differ in order only.
     assert_close(got, want, "loss", rtol=2e-3, atol=2e-3)
     assert SF.linear_cross_entropy(x.double(), w.double(), y).dtype == torch.float64
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # autocast leaves float64 alone
+        got64 = SF.linear_cross_entropy(x.double(), w.double(), y, backend="torch")
+        assert got64.dtype == torch.float64
+        torch.testing.assert_close(got64, reference(x.double(), w.double(), y), rtol=1e-9,
+                                   atol=1e-9)  # fmt: skip
     assert SF.linear_cross_entropy(x.bfloat16(), w.bfloat16(), y).dtype == torch.bfloat16
 
 

@@ -253,3 +253,18 @@ def test_target_rank_gives_the_evaluations_ranks(trained):
                 want = ranks_from_scores(model.score(hidden).float(), targets)
                 got = target_rank(hidden, model.item_emb.weight, targets)
                 assert torch.equal(got, want), (name, split, s)
+
+
+def test_recommend_refuses_data_other_than_the_models(trained, tmp_path):
+    """Raw ids come from the data set: data that changed since training (another export of the
+    same size, here) would map them wrongly, so they are refused unless allowed."""
+    changed = tmp_path / "shop.csv"
+    text = open(trained["data"]).read().replace("c0,", "c9,", 1)
+    changed.write_text(text)
+    best = f"{trained['run']}/seed0/student_kd/best.pt"
+    with pytest.raises(ValueError, match="--allow-changed-data"):
+        R.serve(best, dataset=str(changed), k=2, out=str(tmp_path / "r.csv"))
+    assert not (tmp_path / "r.csv").exists()
+    rows = R.serve(best, dataset=str(changed), k=2, out=str(tmp_path / "r.csv"),
+                   allow_changed_data=True)  # fmt: skip
+    assert rows > 0

@@ -371,6 +371,8 @@ def linear_cross_entropy(
     if not isinstance(input, Tensor) or not isinstance(linear_weight, Tensor):
         raise ValueError("input and linear_weight must be tensors")
     cast = _autocast_dtype(input.device)
+    if input.dtype == torch.float64:  # autocast leaves float64 alone, as PyTorch's does
+        cast = None
     # The loss's dtype: the logits' (the inputs'), or float32 under autocast, as in PyTorch.
     out_dtype = input.dtype if cast is None else torch.float32
     if cast is not None and input.is_floating_point() and linear_weight.is_floating_point():

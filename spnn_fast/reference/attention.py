@@ -155,34 +155,39 @@ def _flash_cpu(q: torch.Tensor) -> bool:
     returns the log-sum-exp) serves this call."""
     return (
         q.device.type == "cpu"
+        and q.numel() > 0  # the kernel divides by the sizes: an empty call takes the recurrence
         and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
 
 
 def _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, dtype, device):
-    """``(r0, r1, keys, additive mask or None, is_causal, admissible or None)`` per chunk of query
-    rows (``keys``: how many keys the chunk sees),
-    for the fused CPU kernel. Without a bias, one chunk: the padding as a broadcast ``[B, 1, 1,
-    L]`` mask and causality as the kernel's own flag. With one, chunks of ``[B, H, rows, keys]``
-    masks holding the bias, the padding and causality."""
+    """``(r0, r1, keys, additive mask or None, is_causal, empty rows or None)`` per chunk of
+    query rows (``keys``: how many keys the chunk sees; empty rows: bool ``[B, 1, rows]``, the
+    rows without an admissible key) for the fused CPU kernel. Without a bias, one chunk: the
+    padding as a broadcast ``[B, 1, 1, L]`` mask and causality as the kernel's own flag. With
+    one, chunks of ``[B, H, rows, keys]`` masks holding the bias, the padding and causality."""
     neg = float("-inf")
     if time_bias is None:
-        mask = None
+        mask = empty = None
         if key_mask is not None:
             mask = torch.zeros((B, 1, 1, L), dtype=dtype, device=device)
             mask.masked_fill_(~key_mask[:, None, None, :], neg)
-        allowed = admissible(L, key_mask, causal, device)
-        yield 0, L, L, mask, causal, allowed
+            # causal: row i is empty when no key up to i takes part; else when none does
+            seen = key_mask.cumsum(-1) > 0 if causal else key_mask.any(-1, keepdim=True)
+            empty = (~seen).expand(B, L)[:, None, :]
+        yield 0, L, L, mask, causal, empty
         return
     for r0, r1 in _chunks(B, H, L):
         nk = r1 if causal else L
         bucket = _pair_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
         mask = time_bias.to(dtype)[:, bucket].transpose(0, 1)
         allowed = admissible(L, key_mask, causal, device, rows=(r0, r1), keys=nk)
+        empty = None
         if allowed is not None:
             mask = mask.masked_fill(~allowed, neg)
-        yield r0, r1, nk, mask, False, allowed
+            empty = ~allowed.any(-1)[:, :1]
+        yield r0, r1, nk, mask, False, empty
 
 
 def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
@@ -191,13 +196,13 @@ def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
     lse = torch.empty((B, H, L), dtype=_acc_dtype(q.dtype), device=q.device)
-    for r0, r1, nk, mask, is_causal, allowed in _flash_masks(
+    for r0, r1, nk, mask, is_causal, empty in _flash_masks(
         key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device
     ):
         o, m = op(q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], 0.0, is_causal, attn_mask=mask,
                   scale=scale)  # fmt: skip
-        if allowed is not None:  # the kernel gives an empty row lse 0; here it is -inf
-            m = m.masked_fill(~allowed.any(-1).expand_as(m), float("-inf"))
+        if empty is not None:  # the kernel gives an empty row lse 0; here it is -inf
+            m = m.masked_fill(empty.expand_as(m), float("-inf"))
         out[:, :, r0:r1] = o
         lse[:, :, r0:r1] = m
     return out, lse
@@ -245,8 +250,9 @@ def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, cau
     k, v = _masked_keys(k, v, key_mask)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     lse = lse.nan_to_num(neginf=0.0)  # the kernel's convention for an empty row
-    new = lambda: torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # noqa: E731
-    dq, dk, dv = new(), new(), new()  # contiguous, as the op's fake impl says
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
+    # dk, dv sum the chunks' shares: in fp32 (fp64 for fp64), cast once at the end
+    dk, dv = (torch.zeros(q.shape, dtype=_acc_dtype(q.dtype), device=q.device) for _ in "kv")
     go = grad_out.contiguous()
     for r0, r1, nk, mask, is_causal, _ in _flash_masks(
         key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device
@@ -260,7 +266,7 @@ def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, cau
     if key_mask is not None:  # masked keys take no part: no gradient reaches them
         keep = key_mask[:, None, :, None]
         dk, dv = dk.masked_fill(~keep, 0), dv.masked_fill(~keep, 0)
-    return dq, dk, dv, None
+    return dq, dk.to(q.dtype), dv.to(q.dtype), None
 
 
 def _add_bias_grad(dbias: torch.Tensor, ds: torch.Tensor, bucket: torch.Tensor) -> None:
