@@ -832,6 +832,66 @@ def test_shifted_eval_reads_a_run_and_shifts_only_the_inputs(tmp_path, capsys):
     assert [r["model"] for r in lines[len(MODELS) :]] == list(MODELS)
 
 
+def test_paired_comparison_of_runs_pairs_by_seed(tmp_path, capsys):
+    paired = _experiment_module("paired")
+    rng = np.random.default_rng(0)
+    runs, values = [tmp_path / "seed", tmp_path / "ensemble"], {}
+    splits = ("valid", "test", "cold@3", "cold@5", "cold@10")
+    for r, run_dir in enumerate(runs):
+        for seed in (0, 1, 2, 5):  # a seed the second run lacks is left out of the pairs
+            if r == 1 and seed == 5:
+                continue
+            for model in ("teacher", "student", "student_kd"):
+                v = float(rng.uniform(0.05, 0.08))
+                values[r, seed, model] = v
+                metrics = {s: {"NDCG@10": v, "HR@10": 2 * v} for s in splits}
+                d = run_dir / f"seed{seed}" / model
+                d.mkdir(parents=True)
+                (d / "result.json").write_text(json.dumps({"metrics": metrics}))
+    (runs[1] / "ensemble").mkdir()
+    ens = {s: {"NDCG@10": 0.07, "HR@10": 0.14} for s in splits}
+    (runs[1] / "ensemble" / "result.json").write_text(json.dumps({"metrics": ens}))
+    out = tmp_path / "paired.jsonl"
+    paired.main([str(runs[0]), str(runs[1]), "--out", str(out)])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 4 * len(splits) * 2 and "cold@5" in capsys.readouterr().out
+
+    def expect(comparison, new, base, seeds):
+        (row,) = [
+            r
+            for r in rows
+            if r["comparison"] == comparison and (r["split"], r["metric"]) == ("cold@5", "NDCG@10")
+        ]
+        d = np.array([new(s) - base(s) for s in seeds])
+        assert row["seeds"] == list(seeds)
+        assert row["diff"] == pytest.approx(d.mean())
+        assert row["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+        assert row["ratio"] == pytest.approx(
+            np.mean([new(s) for s in seeds]) / np.mean([base(s) for s in seeds])
+        )
+
+    expect(
+        "seed: student_kd vs student",
+        lambda s: values[0, s, "student_kd"],
+        lambda s: values[0, s, "student"],
+        (0, 1, 2, 5),
+    )
+    expect(
+        "ensemble vs seed: student_kd",
+        lambda s: values[1, s, "student_kd"],
+        lambda s: values[0, s, "student_kd"],
+        (0, 1, 2),
+    )
+    expect(
+        "ensemble: teacher_ensemble vs teacher",
+        lambda s: 0.07,
+        lambda s: values[1, s, "teacher"],
+        (0, 1, 2),
+    )
+    with pytest.raises(ValueError, match="two seeds in common"):
+        paired.paired({0: ens}, {0: ens}, "test", "NDCG@10")
+
+
 def test_every_setting_of_the_run_is_a_train_flag(capsys):
     """The train command's flags are generated from ExperimentConfig: one per field, with the
     field's help and default, and None spelled as such for the Optional ones."""
