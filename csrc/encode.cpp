@@ -71,6 +71,7 @@ struct Problem {
   const int64_t* ends;
   const int64_t* target_ends;  // a position's target is the next event if its index is below
   int64_t num_users, num_events, batch, max_len, num_items, num_buckets, num_negatives;
+  int64_t ignore_index;  // the target of a position without one (padding included)
   uint64_t seed_mix;
   bool pad_left;
   int64_t* out_items;
@@ -95,8 +96,8 @@ struct Errors {
 
 
 // Negatives of n consecutive columns, K slots each, whose counters run base, base + 1, ...:
-// for a nonzero target T, idx = min(V - 2, int64(double(h >> 11) * 2^-53 * double(V - 1))) with
-// h = splitmix64(counter), item = idx + 1 + (idx + 1 >= T); for T = 0 the slots are 0.
+// for a target T in [1, V], idx = min(V - 2, int64(double(h >> 11) * 2^-53 * double(V - 1))) with
+// h = splitmix64(counter), item = idx + 1 + (idx + 1 >= T); without a target the slots are 0.
 // Two passes: the draws over all n * K slots in one flat loop (full vectors whatever K is), then
 // the target exclusion per column.
 SPNN_FAST_INLINE void sample_negatives(int64_t* out, const int64_t* targets, int64_t n,
@@ -113,7 +114,8 @@ SPNN_FAST_INLINE void sample_negatives(int64_t* out, const int64_t* targets, int
   }
   for (int64_t j = 0; j < n; ++j) {
     const int64_t target = targets[j];
-    const int64_t keep = target != 0 ? -1 : 0;  // a zero target zeroes the slots
+    // no target (ignore_index, never in [1, V]) zeroes the slots
+    const int64_t keep = static_cast<uint64_t>(target) - 1 < static_cast<uint64_t>(V) ? -1 : 0;
     int64_t* slot = out + j * K;
     for (int64_t k = 0; k < K; ++k) slot[k] = (slot[k] + (slot[k] >= target)) & keep;
   }
@@ -142,7 +144,7 @@ void zero_row(const Problem& P, int64_t b) {
   std::memset(P.out_items + b * L, 0, L * sizeof(int64_t));
   std::memset(P.out_times + b * L, 0, L * sizeof(int64_t));
   std::memset(P.out_buckets + b * L, 0, L * sizeof(int64_t));
-  std::memset(P.out_targets + b * L, 0, L * sizeof(int64_t));
+  std::fill_n(P.out_targets + b * L, L, P.ignore_index);
   std::memset(P.out_mask + b * L, 0, L);
   if (K > 0) std::memset(P.out_negatives + b * L * K, 0, L * K * sizeof(int64_t));
 }
@@ -151,6 +153,12 @@ void zero_row(const Problem& P, int64_t b) {
 SPNN_FAST_INLINE void zero_pad(int64_t* row, int64_t c0, int64_t c1, int64_t L) {
   if (c0 > 0) std::memset(row, 0, c0 * sizeof(int64_t));
   if (c1 < L) std::memset(row + c1, 0, (L - c1) * sizeof(int64_t));
+}
+
+// Sets columns [0, c0) and [c1, L) of an int64 row to v.
+SPNN_FAST_INLINE void fill_pad(int64_t* row, int64_t c0, int64_t c1, int64_t L, int64_t v) {
+  std::fill_n(row, c0, v);
+  std::fill_n(row + c1, L - c1, v);
 }
 
 // Rows are random users: fetch the offsets two rows ahead and the window runs one row ahead.
@@ -186,7 +194,7 @@ SPNN_FAST_INLINE void encode_row(const Problem& P, int64_t b, const Window& w, E
   zero_pad(oi, c0, c1, L);
   zero_pad(ot, c0, c1, L);
   zero_pad(ob, c0, c1, L);
-  zero_pad(og, c0, c1, L);
+  fill_pad(og, c0, c1, L, P.ignore_index);
   if (c0 > 0) std::memset(om, 0, c0);
   if (c1 < L) std::memset(om + c1, 0, L - c1);
   std::memset(om + c0, 1, n);
@@ -194,11 +202,11 @@ SPNN_FAST_INLINE void encode_row(const Problem& P, int64_t b, const Window& w, E
   std::memcpy(ot + c0, tt + s, n * sizeof(int64_t));
 
   // Targets: the event at p + 1 for the positions p < target_end - 1 (never past the user's
-  // last event), then 0. Items read: the window [s, e) and those targets.
+  // last event), then ignore_index. Items read: the window [s, e) and those targets.
   const int64_t te = std::min(P.target_ends[b], w.length);
   const int64_t nt = std::max<int64_t>(0, std::min(e, te - 1) - s);
   std::memcpy(og + c0, it + s + 1, nt * sizeof(int64_t));
-  if (nt < n) std::memset(og + c0 + nt, 0, (n - nt) * sizeof(int64_t));
+  std::fill_n(og + c0 + nt, n - nt, P.ignore_index);
   const int64_t read_end = std::max(e, s + 1 + nt);
 
   // Items read: [s, read_end). One vectorizable pass; the slow scan only runs on a bad row.
@@ -308,7 +316,8 @@ py::tuple encode_batch(const InArray& offsets, const InArray& items, const InArr
                        const InArray& rows, const InArray& ends, const InArray& target_ends,
                        int64_t max_len,
                        int64_t num_items, int64_t num_time_buckets, int64_t num_negatives,
-                       uint64_t seed, bool pad_left, int64_t num_threads) {
+                       uint64_t seed, bool pad_left, int64_t num_threads,
+                       int64_t ignore_index) {
   const std::pair<const InArray*, const char*> named[] = {
       {&offsets, "offsets"}, {&items, "items"}, {&timestamps, "timestamps"},
       {&rows, "rows"},       {&ends, "ends"}, {&target_ends, "target_ends"}};
@@ -333,6 +342,9 @@ py::tuple encode_batch(const InArray& offsets, const InArray& items, const InArr
          (num_negatives > 0 ? " to sample negatives" : "") + ", got " +
          std::to_string(num_items));
   if (num_threads < 1) fail("num_threads must be >= 1, got " + std::to_string(num_threads));
+  if (ignore_index >= 1 && ignore_index <= num_items)
+    fail("ignore_index must not be an item id in [1, " + std::to_string(num_items) + "], got " +
+         std::to_string(ignore_index));
 
   const int64_t B = rows.shape(0), L = max_len, K = num_negatives;
   // One pooled block holds every output: four int64 [B, L], the negatives, then the bool mask.
@@ -372,7 +384,7 @@ py::tuple encode_batch(const InArray& offsets, const InArray& items, const InArr
 
   Problem P{offsets.data(), items.data(), timestamps.data(), rows.data(), ends.data(),
             target_ends.data(), offsets.shape(0) - 1, items.shape(0), B, L, num_items, num_time_buckets, K,
-            splitmix64(seed), pad_left, out_items.mutable_data(), out_times.mutable_data(),
+            ignore_index, splitmix64(seed), pad_left, out_items.mutable_data(), out_times.mutable_data(),
             out_buckets.mutable_data(), out_mask.mutable_data(), out_targets.mutable_data(),
             neg_ptr};
   Errors err;
@@ -404,7 +416,7 @@ void register_encode(py::module_& m) {
         py::arg("timestamps"), py::arg("rows"), py::arg("ends"), py::arg("target_ends"),
         py::arg("max_len"),
         py::arg("num_items"), py::arg("num_time_buckets"), py::arg("num_negatives"),
-        py::arg("seed"), py::arg("pad_left"), py::arg("num_threads"),
+        py::arg("seed"), py::arg("pad_left"), py::arg("num_threads"), py::arg("ignore_index") = -100,
         "Encode a batch of windows from a CSR log; returns numpy (items, timestamps, "
         "time_buckets, mask, targets, negatives or None). Checks only what it reads. "
         "spnn_fast.encode.encode_batch is the public entry point.");

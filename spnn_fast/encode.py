@@ -18,7 +18,17 @@ from spnn_fast import _ext, backends
 from spnn_fast._checks import check_int
 from spnn_fast.reference.encode import encode_batch_ref
 
-__all__ = ["SequenceBatch", "default_num_threads", "encode_batch", "release_cached_buffers"]
+__all__ = [
+    "IGNORE_INDEX",
+    "SequenceBatch",
+    "default_num_threads",
+    "encode_batch",
+    "release_cached_buffers",
+]
+
+# The target of a position that has none (padding included): PyTorch's ``ignore_index`` default,
+# so ``linear_cross_entropy(hidden, item_emb.weight, batch.targets)`` never trains on one.
+IGNORE_INDEX = -100
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[int]]
 
@@ -34,6 +44,12 @@ class SequenceBatch:
     ``items``, ``timestamps``, ``time_buckets``, ``targets``: int64 ``[B, L]``; ``mask``: bool
     ``[B, L]``, True at events; ``negatives``: int64 ``[B, L, K]`` or None when ``K = 0``;
     ``users``: int64 ``[B]``, the user row (in the log) of each window, or None.
+
+    ``targets`` holds the next item id (``1..V``) where a position has a target and
+    ``ignore_index`` (default :data:`IGNORE_INDEX` = -100, PyTorch's) everywhere else, padding
+    included: the package's losses and PyTorch's take it as it is, with their default
+    ``ignore_index``, and an item table whose row ``i`` is item ``i`` (row 0 the padding, as in
+    ``nn.Embedding(V + 1, d, padding_idx=0)``). ``targets > 0`` selects the positions with one.
     """
 
     items: torch.Tensor
@@ -43,11 +59,14 @@ class SequenceBatch:
     targets: torch.Tensor
     negatives: Optional[torch.Tensor] = None
     users: Optional[torch.Tensor] = None
+    ignore_index: int = IGNORE_INDEX
 
     def _map(self, fn, per_row=None) -> SequenceBatch:
         """Every tensor through ``fn`` (``users``, one value per row, through ``per_row``)."""
-        out = {}
+        out = {"ignore_index": self.ignore_index}
         for f in dataclasses.fields(self):
+            if f.name == "ignore_index":
+                continue
             t = getattr(self, f.name)
             g = per_row if f.name == "users" and per_row is not None else fn
             out[f.name] = None if t is None else g(t)
@@ -62,23 +81,55 @@ class SequenceBatch:
         return self._map(lambda t: t.pin_memory())
 
     def tail(self, n: int) -> SequenceBatch:
-        """The last ``n`` columns: with left padding, each window's ``n`` newest events."""
+        """The last ``n >= 1`` columns (all of them when ``n >= L``): with left padding, each
+        window's ``n`` newest events."""
+        n = check_int("n", n, 1, " (tail keeps the last n columns)")
         if n >= self.max_len:
             return self
         return self._map(lambda t: t[:, -n:], per_row=lambda t: t)
 
-    def cut(self, keep: torch.Tensor) -> SequenceBatch:
+    def cut(self, keep: Union[int, ArrayLike]) -> SequenceBatch:
         """Each row ``b`` with only its last ``keep[b]`` columns (a left-padded window cut to its
-        ``keep[b]`` newest events: a cold-start input); the other columns become padding."""
+        ``keep[b]`` newest events: a cold-start input); the other columns become padding
+        (``targets`` there become ``ignore_index``). ``keep``: an int for every row, or ``[B]``
+        integers (a tensor, a numpy array, a list), each ``>= 0``; ``keep[b] >= L`` keeps the
+        whole row."""
+        keep = self._keep(keep)
         cols = torch.arange(self.max_len, device=self.items.device)
         visible = cols.unsqueeze(0) >= (self.max_len - keep).unsqueeze(1)
 
         def hide(t: torch.Tensor) -> torch.Tensor:
+            if t is self.targets:
+                return t.masked_fill(~visible, self.ignore_index)
             if t.dtype == torch.bool:
                 return t & visible
             return t * (visible if t.dim() == 2 else visible.unsqueeze(-1))
 
         return self._map(hide, per_row=lambda t: t)
+
+    def _keep(self, keep: Union[int, ArrayLike]) -> torch.Tensor:
+        """``keep`` checked, as int64 ``[B]`` on the batch's device."""
+        if isinstance(keep, bool):
+            raise TypeError("keep must be an int or [B] integers, got bool")
+        if isinstance(keep, (int, np.integer)):
+            keep = torch.full((self.batch_size,), int(keep), dtype=torch.int64)
+        elif isinstance(keep, torch.Tensor):
+            if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
+                raise TypeError(f"keep must hold integers, got dtype {keep.dtype}")
+        else:
+            keep = torch.from_numpy(_as_int64("keep", keep))
+        if keep.dim() != 1 or keep.shape[0] != self.batch_size:
+            raise ValueError(
+                f"keep must be an int or [B={self.batch_size}] integers (one per row), got shape "
+                f"{tuple(keep.shape)}"
+            )
+        neg = torch.nonzero(keep < 0)
+        if len(neg):
+            b = int(neg[0, 0])
+            raise ValueError(
+                f"keep must be >= 0 (events kept per row), got keep[{b}]={int(keep[b])}"
+            )
+        return keep.to(device=self.items.device, dtype=torch.int64)
 
     @property
     def batch_size(self) -> int:
@@ -197,6 +248,7 @@ def encode_batch(
     seed: int = 0,
     pad_side: str = "left",
     num_threads: Optional[int] = None,
+    ignore_index: int = IGNORE_INDEX,
     backend: Optional[str] = None,
 ) -> SequenceBatch:
     """Encode ``B`` windows of a CSR interaction log into padded ``[B, L]`` tensors.
@@ -223,6 +275,8 @@ def encode_batch(
         pad_side: ``"left"`` (events fill the last columns) or ``"right"``.
         num_threads: C++ worker threads; default: the CPUs this process may use (fewer for small
             batches). Outputs do not depend on it.
+        ignore_index: the target of a position without one; any int that is not an item id
+            (not in ``[1, V]``). Default -100, PyTorch's, which its losses and the package's skip.
         backend: ``"cpp"``, ``"torch"``, ``"auto"`` or None (``SPNN_FAST_BACKEND``, else auto).
 
     Array inputs are numpy arrays (``np.memmap`` included, read in place), CPU tensors or any
@@ -234,10 +288,11 @@ def encode_batch(
         ``items [B, L]``, ``timestamps [B, L]``, ``mask [B, L]`` (True at events),
         ``time_buckets [B, L]`` = 0 if ``p == 0`` else
         ``min(NB - 1, bit_length(t[p] - t[p - 1]))`` (the gap may reach before the window),
-        ``targets [B, L]`` = the user's item at ``p + 1`` if ``p + 1 < target_ends[b]``, else 0,
-        and
+        ``targets [B, L]`` = the user's item at ``p + 1`` if ``p + 1 < target_ends[b]``, else
+        ``ignore_index``, and
         ``negatives [B, L, K]`` (None when ``K = 0``): items uniform on ``[1, V]`` without the
-        target, at positions whose target is nonzero. All are 0 at padding. The sampling formula
+        target, at positions with a target. All are 0 at padding (``targets``: ``ignore_index``;
+        ``mask``: False). The sampling formula
         is in :mod:`spnn_fast.reference.encode`. ``users [B]`` is a copy of ``rows``.
 
     Raises:
@@ -261,6 +316,14 @@ def encode_batch(
     seed = int(seed) & ((1 << 64) - 1)
     if pad_side not in ("left", "right"):
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
+    if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
+    if 1 <= ignore_index <= num_items or not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(
+            f"ignore_index must be an int64 that is not an item id in [1, {num_items}], got "
+            f"{ignore_index}"
+        )
     threads_given = num_threads is not None
     if threads_given:
         num_threads = check_int("num_threads", num_threads, 1)
@@ -281,8 +344,10 @@ def encode_batch(
         if not threads_given:
             slots = len(rows) * max_len * (1 + num_negatives)
             num_threads = max(1, min(default_num_threads(), slots // _SLOTS_PER_THREAD))
-        out = _ext.C.encode_batch(*args, num_negatives, seed, pad_side == "left", num_threads)
+        out = _ext.C.encode_batch(
+            *args, num_negatives, seed, pad_side == "left", num_threads, ignore_index
+        )
     else:
-        out = encode_batch_ref(*args, num_negatives, seed, pad_side == "left")
+        out = encode_batch_ref(*args, num_negatives, seed, pad_side == "left", ignore_index)
     fields = (None if a is None else torch.from_numpy(a) for a in out)
-    return SequenceBatch(*fields, users=torch.from_numpy(rows.copy()))
+    return SequenceBatch(*fields, users=torch.from_numpy(rows.copy()), ignore_index=ignore_index)

@@ -138,7 +138,8 @@ class Trainer:
         keep = torch.as_tensor(keep[self.rank :: self.size], device=self.device)
         full = self._batch(rows, ends)
         b = full.tail(L)
-        b = dataclasses.replace(b, targets=fresh_targets(b.targets, ends, L, self.stride)).cut(keep)
+        fresh = fresh_targets(b.targets, ends, L, self.stride, b.ignore_index)
+        b = dataclasses.replace(b, targets=fresh).cut(keep)
         t_view = self.teacher.view(local, full, keep) if self.teacher is not None else None
         norm = self.objective.normalizers(b, self.device)
         loss, stats = self.step_module(b, norm, t_view)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spnn_fast.encode import SequenceBatch, encode_batch
+from spnn_fast.encode import IGNORE_INDEX, SequenceBatch, encode_batch
 from spnn_fast.protocol import train_ends
 
 __all__ = ["fresh_targets", "make_batch", "training_windows"]
@@ -46,10 +46,15 @@ def training_windows(
 
 
 def fresh_targets(
-    targets: Tensor, ends: np.ndarray, max_len: int, stride: Optional[int] = None
+    targets: Tensor,
+    ends: np.ndarray,
+    max_len: int,
+    stride: Optional[int] = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """``targets`` of windows from :func:`training_windows` ``(max_len, stride)`` with every
-    target that an older window also holds set to 0, so each target is trained once per epoch.
+    target that an older window also holds set to ``ignore_index``, so each target is trained
+    once per epoch.
 
     With overlapping windows (``stride S < max_len``) the window ending at ``e`` shares its first
     ``max_len - S`` events with the window ending at ``e - S``, which holds them later, after a
@@ -65,7 +70,7 @@ def fresh_targets(
     older = torch.from_numpy(np.asarray(ends) > max_len).to(targets.device)
     cols = torch.arange(targets.shape[1], device=targets.device)
     covered = older.unsqueeze(1) & (cols < targets.shape[1] - stride).unsqueeze(0)
-    return targets.masked_fill(covered, 0)
+    return targets.masked_fill(covered, ignore_index)
 
 
 def make_batch(

@@ -13,10 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spnn_fast import _ext, backends
-from spnn_fast.encode import SequenceBatch, encode_batch, release_cached_buffers
+from spnn_fast.encode import IGNORE_INDEX, SequenceBatch, encode_batch, release_cached_buffers
 from spnn_fast.reference.encode import mix_seed, splitmix64_np
 
 BACKENDS = ["cpp", "torch"]
+X = IGNORE_INDEX  # the target of a position without one
 FIELDS = ("items", "timestamps", "time_buckets", "mask", "targets", "negatives", "users")
 M64 = (1 << 64) - 1
 
@@ -74,12 +75,14 @@ def _splitmix(x: int) -> int:
 
 
 def _oracle(offsets, items, times, rows, ends, max_len, *, num_items, num_time_buckets=32,
-            num_negatives=0, seed=0, pad_side="left", target_ends=None):  # fmt: skip
+            num_negatives=0, seed=0, pad_side="left", target_ends=None,
+            ignore_index=-100):  # fmt: skip
     """The spec, one slot at a time, in Python ints (exact gaps, IEEE doubles for negatives)."""
     L, K, V = max_len, num_negatives, num_items
     items, times = [int(x) for x in items], [int(x) for x in times]
     out = {f: np.zeros((len(rows), L), np.int64) for f in FIELDS[:5]}
     out["mask"] = out["mask"].astype(bool)
+    out["targets"][:] = ignore_index
     neg = np.zeros((len(rows), L, K), np.int64)
     mix = _splitmix(seed & M64)
     for b, (u, e) in enumerate(zip(rows.tolist(), ends.tolist())):
@@ -94,9 +97,9 @@ def _oracle(offsets, items, times, rows, ends, max_len, *, num_items, num_time_b
             if p > 0:
                 gap = times[start + p] - times[start + p - 1]
                 out["time_buckets"][b, j] = min(num_time_buckets - 1, gap.bit_length())
-            target = items[start + p + 1] if p + 1 < min(te, length) else 0
+            target = items[start + p + 1] if p + 1 < min(te, length) else ignore_index
             out["targets"][b, j] = target
-            for k in range(K if target else 0):
+            for k in range(K if 1 <= target <= V else 0):
                 h = _splitmix((mix + (b * L + j) * K + k) & M64)
                 idx = min(V - 2, int(float(h >> 11) * 2.0**-53 * float(V - 1)))
                 neg[b, j, k] = idx + 1 + (idx + 1 >= target)
@@ -104,6 +107,7 @@ def _oracle(offsets, items, times, rows, ends, max_len, *, num_items, num_time_b
         **{f: torch.from_numpy(v) for f, v in out.items()},
         negatives=torch.from_numpy(neg) if K else None,
         users=torch.as_tensor(np.asarray(rows, dtype=np.int64)),
+        ignore_index=ignore_index,
     )
 
 
@@ -129,7 +133,7 @@ def test_hand_window_inside_history(backend):
     assert b.time_buckets.tolist() == [[2, 1, 4]]  # bit_length(3, 1, 8)
     assert b.mask.tolist() == [[True, True, True]]
     # By default no target lies at or past ends: the window's last position has none ...
-    assert b.targets.tolist() == [[4, 2, 0]]
+    assert b.targets.tolist() == [[4, 2, X]]
     assert b.negatives is None
     # ... and target_ends = ends + 1 makes the event after the window (position 4) its target.
     assert _hand([1], [4], 3, backend, target_ends=[5]).targets.tolist() == [[4, 2, 1]]
@@ -146,10 +150,10 @@ def test_hand_whole_history_padded(backend, pad_side):
         "timestamps": [0, 3, 4, 12, 12 + 2**40],
         "time_buckets": [0, 2, 1, 4, 31],
         "mask": [True] * 5,
-        "targets": [4, 4, 2, 1, 0],
+        "targets": [4, 4, 2, 1, X],
     }
     for f, events in ev.items():
-        pad = [False if f == "mask" else 0] * 3
+        pad = [False if f == "mask" else X if f == "targets" else 0] * 3
         want = pad + events if pad_side == "left" else events + pad
         assert getattr(b, f).tolist() == [want], f
 
@@ -162,9 +166,9 @@ def test_hand_several_rows(backend):
     assert b.timestamps.tolist() == [[100, 101], [7, 0], [0, 0], [101, 105]]
     assert b.time_buckets.tolist() == [[0, 1], [0, 0], [0, 0], [1, 2]]  # bit_length(4)=3 -> 2
     assert b.mask.tolist() == [[True, True], [True, False], [True, False], [True, True]]
-    assert b.targets.tolist() == [[1, 0], [0, 0], [0, 0], [2, 0]]
+    assert b.targets.tolist() == [[1, X], [X, X], [X, X], [2, X]]
     nxt = _hand(rows, ends, 2, backend, pad_side="right", target_ends=[3, 1, 2, 3])
-    assert nxt.targets.tolist() == [[1, 2], [0, 0], [4, 0], [2, 0]]
+    assert nxt.targets.tolist() == [[1, 2], [X, X], [4, X], [2, X]]
 
 
 @pytest.mark.parametrize("backend", _backend_params())
@@ -173,9 +177,103 @@ def test_hand_negatives_two_items(backend):
     offsets, items, times = np.array([0, 4]), np.array([1, 2, 2, 1]), np.array([0, 1, 2, 3])
     b = encode_batch(offsets, items, times, np.array([0, 0]), np.array([4, 2]), 4,
                      num_items=2, num_negatives=3, target_ends=[4, 3], backend=backend)  # fmt: skip
-    other = {1: [2, 2, 2], 2: [1, 1, 1], 0: [0, 0, 0]}
-    assert b.targets.tolist() == [[2, 2, 1, 0], [0, 0, 2, 2]]
+    other = {1: [2, 2, 2], 2: [1, 1, 1], X: [0, 0, 0]}
+    assert b.targets.tolist() == [[2, 2, 1, X], [X, X, 2, 2]]
     assert b.negatives.tolist() == [[other[t] for t in row] for row in b.targets.tolist()]
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_targets_are_loss_ready(backend):
+    """The obvious call trains only real targets: linear_cross_entropy over an item table whose
+    row i is item i (row 0 padding), with PyTorch's default ignore_index, equals the loss over
+    the positions that have a target, and F.cross_entropy agrees."""
+    from spnn_fast.functional import linear_cross_entropy
+
+    rng = np.random.default_rng(0)
+    offsets, items, times, lengths = _random_log(rng, 12, 20, 30)
+    rows, ends = _random_rows(rng, lengths, 10)
+    b = encode_batch(offsets, items, times, rows, ends, 8, num_items=30, backend=backend)
+    assert bool((b.targets[~b.mask] == -100).all()) and bool((b.targets > 0).any())
+    torch.manual_seed(0)
+    hidden, table = torch.randn(*b.targets.shape, 6), torch.randn(31, 6)
+    got = linear_cross_entropy(hidden, table, b.targets)
+    sel = b.targets > 0
+    want = torch.nn.functional.cross_entropy(hidden[sel] @ table.T, b.targets[sel])
+    torch.testing.assert_close(got, want)
+    plain = torch.nn.functional.cross_entropy((hidden @ table.T).transpose(1, 2), b.targets)
+    torch.testing.assert_close(plain, want)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("ignore_index", [0, -1, 31, 2**40])
+def test_ignore_index_is_the_target_without_one(backend, ignore_index):
+    rng = np.random.default_rng(1)
+    offsets, items, times, lengths = _random_log(rng, 12, 20, 30)
+    rows, ends = _random_rows(rng, lengths, 10)
+    kw = dict(num_items=30, num_negatives=3, seed=4, backend=backend)
+    base = encode_batch(offsets, items, times, rows, ends, 8, **kw)
+    got = encode_batch(offsets, items, times, rows, ends, 8, ignore_index=ignore_index, **kw)
+    assert got.ignore_index == ignore_index
+    want = _oracle(offsets, items, times, rows, ends, 8, num_items=30, num_negatives=3, seed=4,
+                   ignore_index=ignore_index)  # fmt: skip
+    assert_batch_equal(got, want)
+    has = base.targets > 0
+    assert torch.equal(got.targets[has], base.targets[has])
+    assert bool((got.targets[~has] == ignore_index).all())
+    assert torch.equal(got.negatives, base.negatives)  # negatives do not depend on it
+
+
+@pytest.mark.parametrize(
+    "value, err, match",
+    [
+        (1, ValueError, r"ignore_index must be an int64 that is not an item id in \[1, 5\], got 1"),
+        (5, ValueError, r"not an item id in \[1, 5\], got 5"),
+        (2**63, ValueError, r"ignore_index must be an int64"),
+        (True, TypeError, r"ignore_index must be an int, got bool"),
+        (-100.0, TypeError, r"ignore_index must be an int, got float"),
+    ],
+)
+def test_bad_ignore_index(value, err, match):
+    with pytest.raises(err, match=match):
+        _hand([1], [4], 3, "torch", ignore_index=value)
+
+
+def test_tail_and_cut_check_their_arguments():
+    b = _hand([0, 1, 2], [3, 5, 1], 4, "torch", target_ends=[3, 5, 1])
+    for n, err, match in [
+        (0, ValueError, r"n must be >= 1 \(tail keeps the last n columns\), got 0"),
+        (-2, ValueError, r"n must be >= 1"),
+        (2.0, TypeError, r"n must be an int, got float"),
+    ]:
+        with pytest.raises(err, match=match):
+            b.tail(n)
+    assert b.tail(9) is b and b.tail(2).items.tolist() == b.items[:, -2:].tolist()
+    for keep, err, match in [
+        (-1, ValueError, r"keep must be >= 0 \(events kept per row\), got keep\[0\]=-1"),
+        (torch.tensor([1, -3, 2]), ValueError, r"got keep\[1\]=-3"),
+        (
+            torch.tensor([1, 2]),
+            ValueError,
+            r"keep must be an int or \[B=3\] integers \(one per row\), got shape \(2,\)",
+        ),
+        (np.ones((3, 1), np.int64), ValueError, r"keep must be 1-D"),
+        (torch.tensor([1.0, 2.0, 3.0]), TypeError, r"keep must hold integers"),
+        (True, TypeError, r"keep must be an int or \[B\] integers, got bool"),
+        ([1.5, 2, 3], TypeError, r"keep must have an integer dtype"),
+    ]:
+        with pytest.raises(err, match=match):
+            b.cut(keep)
+    # An int, a list, a numpy array and a tensor cut alike; keep >= L keeps the row whole.
+    one = b.cut(1)
+    for keep in ([1, 1, 1], np.ones(3, np.int32), torch.ones(3, dtype=torch.int64)):
+        assert_batch_equal(b.cut(keep), one)
+    assert_batch_equal(b.cut(4), b)
+    assert_batch_equal(b.cut([9, 4, 100]), b)
+    # Hidden columns become padding: items 0, mask False, targets ignore_index.
+    none = b.cut(0)
+    assert not bool(none.mask.any()) and int(none.items.abs().sum()) == 0
+    assert bool((none.targets == X).all())
+    assert one.targets[:, :-1].eq(X).all() and torch.equal(one.targets[:, -1], b.targets[:, -1])
 
 
 def test_splitmix64_known_values():
@@ -269,7 +367,7 @@ def test_default_targets_never_read_at_or_past_ends(backend):
     poisoned = items.copy()
     poisoned[offsets[rows] + ends] = 41  # outside [1, V]: reading it would raise
     b = encode_batch(offsets, poisoned, times, rows, ends, 8, num_items=40, backend=backend)
-    assert int(b.targets[:, -1].abs().sum()) == 0
+    assert bool((b.targets[:, -1] == X).all())
     want = encode_batch(offsets, items, times, rows, ends, 8, num_items=40, backend=backend)
     assert_batch_equal(b, want)
     with pytest.raises(ValueError, match=r"items\[\d+\]=41 is outside \[1, 40\]"):
@@ -321,9 +419,9 @@ def test_negatives_statistics(backend):
     b = encode_batch(offsets, items, times, rows, ends, 200, num_items=num_items,
                      num_negatives=K, seed=11, backend=backend)  # fmt: skip
     tgt = b.targets[..., None].expand_as(b.negatives)
-    neg = b.negatives[tgt != 0]
-    t = tgt[tgt != 0]
-    assert bool((b.negatives[tgt == 0] == 0).all())
+    neg = b.negatives[tgt > 0]
+    t = tgt[tgt > 0]
+    assert bool((b.negatives[tgt == X] == 0).all())
     assert bool(((neg >= 1) & (neg <= num_items) & (neg != t)).all())
     # Uniform over the V - 1 other items: per target, a chi-square over the other items, with a
     # bound far in the tail (df = 5: P[chi2 > 40] < 1e-6); the seed is fixed, so it cannot flake.
@@ -344,9 +442,9 @@ def test_negatives_large_catalogue_in_range():
     rows, ends = _random_rows(rng, lengths, 20)
     b = encode_batch(offsets, items, times, rows, ends, 40, num_items=V, num_negatives=16,
                      backend="torch")  # fmt: skip
-    neg = b.negatives[b.targets != 0]
+    neg = b.negatives[b.targets > 0]
     assert int(neg.min()) >= 1 and int(neg.max()) <= V
-    assert bool((neg != b.targets[b.targets != 0][:, None]).all())
+    assert bool((neg != b.targets[b.targets > 0][:, None]).all())
     assert len(torch.unique(neg)) > 0.99 * neg.numel()  # no visible structure at this size
 
 
@@ -522,6 +620,7 @@ def test_bad_array_types(backend, name, value, error, match):
         ({"max_len": 0}, r"max_len must be >= 1"),
         ({"num_negatives": 1, "num_items": 1}, r"num_items must be >= 2 to sample negatives"),
         ({"num_threads": 0}, r"num_threads must be >= 1"),
+        ({"ignore_index": 5}, r"ignore_index must not be an item id in \[1, 5\], got 5"),
         ({"max_len": 2**62, "num_negatives": 4}, r"max_len=4611686018427387904, .* do not fit"),
     ],
 )

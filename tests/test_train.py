@@ -59,7 +59,7 @@ def test_training_windows_cover_every_training_target(cycle_ds):
         u, e = rows[r], ends[r]
         assert e <= n[u] - 2
         last_target = int(b.targets[r, -1])
-        expect = 0 if e == n[u] - 2 else int(log.items[log.offsets[u] + e])
+        expect = -100 if e == n[u] - 2 else int(log.items[log.offsets[u] + e])
         assert last_target == expect
 
 

@@ -2,15 +2,16 @@
 
 For row ``b`` with user ``u = rows[b]`` and end ``e = ends[b]``, the window is the user's events at
 positions ``p`` in ``[s, e)`` with ``s = max(0, e - L)`` (``n = e - s`` events), placed in the last
-``n`` columns (``pad_left``) or the first ``n``; every output is 0 (``False``) at padding.
+``n`` columns (``pad_left``) or the first ``n``; every output is 0 (``False``) at padding, but
+``targets``, which hold ``ignore_index`` there.
 
 * ``items[b, j]``, ``timestamps[b, j]``: the event's item and time; ``mask[b, j]``: True.
 * ``time_buckets[b, j]``: 0 if ``p == 0``, else ``min(NB - 1, bit_length(t[p] - t[p - 1]))``; the
   gap reaches back to the event before the window. Gaps are taken modulo 2**64 as unsigned, so a
   gap >= 2**63 (timestamps spanning more than the int64 range) still gets ``bit_length`` 64.
 * ``targets[b, j]``: the user's item at ``p + 1`` when ``p + 1 < target_ends[b]`` (and the user
-  has that event), else 0.
-* ``negatives[b, j, k]`` (``K = num_negatives > 0``): at slots whose target ``T`` is nonzero, an item
+  has that event), else ``ignore_index`` (never an item id; PyTorch's -100 by default).
+* ``negatives[b, j, k]`` (``K = num_negatives > 0``): at slots with a target ``T``, an item
   uniform on ``[1, V] \\ {T}``, from a counter-based generator (independent of threading)::
 
       splitmix64(x) = mix(x + 0x9E3779B97F4A7C15)      (one step of SplitMix64 from state x)
@@ -22,7 +23,7 @@ positions ``p`` in ``[s, e)`` with ``s = max(0, e - L)`` (``n = e - s`` events),
       item          = idx + 1;  item += (item >= T)
 
   The product ``double(h >> 11) * 2**-53`` is exact, and one IEEE multiply by ``double(V - 1)``
-  follows, so numpy and C++ agree bit for bit. Slots with target 0 hold 0.
+  follows, so numpy and C++ agree bit for bit. Slots without a target hold 0.
 
 Only the events a row reads are checked: items of the window and of its targets must lie in
 ``[1, V]`` and timestamps must not decrease over the pairs ``(p - 1, p)``, ``p`` in
@@ -73,8 +74,9 @@ def mix_seed(seed: int) -> int:
 def negatives_ref(
     targets: np.ndarray, num_items: int, num_negatives: int, seed_mix: int, first_row: int = 0
 ) -> np.ndarray:
-    """Negatives ``[B, L, K]`` for int64 ``targets [B, L]`` whose first row is row ``first_row``
-    of the batch, from ``seed_mix = mix_seed(seed)`` (see the module docstring)."""
+    """Negatives ``[B, L, K]`` for int64 ``targets [B, L]`` (a target outside ``[1, V]``: none)
+    whose first row is row ``first_row`` of the batch, from ``seed_mix = mix_seed(seed)`` (see the
+    module docstring)."""
     bsz, length = targets.shape
     k = num_negatives
     flat_targets = targets.reshape(-1)
@@ -90,7 +92,7 @@ def negatives_ref(
     np.minimum(idx, num_items - 2, out=idx)
     idx += 1
     idx += idx >= flat_targets[:, None]
-    idx *= (flat_targets != 0)[:, None]
+    idx *= ((flat_targets - 1).view(np.uint64) < num_items)[:, None]
     return idx.reshape(bsz, length, k)
 
 
@@ -112,6 +114,7 @@ def encode_batch_ref(
     num_negatives: int,
     seed: int,
     pad_left: bool,
+    ignore_index: int = -100,
 ) -> Tuple[np.ndarray, ...]:
     """The encoder on validated 1-D int64 arrays; returns numpy ``(items, timestamps,
     time_buckets, mask, targets, negatives or None)``.
@@ -131,7 +134,7 @@ def encode_batch_ref(
         chunk = [o[b0:b1] for o in out] + [None if negatives is None else negatives[b0:b1]]
         i, t = _encode_rows(
             offsets, items, timestamps, rows[b0:b1], ends[b0:b1], target_ends[b0:b1], length,
-            num_items, num_time_buckets, pad_left, chunk, b0, seed_mix,
+            num_items, num_time_buckets, pad_left, chunk, b0, seed_mix, ignore_index,
         )  # fmt: skip
         bad_item, bad_time = min(bad_item, i), min(bad_time, t)
     if bad_item < len(items):
@@ -146,7 +149,7 @@ def encode_batch_ref(
 
 def _encode_rows(
     offsets, items, timestamps, rows, ends, target_ends, length, num_items, num_buckets, pad_left,
-    out, b0, seed_mix,
+    out, b0, seed_mix, ignore_index,
 ) -> Tuple[int, int]:  # fmt: skip
     """Fills ``out`` (views of rows ``b0 ..``) and returns the smallest bad item and bad time
     indices (``len(items)`` when none)."""
@@ -192,7 +195,7 @@ def _encode_rows(
         buckets[huge] = min(64, num_buckets - 1)
     out_items *= mask
     out_times *= mask
-    targets *= has_next
+    np.copyto(targets, ignore_index, where=~has_next)
     if negatives is not None:
         negatives[...] = negatives_ref(
             targets, num_items, negatives.shape[2], seed_mix, first_row=b0
