@@ -344,6 +344,9 @@ def linear_cross_entropy(
         linear_weight: ``[C, D]``, one row per class.
         target: class indices ``[...]`` (input's leading shape), any integer dtype, in
             ``[0, C)`` or ``ignore_index``. Class probabilities raise NotImplementedError.
+            A :class:`~spnn_fast.SequenceBatch`'s ``targets`` go in as they are: item ids where
+            a position has a target (the rows of a table whose row ``i`` is item ``i``, such as
+            ``nn.Embedding(V + 1, D, padding_idx=0).weight``) and -100 elsewhere.
         linear_bias: ``[C]`` or None.
         weight: ``[C]`` per-class rescaling, as in ``cross_entropy``.
         reduction: ``"mean"`` (over the counted rows, weighted by ``weight[target]``),
