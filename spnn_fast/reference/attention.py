@@ -190,9 +190,26 @@ def _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, dtype, device
         yield r0, r1, nk, mask, False, empty
 
 
+def _all_finite(*ts: torch.Tensor) -> bool:
+    """Whether every value is finite, from one sum per tensor (a read, no copy; an overflowing
+    sum only sends the call down the safe path). A host sync: CPU paths only."""
+    return all(bool(torch.isfinite(t.sum())) for t in ts)
+
+
+def _prescaled(q, time_bias, causal, scale):
+    """``(q, scale)`` to hand the fused kernel. Its causal flag (used without a bias) scales the
+    masked scores too, so a scale <= 0 turns them NaN or +inf; such a scale goes into q instead
+    (one pass over q, only then)."""
+    if causal and time_bias is None and not scale > 0:
+        return q * scale, 1.0
+    return q, scale
+
+
 def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
     B, H, L, D = q.shape
-    k, v = _masked_keys(k, v, key_mask)
+    q, scale = _prescaled(q, time_bias, causal, scale)
+    if not _all_finite(k, v):
+        k, v = _masked_keys(k, v, key_mask)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
     lse = torch.empty((B, H, L), dtype=_acc_dtype(q.dtype), device=q.device)
@@ -247,16 +264,28 @@ def semantic_attention_torch_fwd(
 def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal, scale):
     """dq, dk, dv through the fused CPU kernel's backward (no bias gradient)."""
     B, H, L, D = q.shape
-    k, v = _masked_keys(k, v, key_mask)
+    q_scale = scale
+    q, scale = _prescaled(q, time_bias, causal, scale)
+    q_scale = q_scale if scale != q_scale else None  # dq = q_scale * d(q * q_scale)
+    finite = _all_finite(k, v)
+    if not finite:
+        k, v = _masked_keys(k, v, key_mask)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     lse = lse.nan_to_num(neginf=0.0)  # the kernel's convention for an empty row
+    go = grad_out.contiguous()
+    chunks = list(_flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, q.dtype,
+                               q.device))  # fmt: skip
+    if len(chunks) == 1 and finite:
+        # One call holds every row: its gradients are the result. A masked key's weights are
+        # exactly 0 and its value finite, so its gradients are exactly 0.
+        _, _, _, mask, is_causal, _ = chunks[0]
+        gq, gk, gv = op(go, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+        gq = gq.contiguous() if q_scale is None else gq * q_scale
+        return gq, gk.contiguous(), gv.contiguous(), None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
     # dk, dv sum the chunks' shares: in fp32 (fp64 for fp64), cast once at the end
     dk, dv = (torch.zeros(q.shape, dtype=_acc_dtype(q.dtype), device=q.device) for _ in "kv")
-    go = grad_out.contiguous()
-    for r0, r1, nk, mask, is_causal, _ in _flash_masks(
-        key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device
-    ):
+    for r0, r1, nk, mask, is_causal, _ in chunks:
         gq, gk, gv = op(go[:, :, r0:r1], q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk],
                         out[:, :, r0:r1], lse[:, :, r0:r1], 0.0, is_causal, attn_mask=mask,
                         scale=scale)  # fmt: skip
@@ -266,6 +295,8 @@ def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, cau
     if key_mask is not None:  # masked keys take no part: no gradient reaches them
         keep = key_mask[:, None, :, None]
         dk, dv = dk.masked_fill(~keep, 0), dv.masked_fill(~keep, 0)
+    if q_scale is not None:
+        dq = dq * q_scale
     return dq, dk.to(q.dtype), dv.to(q.dtype), None
 
 
