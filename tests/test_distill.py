@@ -132,8 +132,10 @@ def test_triton_tile_edges(block, splits):
     want = ref.distill_rows_chunked(
         *(t.double() if t.is_floating_point() else t for t in args[:5]), *args[5:]
     )
-    for name, a, e in zip(("loss", "lse_s", "lse_sT", "lse_tT"), (loss, *stats), want):
-        assert_close(a, e, name)
+    assert_close(loss, want[0], "loss")
+    counted = inp["y"] != IGNORE  # an ignored row's statistics are not defined
+    for name, a, e in zip(("lse_s", "lse_sT", "lse_tT"), stats, want[1:]):
+        assert_close(a[counted], e[counted], name)
     g = torch.rand(37, dtype=torch.float32, device=DEVICE)
     w64 = [t.double() if t.is_floating_point() else t for t in args[:5]]
     e_hs, e_ws = ref.distill_rows_chunked_backward(g.double(), *w64, *want[1:], *args[5:])
@@ -536,3 +538,31 @@ def test_kernels_compile_for_sm90_as_launched(tmp_path):
     check_compiled(records, ("distill_fwd", "distill_bwd"), {"bf16", "fp16", "fp32"})
     alphas = {r["config"]["alpha"] for r in records}
     assert alphas == {0.0, 0.5}  # without a teacher (compiled away) and with one
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.7, 1.0])
+def test_torch_path_forms_logits_for_counted_rows_only(monkeypatch, alpha, ignore_frac):
+    """Every position of a batch may go in (static shapes, as torch.compile wants): the chunked
+    path forms logits for the rows whose target counts and no others, with the same results."""
+    inp = make_inputs(41, 30, seed=7, ignore_frac=ignore_frac)
+    seen = []
+    setup = ref._setup
+
+    def spy(hs, *rest):
+        seen.append(hs.shape[0])
+        return setup(hs, *rest)
+
+    monkeypatch.setattr(ref, "_setup", spy)
+    got = run_loss(SF.distillation_loss, inp, alpha=alpha, reduction="sum", backend="torch")
+    counted = int((inp["y"] != IGNORE).sum())
+    assert seen == [counted, counted], seen  # forward, backward
+    monkeypatch.setattr(ref, "_setup", setup)
+    want = run_loss(
+        ref.distillation_loss_reference,
+        {k: (t.double() if t.is_floating_point() else t) for k, t in inp.items()},
+        alpha=alpha,
+        reduction="sum",
+    )
+    for name, a, e in zip(("loss", "d_hs", "d_ws"), got, want):
+        assert_close(a, e, name)

@@ -35,6 +35,7 @@ __all__ = [
     "LOGIT_BUDGET_BYTES",
     "chunk_plan",
     "chunked_grads",
+    "counted_rows",
     "distill_rows_chunked",
     "distill_rows_chunked_backward",
     "distillation_loss_reference",
@@ -163,6 +164,37 @@ def _safe_target(target: Tensor, ignore_index: int) -> Tensor:
     return torch.where(target != ignore_index, target, torch.zeros_like(target))
 
 
+def counted_rows(target: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
+    """Indices of the rows whose target is not ``ignore_index``, or None when every row counts
+    (or there is no target). The chunked paths form logits for those rows only, so a caller may
+    pass every position of a batch (static shapes, as ``torch.compile`` wants) and pay for the
+    positions that have a target alone. Reads the mask on the host: a sync on a GPU."""
+    if target is None:
+        return None
+    keep = target != ignore_index
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
+
+
+def pick_rows(idx: Tensor, *ts: Optional[Tensor]):
+    """Each tensor's rows ``idx`` (None stays None; a sequence of tensors, each one's rows)."""
+
+    def one(t):
+        if t is None:
+            return None
+        if isinstance(t, (list, tuple)):
+            return [x.index_select(0, idx) for x in t]
+        return t.index_select(0, idx)
+
+    return tuple(one(t) for t in ts)
+
+
+def scatter_rows(idx: Tensor, n: int, *parts: Tensor) -> Tuple[Tensor, ...]:
+    """Each ``[len(idx), ...]`` part placed at rows ``idx`` of zeros ``[n, ...]``."""
+    return tuple(p.new_zeros((n, *p.shape[1:])).index_copy_(0, idx, p) for p in parts)
+
+
 @torch.no_grad()
 def distill_rows_chunked(
     student_hidden: Tensor,
@@ -181,6 +213,12 @@ def distill_rows_chunked(
     ``chunk=(rows, cols)`` overrides :func:`chunk_plan`. Inputs are assumed validated.
     """
     n, v = student_hidden.shape[0], student_items.shape[0]
+    idx = counted_rows(target, ignore_index)
+    if idx is not None:  # the counted rows alone; the others' losses and statistics are 0
+        hs, ht, y = pick_rows(idx, student_hidden, teacher_hidden, target)
+        part = distill_rows_chunked(hs, student_items, ht, teacher_items, y, temperature, alpha,
+                                    ignore_index, chunk)  # fmt: skip
+        return scatter_rows(idx, n, *part)
     hs, ws, ht, wt, has_ce, has_kd, rows, cols, work = _setup(
         student_hidden, student_items, teacher_hidden, teacher_items, alpha, chunk
     )
@@ -241,6 +279,16 @@ def distill_rows_chunked_backward(
     chunk: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Gradients ``(d_student_hidden, d_student_items)`` for ``grad_rows [N]`` on the row losses."""
+    idx = counted_rows(target, ignore_index)
+    if idx is not None:  # the counted rows alone; the others get no gradient
+        picked = pick_rows(idx, grad_rows, student_hidden, teacher_hidden, target, lse_s, lse_st,
+                           lse_tt)  # fmt: skip
+        g, hs, ht, y, s1, s2, s3 = picked
+        d_part, d_ws = distill_rows_chunked_backward(
+            g, hs, student_items, ht, teacher_items, y, s1, s2, s3, temperature, alpha,
+            ignore_index, chunk,
+        )  # fmt: skip
+        return scatter_rows(idx, student_hidden.shape[0], d_part)[0], d_ws
     hs, ws, ht, wt, has_ce, has_kd, rows, cols, work = _setup(
         student_hidden, student_items, teacher_hidden, teacher_items, alpha, chunk
     )

@@ -204,6 +204,12 @@ def distill_rows_ensemble_chunked(
     overrides :func:`spnn_fast.reference.distill.chunk_plan`. Inputs are assumed validated.
     """
     n, v, m = student_hidden.shape[0], student_items.shape[0], len(teacher_hidden)
+    idx = _single.counted_rows(target, ignore_index)
+    if idx is not None:  # the counted rows alone; the others' losses and statistics are 0
+        hs, hts, y = _single.pick_rows(idx, student_hidden, teacher_hidden, target)
+        part = distill_rows_ensemble_chunked(hs, student_items, hts, teacher_items, y,
+                                             temperature, alpha, ignore_index, chunk)  # fmt: skip
+        return _single.scatter_rows(idx, n, *part)
     hs, ws, hts, wts, has_ce, has_kd, rows, cols, work = _setup(
         student_hidden, student_items, teacher_hidden, teacher_items, alpha, temperature, chunk
     )
@@ -247,6 +253,16 @@ def distill_rows_ensemble_chunked_backward(
 ) -> Tuple[Tensor, Tensor]:
     """Gradients ``(d_student_hidden, d_student_items)`` for ``grad_rows [N]`` on the row losses
     of :func:`distill_rows_ensemble_chunked`, from its statistics."""
+    idx = _single.counted_rows(target, ignore_index)
+    if idx is not None:  # the counted rows alone; the others get no gradient
+        picked = _single.pick_rows(idx, grad_rows, student_hidden, teacher_hidden, target, lse_s,
+                                   lse_st, lse_t)  # fmt: skip
+        g, hs, hts, y, s1, s2, s3 = picked
+        d_part, d_ws = distill_rows_ensemble_chunked_backward(
+            g, hs, student_items, hts, teacher_items, y, s1, s2, s3, temperature, alpha,
+            ignore_index, chunk,
+        )  # fmt: skip
+        return _single.scatter_rows(idx, student_hidden.shape[0], d_part)[0], d_ws
     hs, ws, hts, wts, has_ce, has_kd, rows, cols, work = _setup(
         student_hidden, student_items, teacher_hidden, teacher_items, alpha, temperature, chunk
     )
