@@ -6,6 +6,10 @@ layers the distillers read. The loss is the fused CE + logit KD
 (:func:`spnn_fast.functional.distillation_loss`) plus the knowledge-detector feature loss
 (:class:`spnn_fast.nn.FeatureDistiller`) on named (student layer, teacher layer) pairs. A model
 with knowledge detectors (a teacher) also trains them with an auxiliary next-item loss.
+
+Every tensor keeps the batch's shape, whatever its targets: a position without one takes part
+with the target ``ignore_index`` (which the losses skip without forming its logits) instead of
+being selected out, so ``torch.compile`` traces the step whole, without a data-dependent shape.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import Tensor, nn
 
 from spnn_fast.config import TrainConfig
 from spnn_fast.distributed import all_sum
-from spnn_fast.encode import SequenceBatch
+from spnn_fast.encode import IGNORE_INDEX, SequenceBatch
 from spnn_fast.functional import distillation_loss
 from spnn_fast.model import SPNN
 from spnn_fast.nn import FeatureDistiller
@@ -39,9 +43,15 @@ def _width(model: SPNN, layer: str) -> int:
     return model.config.d_model
 
 
+def table_rows(targets: Tensor) -> Tensor:
+    """Item ids ``1..V`` as rows of :meth:`SPNN.item_table` (``0..V-1``), IGNORE_INDEX where
+    there is no target."""
+    return torch.where(targets > 0, targets - 1, IGNORE_INDEX)
+
+
 def detector_targets(b: SequenceBatch) -> Tuple[Tensor, Tensor, Tensor]:
     """What a knowledge detector learns from in each row: the events it may pool (the window up
-    to its last event with a target), that target (0 = none) and the rows that have one."""
+    to its last event with a target), that target (<= 0: none) and the rows that have one."""
     last = b.targets[:, -1] > 0
     mask = b.mask.clone()
     mask[~last, -1] = False
@@ -117,16 +127,14 @@ class Objective(nn.Module):
         det_layers = tuple(model.config.detector_layers)
         out = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users,
                     return_layers=self.student_layers + det_layers)  # fmt: skip
-        sel = b.targets > 0
-        h = out.hidden[sel]
-        y = b.targets[sel] - 1  # item ids 1..V -> rows of the item table
+        h, y = out.hidden, table_rows(b.targets)
         stats = {}
         if teacher is None:
             loss = distillation_loss(h, model.item_table(), target=y, alpha=0.0, reduction="sum",
                                      backend=model.config.backend)  # fmt: skip
         else:
             t_hiddens, t_layers = t_view
-            t_h = [t[sel] for t in t_hiddens]
+            t_h = list(t_hiddens)
             t_w = [t.item_table() for t in self.logit_teachers]
             if len(t_h) == 1:  # one teacher: the tensors themselves
                 t_h, t_w = t_h[0], t_w[0]
@@ -159,6 +167,8 @@ class Objective(nn.Module):
         positions carry the next item without changing the teacher itself.
         """
         mask, y, ok = detector_targets(b)
-        pooled = model.detector(layer).pool(feats.detach()[ok], mask[ok])
-        return distillation_loss(pooled, model.item_table().detach(), target=y[ok] - 1,
-                                 alpha=0.0, reduction="sum", backend=model.config.backend)  # fmt: skip
+        # every row (a row with nothing to pool pools to zeros), the rows without a target ignored
+        pooled = model.detector(layer).pool(feats.detach(), mask)
+        y = torch.where(ok, y - 1, IGNORE_INDEX)
+        return distillation_loss(pooled, model.item_table().detach(), target=y, alpha=0.0,
+                                 reduction="sum", backend=model.config.backend)  # fmt: skip
