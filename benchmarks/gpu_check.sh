@@ -126,6 +126,8 @@ path = os.path.join(out, "quick.json")
 if os.path.exists(path):
     with open(path) as f:
         quick = json.load(f)
+    form = quick.get("bias_form") or {}
+    lines += [f"Time bias in the attention kernels: {form.get('form')} form ({form.get('why')})", ""]
     lines += ["| op | mode | shape | ours (ms) | baseline | baseline (ms) | baseline / ours |",
               "|---|---|---|---|---|---|---|"]
     for c in quick["comparisons"]:

@@ -49,12 +49,26 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from spnn_fast import backends
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 ATTENTION_BASELINES = ("sdpa_float_mask", "flex_compiled", "sdpa_flash_causal_nobias")
 DISTILL_BASELINES = ("naive_eager", "naive_compiled", "torch_lce", "torch_lce_chunked")
 TOPK_BASELINES = ("naive_eager", "naive_compiled")
+
+
+def bias_form(dev: torch.device) -> dict:
+    """Which form of the attention's time bias the kernels take on ``dev`` (the first launch's
+    check of the GPU form against the portable one), and why."""
+    if not backends.status()["triton_installed"]:
+        return {"form": None, "why": "Triton is not installed"}
+    if dev.type != "cuda":
+        return {"form": "portable", "why": f"no GPU form on {dev.type} (interpreted, if at all)"}
+    from spnn_fast.kernels import attention as KA
+
+    return KA.bias_form_report(dev)
 
 
 def card_slug(card: str) -> str:
@@ -67,8 +81,12 @@ class Recorder:
     """Appends each result to ``quick.jsonl`` and rewrites the ``quick.json`` summary(s),
     keeping what an earlier run on the same card wrote into that folder."""
 
-    def __init__(self, out_dir: Path, card: str, mirror: Optional[Path] = None) -> None:
+    def __init__(
+        self, out_dir: Path, card: str, mirror: Optional[Path] = None,
+        bias_form: Optional[dict] = None,
+    ) -> None:  # fmt: skip
         self.card = card
+        self.bias_form = bias_form
         self.paths = [out_dir / "quick.json"] + ([mirror / "quick.json"] if mirror else [])
         self.jsonl = out_dir / "quick.jsonl"
         self.comparisons: List[dict] = []
@@ -101,7 +119,8 @@ class Recorder:
         self._write()
 
     def _write(self) -> None:
-        summary = {"card": self.card, "comparisons": self.comparisons, "skipped": self.skipped}
+        summary = {"card": self.card, "bias_form": self.bias_form,
+                   "comparisons": self.comparisons, "skipped": self.skipped}  # fmt: skip
         for path in self.paths:
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -377,7 +396,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rec = Recorder(out, card, mirror)
+    rec = Recorder(out, card, mirror, bias_form(dev))
     return 1 if run(args.set, Session(rec, dev, args.budget_s, args.dry_run)) else 0
 
 

@@ -470,15 +470,19 @@ def cases(which: str = "benchmark", families: Optional[Sequence[str]] = None) ->
 
 @contextlib.contextmanager
 def _sm90_device():
-    """Launchers size their grids from the card's multiprocessor count: give them an sm_90's."""
+    """Launchers size their grids from the card's multiprocessor count: give them an sm_90's.
+    The attention launchers take the GPU form of the time bias on a device where its first-launch
+    check passed: here, as on a card where it did."""
     from spnn_fast.kernels import _device
+    from spnn_fast.kernels import attention as KA
 
-    original = _device.multiprocessor_count
+    original = _device.multiprocessor_count, KA.bias_form_on
     _device.multiprocessor_count = lambda device: SM90_SMS
+    KA.bias_form_on = lambda device: KA.fast_bias_form()
     try:
         yield
     finally:
-        _device.multiprocessor_count = original
+        _device.multiprocessor_count, KA.bias_form_on = original
 
 
 def run_cases(selected: Sequence[Case], log=None) -> List[dict]:

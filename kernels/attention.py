@@ -37,7 +37,12 @@ chosen by the constexpr ``FAST_BIAS``:
   rounded up to a power of two, which the int64 comparison ``2**(e-1) > g`` undoes, and the
   bias is a gathered load.
 
-Both are exact for gaps < 2**63. The kernels read the bias table as fp32 in log2 units (the
+Both are exact for gaps < 2**63. The GPU form is checked once per process and device, on the
+first launch there: :func:`bias_form_check` runs both forms on a fixed tile of gaps (every power
+of two and its neighbours, both signs, the ends of int64) and table entries, for each variant
+(NB <= 32, NB > 32, NB > 54), and asks for exact equality (buckets are integers, bias values
+copies). On any difference, or if the GPU form fails to compile, a warning says so once and the
+launchers use the portable form on that device. The kernels read the bias table as fp32 in log2 units (the
 launchers convert the [H, NB] table). L is a runtime argument that Triton does not specialize on
 (``do_not_specialize``); block sizes depend only on ``min(64, next_pow2(L))``, D and the dtype
 (:func:`fwd_config`, :func:`bwd_config`), so new lengths do not recompile. No fp16/bf16
@@ -48,7 +53,9 @@ GPU). D (head dim) must be 16, 32, 64 or 128. fp32 inputs use IEEE fp32 dots (no
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+import warnings
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -60,6 +67,9 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "bwd_config",
+    "bias_form_check",
+    "bias_form_on",
+    "bias_form_report",
     "fast_bias_form",
     "fwd_config",
     "gap_bucket_triton",
@@ -205,6 +215,21 @@ def _tile_bias(
         bucket = _gap_bucket(t_i[:, None], t_j[None, :], NB)
         bias = tl.load(TAB + bucket)
     return bucket, bias
+
+
+@triton.jit
+def _bias_probe_kernel(
+    T_I, T_J, TAB, BUCKET, BIAS, NB, M: tl.constexpr, N: tl.constexpr,
+    FAST_BIAS: tl.constexpr, BIAS_WIDE: tl.constexpr, BUCKET_INT64: tl.constexpr,
+):  # fmt: skip
+    """One [M, N] tile of buckets and bias values through :func:`_tile_bias`, in the layout the
+    attention kernels use it in (the check of the GPU form against the portable one)."""
+    offs_m, offs_n = tl.arange(0, M), tl.arange(0, N)
+    t_i, t_j = tl.load(T_I + offs_m), tl.load(T_J + offs_n)
+    bucket, bias = _tile_bias(t_i, t_j, TAB, NB, FAST_BIAS, BIAS_WIDE, BUCKET_INT64)
+    at = offs_m[:, None] * N + offs_n[None, :]
+    tl.store(BUCKET + at, bucket)
+    tl.store(BIAS + at, bias)
 
 
 @triton.jit
@@ -475,9 +500,96 @@ def fast_bias_form() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-def _bias_form(nb: int) -> dict:
+# The variants of the bias code, by the bucket counts that pick them: (BIAS_WIDE, BUCKET_INT64).
+_PROBE_NB = (32, 54, 64)
+
+
+def _probe_tile(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Timestamps ``t_i [64]``, ``t_j [64]``: the differences t_i - t_j of the tile cover 0,
+    every power of two up to 2**62 and its neighbours, both signs, and gaps up to 2**62 + 2**61
+    with their low bits set (past float64's 53-bit mantissa)."""
+    t_i = torch.tensor([0] + [2**m for m in range(63)], dtype=torch.int64)
+    t_j = torch.tensor([0, 1, -1] + [2**n for n in range(60)] + [-(2**61)], dtype=torch.int64)
+    return t_i.to(device), t_j.to(device)
+
+
+def _probe(device: torch.device, nb: int, fast: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(buckets [64, 64], bias [64, 64])`` of one form on the probe tile, NB = ``nb``."""
+    t_i, t_j = _probe_tile(device)
+    table = torch.arange(nb, dtype=torch.float32, device=device) * 1.25 - 7.0
+    bucket = torch.empty((64, 64), dtype=torch.int32, device=device)
+    bias = torch.empty((64, 64), dtype=torch.float32, device=device)
+    _bias_probe_kernel[(1,)](
+        t_i, t_j, table, bucket, bias, nb, M=64, N=64, FAST_BIAS=fast,
+        BIAS_WIDE=nb > 32, BUCKET_INT64=nb > 54,
+    )  # fmt: skip
+    return bucket, bias
+
+
+def bias_form_check(device: torch.device) -> Dict[str, object]:
+    """Runs the GPU form of the bias against the portable form on ``device`` (see the module
+    docstring): ``{"form": "ptx" | "portable", "why": str}``. Not cached: see
+    :func:`bias_form_on`, which the launchers call."""
+    if not fast_bias_form():
+        return {"form": "portable", "why": "the Triton interpreter cannot run inline PTX"}
+    try:
+        for nb in _PROBE_NB:
+            fast, portable = _probe(device, nb, True), _probe(device, nb, False)
+            for what, a, b in zip(("buckets", "bias values"), fast, portable):
+                if not torch.equal(a, b):
+                    bad = int((a != b).sum())
+                    return {"form": "portable", "why": f"{bad} {what} of the probe differ at "
+                            f"NB={nb}"}  # fmt: skip
+    except Exception as e:  # a compile or launch failure of the inline PTX
+        return {"form": "portable", "why": f"the GPU form failed: {type(e).__name__}: {e}"}
+    return {"form": "ptx", "why": "equal to the portable form on the probe"}
+
+
+@functools.cache
+def _checked_form(device: torch.device) -> bool:
+    result = bias_form_check(device)
+    _BIAS_FORMS[str(device)] = result
+    if result["form"] != "ptx" and fast_bias_form():
+        warnings.warn(
+            f"spnn_fast: the GPU form of the attention's time bias is not used on {device} "
+            f"({result['why']}); the kernels take the portable form there",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return result["form"] == "ptx"
+
+
+# The outcome of each device's check, by device name (what benchmarks/gpu_check.sh reports).
+_BIAS_FORMS: Dict[str, Dict[str, object]] = {}
+
+
+def _indexed(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def bias_form_on(device: torch.device) -> bool:
+    """Whether the launchers take the GPU form on ``device``: checked on the first call per
+    process and device, then remembered."""
+    if not fast_bias_form():
+        return False
+    return _checked_form(_indexed(device))
+
+
+def bias_form_report(device: torch.device) -> Dict[str, object]:
+    """``{"form": "ptx" | "portable", "why": str}``: what the launchers take on ``device`` and
+    why (the check runs here if no launch has run it yet)."""
+    if not fast_bias_form():
+        return bias_form_check(device)
+    device = _indexed(device)
+    _checked_form(device)
+    return dict(_BIAS_FORMS[str(device)])
+
+
+def _bias_form(nb: int, device: torch.device) -> dict:
     """The constexprs that pick the bias code for NB buckets (see :func:`_tile_bias`)."""
-    return dict(FAST_BIAS=fast_bias_form(), BIAS_WIDE=nb > 32, BUCKET_INT64=nb > 54)
+    return dict(FAST_BIAS=bias_form_on(device), BIAS_WIDE=nb > 32, BUCKET_INT64=nb > 54)
 
 
 def _check(q, k, v, key_mask, timestamps, time_bias) -> None:
@@ -559,7 +671,7 @@ def semantic_attention_fwd(
         q, k, v, out, lse, ts, mask, table, L, H, nb, float(scale) * LOG2E,
         HAS_MASK=key_mask is not None, HAS_BIAS=time_bias is not None,
         CAUSAL=bool(causal), D=D, DOT_PRECISION=_dot_precision(q.dtype),
-        **_bias_form(nb), **cfg,
+        **_bias_form(nb, q.device), **cfg,
     )  # fmt: skip
     return out, lse
 
@@ -611,7 +723,7 @@ def semantic_attention_bwd(
         HAS_MASK=key_mask is not None, HAS_BIAS=time_bias is not None,
         BIAS_GRAD=bias_grad, CAUSAL=bool(causal), D=D, NB_PAD=nb_pad(nb),
         BUCKET_WINDOW=BUCKET_WINDOW, DOT_PRECISION=_dot_precision(q.dtype),
-        **_bias_form(nb), **cfg,
+        **_bias_form(nb, q.device), **cfg,
     )  # fmt: skip
     if bias_grad:
         # Fixed-order reduction over b: bitwise the same result on every run.
@@ -630,9 +742,9 @@ def gap_bucket_triton(
     out = torch.empty_like(g)
     if g.numel():
         block = 256
-        fast = fast_bias_form() if fast is None else bool(fast)
+        fast = bias_form_on(g.device) if fast is None else bool(fast)
         _gap_bucket_kernel[(triton.cdiv(g.numel(), block),)](
             g, out, g.numel(), num_buckets, BLOCK=block, FAST_BIAS=fast,
-            BUCKET_INT64=_bias_form(num_buckets)["BUCKET_INT64"],
+            BUCKET_INT64=num_buckets > 54,
         )  # fmt: skip
     return out.view(gaps.shape)

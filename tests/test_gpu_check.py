@@ -93,8 +93,9 @@ def _run_dry(out: Path, set_name: str) -> dict:
 
 def test_gpu_quick_dry_run_writes_the_summary(tmp_path):
     summary = _run_dry(tmp_path, "headline")
-    assert set(summary) == {"card", "comparisons", "skipped"}
+    assert set(summary) == {"card", "bias_form", "comparisons", "skipped"}
     assert summary["card"] == "cpu (dry run)"
+    assert summary["bias_form"]["form"] in ("portable", None), summary["bias_form"]
     rows = summary["comparisons"]
     assert {r["op"] for r in rows} == {"attention", "distill"}
     assert {r["mode"] for r in rows if r["op"] == "attention"} == {"fwd", "fwd+bwd"}
