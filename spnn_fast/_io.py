@@ -100,6 +100,17 @@ def write_json(obj, path: Union[str, os.PathLike]) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), text=True)
 
 
+def same_file(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+    """True when the paths ``a`` and ``b`` name one file: the same path once relative parts and
+    symlinks are resolved, or, where both exist, the same file on disk (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
 def file_sha256(path: Union[str, os.PathLike]) -> str:
     """The hex sha256 of a file's bytes, read in 1 MiB pieces."""
     digest = hashlib.sha256()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import glob
 import os
 import time
@@ -30,6 +31,7 @@ from spnn_fast._io import (
     atomic_write,
     load_checkpoint_file,
     read_json,
+    same_file,
     write_json,
 )
 from spnn_fast._lock import FolderBusyError, LockFile, describe_holder
@@ -41,6 +43,7 @@ from spnn_fast.model import SPNN, SPNNConfig
 __all__ = [
     "CHECKPOINT_FORMAT",
     "LOCK_NAME",
+    "RUN_FILES",
     "RUN_FORMAT",
     "FolderBusyError",
     "agree",
@@ -53,6 +56,8 @@ __all__ = [
     "read_result",
     "read_run_config",
     "read_run_data",
+    "run_file",
+    "run_of_checkpoint",
     "save_checkpoint",
     "write_run_config",
 ]
@@ -60,6 +65,9 @@ __all__ = [
 RUN_FORMAT = "spnn_fast.run/2"
 CHECKPOINT_FORMAT = "spnn_fast.checkpoint/1"
 LOCK_NAME = "run.lock"
+# The files of a run folder, as patterns of their paths in it.
+RUN_FILES = ("run.json", LOCK_NAME, "report.json", "report.md", "report.png", "seed*/*/last.pt",
+             "seed*/*/best.pt", "seed*/*/result.json", "ensemble/result.json")  # fmt: skip
 
 
 def model_dir(run_dir: str, seed: int, name: str) -> str:
@@ -70,6 +78,27 @@ def has_models(run_dir: str) -> bool:
     """True when a model of the run in ``run_dir`` has started (or finished) training there."""
     files = ("last.pt", "best.pt", "result.json")
     return any(glob.glob(os.path.join(glob.escape(run_dir), "seed*", "*", f)) for f in files)
+
+
+def run_file(run_dir: str, path: str) -> Optional[str]:
+    """The file of the run in ``run_dir`` that ``path`` names, or None: one of :data:`RUN_FILES`,
+    whether it exists yet or not, reached by any path (relative, through symlinks, a hard
+    link)."""
+    for pattern in RUN_FILES:
+        for f in glob.glob(os.path.join(glob.escape(run_dir), pattern)):
+            if same_file(f, path):
+                return f
+    inside = os.path.relpath(os.path.realpath(path), os.path.realpath(run_dir))
+    if inside.split(os.sep)[0] != os.pardir and any(fnmatch.fnmatch(inside, p) for p in RUN_FILES):
+        return os.path.join(run_dir, inside)
+    return None
+
+
+def run_of_checkpoint(path: str) -> Optional[str]:
+    """The run folder that holds the checkpoint ``path`` (``RUN/seed<S>/<model>/best.pt``), or
+    None for a checkpoint outside a run folder."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    return run_dir if os.path.isfile(os.path.join(run_dir, "run.json")) else None
 
 
 # ------------------------------------------------------------------------------ ownership

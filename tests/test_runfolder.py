@@ -408,3 +408,25 @@ def test_a_disk_that_fills_during_training_keeps_the_finished_models(tmp_path, c
     monkeypatch.undo()
     assert main(["train", "--resume", str(out)]) == 0
     assert _hashes(out / "seed0" / "teacher") == teacher  # reused, not retrained
+
+
+def test_run_file_names_a_file_of_the_run_by_any_path(finished_run, tmp_path, monkeypatch):
+    from spnn_fast.runfolder import run_file, run_of_checkpoint
+
+    best = finished_run / "seed0" / "teacher" / "best.pt"
+    os.link(best, tmp_path / "hard.pt")
+    (tmp_path / "link").symlink_to(finished_run)
+    monkeypatch.chdir(finished_run / "seed0")
+    for path, file in [
+        (best, best),
+        ("teacher/../../run.json", finished_run / "run.json"),  # relative, with ..
+        (tmp_path / "link" / "report.md", finished_run / "report.md"),  # through a symlink
+        (tmp_path / "hard.pt", best),  # a hard link
+        (finished_run / "seed7" / "student" / "best.pt", None),  # not written yet: still the run's
+    ]:
+        got = run_file(str(finished_run), str(path))
+        assert got is not None and (file is None or os.path.samefile(got, file)), path
+    for path in (finished_run / "recs.csv", tmp_path / "run.json", finished_run / "seed0"):
+        assert run_file(str(finished_run), str(path)) is None, path
+    assert run_of_checkpoint(str(best)) == str(finished_run)
+    assert run_of_checkpoint(str(tmp_path / "hard.pt")) is None
