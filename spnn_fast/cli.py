@@ -5,7 +5,7 @@ Also runs as ``python -m spnn_fast ...`` and under ``torchrun --nproc_per_node=N
 train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA). The flags of ``train`` are
 the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it; the others
 (``--out``, ``--resume``, ``--wait``, ``--allow-changed-data``, ...) say how to run, and are not
-saved. An error a user can act on (a setting, the data, a damaged or busy run folder, the file
+settings of the run (run.json keeps ``--threads`` beside them: a resumed run uses it again). An error a user can act on (a setting, the data, a damaged or busy run folder, the file
 system) is one line on stderr and exit status 2.
 """
 
@@ -21,11 +21,11 @@ import logging
 import os
 import sys
 import typing
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["main"]
 
-# Flags of the train command that are not settings of the run (never saved in run.json).
+# Flags of the train command that are not settings of the run (not in run.json's "config").
 _RUN_OPTIONS = ("out", "resume", "threads", "dist_timeout", "wait", "allow_changed_data")
 
 
@@ -76,7 +76,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR with the settings saved in its run.json")  # fmt: skip
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch's and MKL's; default: those of the run it goes on "
+                        "with, kept in run.json, else torch's)")  # fmt: skip
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a rank waits for the others before failing")  # fmt: skip
     p.add_argument("--wait", action="store_true",
@@ -124,6 +126,23 @@ def _run_config(args):
     return cfg, args.resume
 
 
+def _threads(args, folder: str) -> Tuple[Optional[int], str]:
+    """(the CPU threads of a train command, a warning or ""): ``--threads``, else the count in
+    the run.json of the run it goes on with (None: torch's default)."""
+    from spnn_fast.runfolder import has_models, read_run_threads
+
+    saved = None
+    if os.path.isfile(os.path.join(folder, "run.json")) and (args.resume or has_models(folder)):
+        saved = read_run_threads(folder)
+    if args.threads is None or saved is None or args.threads == saved:
+        return (saved if args.threads is None else args.threads), ""
+    return args.threads, (
+        f"warning: the run in {folder} was trained with --threads {saved}; --threads "
+        f"{args.threads} may change its remaining models in the last bits (its run.json keeps "
+        f"{saved})"
+    )
+
+
 def _init_distributed(device: str, timeout: float) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
@@ -144,9 +163,11 @@ def _cmd_train(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    # The same sums in the same order on every run: a fixed thread count for every op.
-    fix_threads(args.threads)
     cfg, out = _run_config(args)
+    # The same sums in the same order on every run: a fixed thread count for every op, the
+    # run's own when it goes on.
+    threads, warning = _threads(args, out)
+    fix_threads(threads)
     distributed = _init_distributed(cfg.device, args.dist_timeout)
     log = lambda *a, **k: print(*a, **k, flush=True)  # noqa: E731  (seen at once through a pipe)
     if distributed:
@@ -156,6 +177,8 @@ def _cmd_train(args) -> int:
             cfg = dataclasses.replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         if dist.get_rank() != 0:
             log = lambda *a, **k: None  # noqa: E731
+    if warning:
+        log(warning)
     try:
         report = run(cfg, out, log=log, wait=args.wait,
                      allow_changed_data=args.allow_changed_data)  # fmt: skip

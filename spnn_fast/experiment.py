@@ -42,6 +42,7 @@ from spnn_fast.runfolder import (
     model_dir,
     read_result,
     read_run_data,
+    read_run_threads,
     save_checkpoint,
     write_json,
     write_run_config,
@@ -174,11 +175,13 @@ def _prepare(cfg: ExperimentConfig, run_dir: str, allow_changed_data: bool,
             f"{STUDENT_MAX_D} that keeps a student at most 1/4 of the teacher on these data)")  # fmt: skip
     sizes = check_sizes(sized, ds)
     check_memory(sized, ds, sizes)
-    extras = {"data": data, "chosen": chosen or None}
+    extras = {"data": data, "chosen": chosen or None, "threads": torch.get_num_threads()}
     # A folder whose run.json no model was trained under yet takes the new settings: a run that
     # failed at its first step can be corrected in place.
     if has_models(run_dir) and os.path.exists(os.path.join(run_dir, "run.json")):
         check_same_run(cfg, run_dir, ds)
+        # the run keeps the thread count it began with (run.json says what a resume uses)
+        extras["threads"] = read_run_threads(run_dir) or extras["threads"]
         before, earlier = read_run_data(run_dir)
         check_same_data(before, data, run_dir, allow_changed=allow_changed_data, log=log)
         if before is not None and before["files"] != data["files"]:  # allowed: keep a trace

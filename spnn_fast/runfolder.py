@@ -1,8 +1,9 @@
 """The run folder of the main job, and the files in it::
 
     run.lock                      held by the process that runs in the folder (:func:`claim`)
-    run.json                      the configuration and a fingerprint of the data
-                                  (:mod:`spnn_fast.fingerprint`; what --resume reads)
+    run.json                      the configuration, a fingerprint of the data
+                                  (:mod:`spnn_fast.fingerprint`) and the CPU threads (what
+                                  --resume reads)
     seed<S>/<model>/last.pt       trainer state after the last finished epoch (atomic)
     seed<S>/<model>/best.pt       the selected model (spnn-fast eval reads it)
     seed<S>/<model>/result.json   its metrics, history and timings
@@ -19,6 +20,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import glob
+import json
 import os
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -56,6 +58,7 @@ __all__ = [
     "read_result",
     "read_run_config",
     "read_run_data",
+    "read_run_threads",
     "run_file",
     "run_of_checkpoint",
     "save_checkpoint",
@@ -204,14 +207,15 @@ def claim(run_dir: str, *, wait: bool = False, log: Callable[[str], None] = prin
 
 # ------------------------------------------------------------------------------ run.json
 def write_run_config(cfg: ExperimentConfig, run_dir: str, data: Optional[Dict] = None,
-                     chosen: Optional[Dict] = None,
-                     earlier_data: Optional[List[Dict]] = None) -> None:  # fmt: skip
+                     chosen: Optional[Dict] = None, earlier_data: Optional[List[Dict]] = None,
+                     threads: Optional[int] = None) -> None:  # fmt: skip
     """``run_dir/run.json``: the configuration as given, the fingerprint of its ``data``, what
-    was ``chosen`` for the data (student_d when None) and the fingerprints of data some of its
-    models were trained on before (``--allow-changed-data``); left as it is when it says the
-    same."""
+    was ``chosen`` for the data (student_d when None), the fingerprints of data some of its
+    models were trained on before (``--allow-changed-data``) and the CPU ``threads`` its models
+    train with (what a resumed run uses again); left as it is when it says the same."""
     record = {"format": RUN_FORMAT, "config": cfg.to_dict()}
-    extras = (("data", data), ("chosen", chosen), ("earlier_data", earlier_data))
+    extras = (("data", data), ("chosen", chosen), ("earlier_data", earlier_data),
+              ("threads", threads))  # fmt: skip
     record.update({k: v for k, v in extras if v})
     path = os.path.join(run_dir, "run.json")
     with contextlib.suppress(OSError, ValueError):
@@ -228,12 +232,30 @@ _RUN_RECOVER = ("train into another --out (or, to keep its finished models, dele
 def _read_run(run_dir: str) -> Tuple[str, Dict]:
     path = os.path.join(run_dir, "run.json")
     saved = read_json(path, ("format", "config"), recover=_RUN_RECOVER)
-    if saved["format"] != RUN_FORMAT or not isinstance(saved["config"], dict):
+    if saved["format"] != RUN_FORMAT:
         raise DamagedFileError(
             f"{path} is not a run of this spnn_fast (format {saved['format']!r}, expected "
             f"{RUN_FORMAT!r}); train into another folder"
         )
+    threads = saved.get("threads")
+    for key, ok, rule in (
+        ("config", isinstance(saved["config"], dict), "an object"),
+        ("threads", threads is None or is_int(threads, 1), "an integer >= 1"),
+    ):
+        if not ok:
+            raise DamagedFileError(f"{path}: {key!r} must be {rule}, got "
+                                   f"{_json_kind(saved[key])}; {_RUN_RECOVER}")  # fmt: skip
     return path, saved
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words (``a string``, ``the number 3``, ...)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    kinds = {str: "a string", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentConfig:
@@ -252,6 +274,12 @@ def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentCon
     except ValueError as e:
         raise ValueError(f"{e} (the run in {run_dir} was saved with device={saved_device!r}; "
                          f"pass --device to go on elsewhere)") from None  # fmt: skip
+
+
+def read_run_threads(run_dir: str) -> Optional[int]:
+    """The CPU threads recorded in ``run_dir/run.json`` (None where an older spnn_fast wrote
+    none)."""
+    return _read_run(run_dir)[1].get("threads")
 
 
 def read_run_data(run_dir: str) -> Tuple[Optional[Dict], List[Dict]]:

@@ -242,12 +242,54 @@ def test_a_run_folder_of_the_previous_layout_goes_on(finished_run, tmp_path, mon
     saved = json.loads((out / "run.json").read_text())
     data = Path(saved.pop("data")["source"])
     saved.pop("chosen", None)
+    saved.pop("threads", None)
     monkeypatch.chdir(data.parent)
     saved["config"]["dataset"] = data.name
     (out / "run.json").write_text(json.dumps(saved))
     assert main(["train", "--resume", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "records no fingerprint of its data" in printed and "already done" in printed
+
+
+# ---------------------------------------------------------------------------- threads
+def test_a_run_keeps_its_thread_count(tmp_path, capsys):
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    out = tmp_path / "run"
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", data, "--out", str(out), *_TINY]) == 0  # --threads 1
+        assert json.loads((out / "run.json").read_text())["threads"] == 1
+        student_kd = out / "seed0" / "student_kd"
+        for again in ([], ["--threads", "2"]):
+            # The last model stopped before its results: resuming trains it from its last.pt.
+            for f in ("best.pt", "result.json"):
+                (student_kd / f).unlink()
+            torch.set_num_threads(2)  # what a new process may start with
+            capsys.readouterr()
+            assert main(["train", "--resume", str(out), *again]) == 0
+            printed = capsys.readouterr().out
+            report = json.loads((out / "report.json").read_text())
+            assert report["threads"] == (2 if again else 1)
+            warned = f"warning: the run in {out} was trained with --threads 1" in printed
+            assert warned == bool(again), printed
+            assert json.loads((out / "run.json").read_text())["threads"] == 1  # the run's own
+        # --out DIR with the same settings goes on with the run as --resume does
+        torch.set_num_threads(2)
+        assert main(["train", "--data", data, "--out", str(out), *_TINY[:-2]]) == 0
+        assert json.loads((out / "report.json").read_text())["threads"] == 1
+        # A run.json without threads (an older spnn_fast) goes on with torch's count.
+        saved = json.loads((out / "run.json").read_text())
+        saved.pop("threads")
+        (out / "run.json").write_text(json.dumps(saved))
+        assert main(["train", "--resume", str(out)]) == 0
+        saved["threads"] = "two"
+        (out / "run.json").write_text(json.dumps(saved))
+        capsys.readouterr()
+        assert main(["train", "--resume", str(out)]) == 2
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"{out / 'run.json'}: 'threads' must be an integer >= 1, got a string" in line
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------- case 4: damage
