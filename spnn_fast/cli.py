@@ -164,6 +164,7 @@ def _cmd_train(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     cfg, out = _run_config(args)
+    args.folder = out  # where a message says to go on
     # The same sums in the same order on every run: a fixed thread count for every op, the
     # run's own when it goes on.
     threads, warning = _threads(args, out)
@@ -263,10 +264,19 @@ def _message(e: BaseException, args) -> str:
     if not isinstance(e, OSError) or not e.strerror:
         return str(e)
     text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    folder = getattr(args, "resume", None) or getattr(args, "out", None)
-    if e.errno == errno.ENOSPC and args.command == "train" and folder:
-        text += f"; free some space, then go on with --resume {folder} (finished models are kept)"
+    if e.errno == errno.ENOSPC and args.command == "train":
+        text += f"; free some space, then {_go_on(args)}"
     return text
+
+
+def _go_on(args) -> str:
+    """How to go on with a train command that stopped: resume its run folder when it holds a
+    run (run.json), else run the command again (a run refused by its checks leaves no
+    folder)."""
+    folder = getattr(args, "folder", None) or args.resume or args.out
+    if folder and os.path.isfile(os.path.join(folder, "run.json")):
+        return f"go on with --resume {folder} (finished models are kept)"
+    return "run the command again"
 
 
 if __name__ == "__main__":

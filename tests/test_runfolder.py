@@ -419,6 +419,8 @@ def test_a_disk_too_full_for_the_checkpoints_is_found_before_training(tmp_path, 
     line = _one_line_error(capsys.readouterr().err)
     assert f"checkpoints into {out}, whose disk has 0.0 MiB free" in line
     assert not out.exists()  # refused before anything was written
+    # so the hint is to run the command again, not to resume a folder that is not there
+    assert "--resume" not in line and "free some space, then run the command again" in line
 
 
 def test_a_disk_that_fills_during_training_keeps_the_finished_models(tmp_path, capsys,
