@@ -6,7 +6,8 @@ train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA). The flags 
 the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it; the others
 (``--out``, ``--resume``, ``--wait``, ``--allow-changed-data``, ...) say how to run, and are not
 settings of the run (run.json keeps ``--threads`` beside them: a resumed run uses it again). An error a user can act on (a setting, the data, a damaged or busy run folder, the file
-system) is one line on stderr and exit status 2.
+system) is one line on stderr and exit status 2; Ctrl-C is one line (for ``train``, how to go
+on) and exit status 130.
 """
 
 from __future__ import annotations
@@ -247,6 +248,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _user_errors() as e:
         print(f"spnn-fast: error: {_message(e, args)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every file is written atomically, the lock given back
+        hint = f"; {_go_on(args)}" if args.command == "train" else ""
+        print(f"spnn-fast: interrupted{hint}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 def _user_errors() -> tuple:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from test_train import _tiny_experiment, _write_cycle_csv
 
+import spnn_fast.experiment
 import spnn_fast.runfolder
 import spnn_fast.train
 from spnn_fast import _io, _lock
@@ -474,3 +475,47 @@ def test_run_file_names_a_file_of_the_run_by_any_path(finished_run, tmp_path, mo
         assert run_file(str(finished_run), str(path)) is None, path
     assert run_of_checkpoint(str(best)) == str(finished_run)
     assert run_of_checkpoint(str(tmp_path / "hard.pt")) is None
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_during_training_says_how_to_resume_and_leaves_a_resumable_folder(tmp_path):
+    import time
+
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    out = tmp_path / "run"
+    flags = [*_TINY, "--epochs", "8", "--patience", "8"]
+    cmd = [sys.executable, "-m", "spnn_fast", "train", "--data", data, "--out", str(out), *flags]
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=_ENV)
+        last = out / "seed0" / "teacher" / "last.pt"
+        deadline = time.monotonic() + 240
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)  # while the teacher trains (or writes its last.pt)
+        assert proc.wait(timeout=120) == 130
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("spnn-fast: ")]
+    assert lines == [f"spnn-fast: interrupted; go on with --resume {out} (finished models "
+                     f"are kept)"], err[-3000:]  # fmt: skip
+    assert not list(out.rglob("*.tmp"))  # no partial file left
+    assert _io.load_checkpoint_file(last, "cpu", spnn_fast.train._STATE_KEYS)["epoch"] >= 1
+    with claim(str(out)):  # the lock was given back
+        pass
+    proc = _cli("train", "--resume", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed after epoch" in proc.stdout
+    assert (out / "report.json").is_file()
+
+
+def test_ctrl_c_before_the_run_folder_holds_a_run_says_to_run_again(tmp_path, capsys,
+                                                                    monkeypatch):  # fmt: skip
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spnn_fast.experiment, "load", interrupted)  # while the data are read
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    out = tmp_path / "run"
+    assert main(["train", "--data", data, "--out", str(out), *_TINY]) == 130
+    assert capsys.readouterr().err == "spnn-fast: interrupted; run the command again\n"
+    assert not out.exists()  # the folder it had created is removed
