@@ -263,12 +263,19 @@ def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentCon
     saved one: a run may go on elsewhere, and the saved device need not exist here)."""
     path, saved = _read_run(run_dir)
     config = dict(saved["config"])
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(ExperimentConfig)})
+    if unknown:
+        raise DamagedFileError(f"{path} holds settings this spnn_fast does not know (unknown "
+                               f"settings: {', '.join(unknown)}); {_RUN_RECOVER}")  # fmt: skip
     try:  # the file's own settings, checked on a device every machine has
         cfg = ExperimentConfig(**{**config, "device": "cpu"})
     except (TypeError, ValueError) as e:
         raise DamagedFileError(f"{path} holds settings this spnn_fast does not accept ({e}); "
                                f"{_RUN_RECOVER}") from None  # fmt: skip
     saved_device = config.get("device", "cpu")
+    if device is None and not isinstance(saved_device, str):
+        raise DamagedFileError(f"{path}: 'device' must be a string, got "
+                               f"{_json_kind(saved_device)}; pass --device, or {_RUN_RECOVER}")  # fmt: skip
     try:
         return dataclasses.replace(cfg, device=device if device is not None else saved_device)
     except ValueError as e:

@@ -519,3 +519,35 @@ def test_ctrl_c_before_the_run_folder_holds_a_run_says_to_run_again(tmp_path, ca
     assert main(["train", "--data", data, "--out", str(out), *_TINY]) == 130
     assert capsys.readouterr().err == "spnn-fast: interrupted; run the command again\n"
     assert not out.exists()  # the folder it had created is removed
+
+
+_BAD_RUN_JSON = [
+    ({"config": "student_d=4"}, "'config' must be an object, got a string"),
+    ({"config": [1, 2]}, "'config' must be an object, got an array"),
+    ({"config": None}, "'config' must be an object, got null"),
+    ({"format": 2}, "is not a run of this spnn_fast (format 2, expected 'spnn_fast.run/2')"),
+    ({"threads": 0}, "'threads' must be an integer >= 1, got the number 0"),
+    ({"data": "cycle.csv"}, "its data fingerprint is damaged"),
+    ({"config": {"nonsense": 1, "seeds": 1}}, "unknown settings: nonsense"),
+    ({"config": {"seeds": "1"}}, "seeds='1' must be an integer >= 1"),
+    ({"config": {"device": 5}}, "'device' must be a string, got the number 5; pass --device"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), _BAD_RUN_JSON, ids=[m for _, m in _BAD_RUN_JSON])
+def test_a_run_json_of_the_wrong_structure_says_what_is_wrong(finished_run, tmp_path, capsys,
+                                                              change, message):  # fmt: skip
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    saved = json.loads((out / "run.json").read_text())
+    for key, value in change.items():
+        saved[key] = (
+            {**saved[key], **value} if key == "config" and isinstance(value, dict) else value
+        )
+    (out / "run.json").write_text(json.dumps(saved))
+    before = _hashes(out)
+    assert main(["train", "--resume", str(out)]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(out / "run.json") in line and message in line, line
+    assert "train into another" in line  # the recovery
+    assert _hashes(out) == before
