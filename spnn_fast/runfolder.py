@@ -346,7 +346,19 @@ def load_checkpoint(path: str, device: str = "cpu") -> Tuple[SPNN, Dict]:
         why = str(e).splitlines()[0][:200] if str(e) else ""
         raise DamagedFileError(f"{path} does not hold a model this spnn_fast can rebuild "
                                f"({type(e).__name__}: {why}); {recover}") from None  # fmt: skip
+    bad = _not_finite(ck["state_dict"])
+    if bad is not None:
+        raise DamagedFileError(f"{path}: {bad}; {recover}")
     return model, ck
+
+
+def _not_finite(state: Dict[str, torch.Tensor], what: str = "parameter") -> Optional[str]:
+    """None when every floating tensor of ``state`` is finite, else which one is not: a model
+    that diverged, or a damaged file, would otherwise fail far from its cause."""
+    for k, v in state.items():
+        if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
+            return f"its {what} {k} holds NaN or infinite values"
+    return None
 
 
 def _same_shapes(saved: object, expected: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -394,7 +406,9 @@ def check_trainer_state(path: str, keys: Sequence[str], objective: torch.nn.Modu
         model = getattr(objective, "model", None)
         if model is not None:
             why = _same_shapes(best["state"], model.state_dict())
-    if why is not None:
+    why = why or _not_finite(st["objective"])
+    why = why or (best["state"] is not None and _not_finite(best["state"], "best state's"))
+    if why:
         raise bad(why)
     why = _optimizer_mismatch(st["optimizer"], optimizer)
     if why is not None:
@@ -422,6 +436,10 @@ def _optimizer_mismatch(saved: object, optimizer: torch.optim.Optimizer) -> Opti
             if k.startswith("exp_avg") and (not isinstance(v, torch.Tensor)
                                             or v.shape != params[i].shape):  # fmt: skip
                 return f"{k} of parameter {i} does not fit it"
+        why = _not_finite({f"{k} of parameter {i}": v for k, v in s.items()
+                           if isinstance(v, torch.Tensor)}, "moment")  # fmt: skip
+        if why:
+            return why
     return None
 
 

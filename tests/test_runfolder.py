@@ -4,6 +4,7 @@ real processes (``python -m spnn_fast``)."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -551,3 +552,40 @@ def test_a_run_json_of_the_wrong_structure_says_what_is_wrong(finished_run, tmp_
     assert str(out / "run.json") in line and message in line, line
     assert "train into another" in line  # the recovery
     assert _hashes(out) == before
+
+
+def test_a_checkpoint_with_nan_weights_is_named_with_its_parameter(finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    best = out / "seed0" / "teacher" / "best.pt"
+    ck = torch.load(best, weights_only=True)
+    name = sorted(ck["state_dict"])[-1]
+    ck["state_dict"][name][..., 0] = float("nan")
+    torch.save(ck, best)
+    before = _hashes(out)
+    for argv in (["eval", str(best)], ["recommend", str(out), "--model", "teacher"],
+                 ["train", "--resume", str(out)]):  # fmt: skip
+        assert main(argv) == 2, argv
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"{best}: its parameter {name} holds NaN or infinite values" in line, line
+        assert "delete it (and its result.json) to train that model again" in line
+    assert _hashes(out) == before
+    # A stopped model's last.pt: its model, its best state or its optimizer's moments.
+    student = out / "seed0" / "student"
+    shutil.copy(finished_run / "seed0" / "teacher" / "best.pt", best)
+    for f in ("result.json", "best.pt"):
+        (student / f).unlink()
+    clean = torch.load(student / "last.pt", weights_only=True)
+    for where in ("objective", "best", "optimizer"):
+        st = copy.deepcopy(clean)
+        table = {"objective": st["objective"], "best": st["best"]["state"],
+                 "optimizer": st["optimizer"]["state"][0]}[where]  # fmt: skip
+        key = "exp_avg" if where == "optimizer" else sorted(table)[0]
+        table[key].view(-1)[0] = float("inf")
+        torch.save(st, student / "last.pt")
+        assert main(["train", "--resume", str(out)]) == 2
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"{student / 'last.pt'} is damaged or belongs to another model" in line, line
+        assert "holds NaN or infinite values" in line and key in line, line
+    torch.save(clean, student / "last.pt")
+    assert main(["train", "--resume", str(out)]) == 0
