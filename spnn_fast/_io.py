@@ -100,6 +100,14 @@ def write_json(obj, path: Union[str, os.PathLike]) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), text=True)
 
 
+def check_path_arg(flag: str, value: object, what: str) -> None:
+    """ValueError unless ``value`` names a path (a string that is not blank): an empty one would
+    fall back to a default place, or name the working directory."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{flag} must name {what}, got {value!r}")
+
+
 def same_file(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
     """True when the paths ``a`` and ``b`` name one file: the same path once relative parts and
     symlinks are resolved, or, where both exist, the same file on disk (a hard link)."""

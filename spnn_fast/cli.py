@@ -102,9 +102,13 @@ def _settings(args) -> Dict[str, object]:
 
 def _run_config(args):
     """(configuration, run folder) of a train command."""
+    from spnn_fast._io import check_path_arg
     from spnn_fast.config import ExperimentConfig
     from spnn_fast.runfolder import read_run_config
 
+    for flag, value in (("--out", args.out), ("--resume", args.resume)):
+        if value is not None:
+            check_path_arg(flag, value, "a run folder")
     given = _settings(args)
     if not args.resume:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from spnn_fast._io import DamagedFileError, file_sha256
+from spnn_fast._io import DamagedFileError, check_path_arg, file_sha256
 from spnn_fast.config import STUDENT_MAX_D, ExperimentConfig, num_parameters
 from spnn_fast.data import Dataset, load
 from spnn_fast.distributed import world
@@ -338,6 +338,8 @@ def checkpoint_data(path: str, ck: Dict, dataset: Optional[str] = None, *,
     """The data set of a saved model (``dataset``: another path to them), loaded and checked
     against the fingerprint the checkpoint records (refused, naming both, unless
     ``allow_changed_data``) and against the model's item count."""
+    if dataset is not None:
+        check_path_arg("--dataset", dataset, "a data set")
     source = dataset or ck.get("dataset")
     if not isinstance(source, str):
         raise DamagedFileError(f"{path} names no data set: give --dataset")

@@ -157,8 +157,13 @@ def select_users(log, users: str) -> np.ndarray:
 
 
 def _output_format(out: Optional[str]) -> str:
+    from spnn_fast._io import check_path_arg
+
     if out is None:
         return "csv"
+    check_path_arg("--out", out, "a file")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder: name a file (FILE.csv or FILE.jsonl)")
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in OUTPUT_FORMATS:
         raise ValueError(

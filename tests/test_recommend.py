@@ -205,6 +205,7 @@ def test_command_errors_name_the_argument(trained, tmp_path):
     v = trained["ds"].log.num_items
     (tmp_path / "users.txt").write_text("c1\nnobody\n")
     (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "dir.csv").mkdir()
     cases = [
         ((str(tmp_path / "missing"),), FileNotFoundError, "no such run folder or checkpoint"),
         ((str(tmp_path),), ValueError, "without run.json"),
@@ -218,6 +219,14 @@ def test_command_errors_name_the_argument(trained, tmp_path):
         ((run_dir, "--batch-size", "0"), ValueError, "--batch-size"),
         ((run_dir, "--out", str(tmp_path / "r.txt")), ValueError, "--out .* .csv, .jsonl"),
         ((run_dir, "--out", str(tmp_path / "no" / "r.csv")), FileNotFoundError, "--out"),
+        ((run_dir, "--out", ""), ValueError, "--out must name a file, got ''"),
+        ((run_dir, "--out", " "), ValueError, "--out must name a file, got ' '"),
+        (
+            (run_dir, "--out", str(tmp_path / "dir.csv")),
+            ValueError,
+            "--out .* is a folder: name a file",
+        ),
+        ((run_dir, "--dataset", ""), ValueError, "--dataset must name a data set, got ''"),
         ((run_dir, "--dataset", str(tmp_path / "gone.csv")), FileNotFoundError, "--dataset"),
     ]
     for argv, error, match in cases:

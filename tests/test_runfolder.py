@@ -589,3 +589,14 @@ def test_a_checkpoint_with_nan_weights_is_named_with_its_parameter(finished_run,
         assert "holds NaN or infinite values" in line and key in line, line
     torch.save(clean, student / "last.pt")
     assert main(["train", "--resume", str(out)]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--out", "--resume"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_out_or_resume_is_refused(tmp_path, capsys, monkeypatch, flag, value):
+    monkeypatch.chdir(tmp_path)
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    assert main(["train", "--data", data, flag, value, *_TINY]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"{flag} must name a run folder, got {value!r}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle.csv"]  # no runs/<stamp>
