@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import IO, Callable, Sequence, Union
+from typing import IO, Callable, Optional, Sequence, Union
 
 
 def atomic_write(
@@ -73,6 +73,27 @@ def load_checkpoint_file(
         raise DamagedFileError(f"{path} lacks {', '.join(missing)}: it is damaged or not an "
                                f"spnn_fast checkpoint{hint}")  # fmt: skip
     return obj
+
+
+def not_finite(state: dict, what: str = "parameter") -> Optional[str]:
+    """None when every floating tensor in the dict ``state`` is finite, else which one is not: a
+    model that diverged, or a damaged file, would otherwise fail far from its cause."""
+    import torch
+
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all()):
+            return f"its {what} {k} holds NaN or infinite values"
+    return None
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words (``a string``, ``the number 3``, ``null``, ...)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    kinds = {str: "a string", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def read_json(path: Union[str, os.PathLike], keys: Sequence[str] = (), recover: str = "") -> dict:

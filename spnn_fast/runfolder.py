@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import fnmatch
 import glob
-import json
 import os
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -31,7 +30,9 @@ from spnn_fast._checks import check_device, is_int, is_real
 from spnn_fast._io import (
     DamagedFileError,
     atomic_write,
+    json_kind,
     load_checkpoint_file,
+    not_finite,
     read_json,
     same_file,
     write_json,
@@ -244,18 +245,8 @@ def _read_run(run_dir: str) -> Tuple[str, Dict]:
     ):
         if not ok:
             raise DamagedFileError(f"{path}: {key!r} must be {rule}, got "
-                                   f"{_json_kind(saved[key])}; {_RUN_RECOVER}")  # fmt: skip
+                                   f"{json_kind(saved[key])}; {_RUN_RECOVER}")  # fmt: skip
     return path, saved
-
-
-def _json_kind(value: object) -> str:
-    """What a JSON value is, in JSON's words (``a string``, ``the number 3``, ...)."""
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        return f"the number {value!r}"
-    kinds = {str: "a string", list: "an array", dict: "an object"}
-    return kinds.get(type(value), type(value).__name__)
 
 
 def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentConfig:
@@ -275,7 +266,7 @@ def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentCon
     saved_device = config.get("device", "cpu")
     if device is None and not isinstance(saved_device, str):
         raise DamagedFileError(f"{path}: 'device' must be a string, got "
-                               f"{_json_kind(saved_device)}; pass --device, or {_RUN_RECOVER}")  # fmt: skip
+                               f"{json_kind(saved_device)}; pass --device, or {_RUN_RECOVER}")  # fmt: skip
     try:
         return dataclasses.replace(cfg, device=device if device is not None else saved_device)
     except ValueError as e:
@@ -346,19 +337,10 @@ def load_checkpoint(path: str, device: str = "cpu") -> Tuple[SPNN, Dict]:
         why = str(e).splitlines()[0][:200] if str(e) else ""
         raise DamagedFileError(f"{path} does not hold a model this spnn_fast can rebuild "
                                f"({type(e).__name__}: {why}); {recover}") from None  # fmt: skip
-    bad = _not_finite(ck["state_dict"])
+    bad = not_finite(ck["state_dict"])
     if bad is not None:
         raise DamagedFileError(f"{path}: {bad}; {recover}")
     return model, ck
-
-
-def _not_finite(state: Dict[str, torch.Tensor], what: str = "parameter") -> Optional[str]:
-    """None when every floating tensor of ``state`` is finite, else which one is not: a model
-    that diverged, or a damaged file, would otherwise fail far from its cause."""
-    for k, v in state.items():
-        if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
-            return f"its {what} {k} holds NaN or infinite values"
-    return None
 
 
 def _same_shapes(saved: object, expected: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -406,8 +388,8 @@ def check_trainer_state(path: str, keys: Sequence[str], objective: torch.nn.Modu
         model = getattr(objective, "model", None)
         if model is not None:
             why = _same_shapes(best["state"], model.state_dict())
-    why = why or _not_finite(st["objective"])
-    why = why or (best["state"] is not None and _not_finite(best["state"], "best state's"))
+    why = why or not_finite(st["objective"])
+    why = why or (best["state"] is not None and not_finite(best["state"], "best state's"))
     if why:
         raise bad(why)
     why = _optimizer_mismatch(st["optimizer"], optimizer)
@@ -436,7 +418,7 @@ def _optimizer_mismatch(saved: object, optimizer: torch.optim.Optimizer) -> Opti
             if k.startswith("exp_avg") and (not isinstance(v, torch.Tensor)
                                             or v.shape != params[i].shape):  # fmt: skip
                 return f"{k} of parameter {i} does not fit it"
-        why = _not_finite({f"{k} of parameter {i}": v for k, v in s.items()
+        why = not_finite({f"{k} of parameter {i}": v for k, v in s.items()
                            if isinstance(v, torch.Tensor)}, "moment")  # fmt: skip
         if why:
             return why
