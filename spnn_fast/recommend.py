@@ -14,7 +14,8 @@
   ``--seed`` default 0); a ``best.pt`` is served as it is. The output has one row per user and
   rank, ``user, rank, item, score``, in the data set's raw ids: CSV for ``.csv`` (and on stdout
   without ``--out``), JSON Lines for ``.jsonl``. A user with fewer than ``k`` unseen items gets
-  fewer rows.
+  fewer rows. An ``--out`` that names a file the run reads (its data, a file of its run folder,
+  the checkpoint, the ``--users`` file) is refused before anything is written.
 """
 
 from __future__ import annotations
