@@ -25,6 +25,7 @@ __all__ = [
     "describe",
     "is_int",
     "is_real",
+    "plain_number",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,6 +44,19 @@ def is_real(
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return False
     return (value > low if open_low else value >= low) and value <= high
+
+
+def plain_number(value: object) -> object:
+    """``value`` as Python's int or float when it is a number of another type (numpy's, a
+    Fraction), else as it is: a config saved in JSON or in a checkpoint that
+    ``torch.load(weights_only=True)`` reads back holds plain numbers only."""
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def check_int(name: str, value: object, minimum: int, why: str = "") -> int:

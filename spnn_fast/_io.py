@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import IO, Callable, Sequence, Union
+from typing import IO, Callable, Optional, Sequence, Union
 
 
 def atomic_write(
@@ -75,6 +75,27 @@ def load_checkpoint_file(
     return obj
 
 
+def not_finite(state: dict, what: str = "parameter") -> Optional[str]:
+    """None when every floating tensor in the dict ``state`` is finite, else which one is not: a
+    model that diverged, or a damaged file, would otherwise fail far from its cause."""
+    import torch
+
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all()):
+            return f"its {what} {k} holds NaN or infinite values"
+    return None
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words (``a string``, ``the number 3``, ``null``, ...)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    kinds = {str: "a string", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def read_json(path: Union[str, os.PathLike], keys: Sequence[str] = (), recover: str = "") -> dict:
     """The JSON object at ``path``, checked to hold ``keys``; :class:`DamagedFileError` for a
     file that is not such an object, naming the file and, with ``recover``, how to recover."""
@@ -98,6 +119,25 @@ def read_json(path: Union[str, os.PathLike], keys: Sequence[str] = (), recover: 
 def write_json(obj, path: Union[str, os.PathLike]) -> None:
     """``obj`` as indented JSON at ``path``, atomically."""
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), text=True)
+
+
+def check_path_arg(flag: str, value: object, what: str) -> None:
+    """ValueError unless ``value`` names a path (a string that is not blank): an empty one would
+    fall back to a default place, or name the working directory."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{flag} must name {what}, got {value!r}")
+
+
+def same_file(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+    """True when the paths ``a`` and ``b`` name one file: the same path once relative parts and
+    symlinks are resolved, or, where both exist, the same file on disk (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:

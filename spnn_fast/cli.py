@@ -5,8 +5,9 @@ Also runs as ``python -m spnn_fast ...`` and under ``torchrun --nproc_per_node=N
 train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA). The flags of ``train`` are
 the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it; the others
 (``--out``, ``--resume``, ``--wait``, ``--allow-changed-data``, ...) say how to run, and are not
-saved. An error a user can act on (a setting, the data, a damaged or busy run folder, the file
-system) is one line on stderr and exit status 2.
+settings of the run (run.json keeps ``--threads`` beside them: a resumed run uses it again). An error a user can act on (a setting, the data, a damaged or busy run folder, the file
+system) is one line on stderr and exit status 2; Ctrl-C is one line (for ``train``, how to go
+on) and exit status 130.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import logging
 import os
 import sys
 import typing
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["main"]
 
-# Flags of the train command that are not settings of the run (never saved in run.json).
+# Flags of the train command that are not settings of the run (not in run.json's "config").
 _RUN_OPTIONS = ("out", "resume", "threads", "dist_timeout", "wait", "allow_changed_data")
 
 
@@ -76,7 +77,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR with the settings saved in its run.json")  # fmt: skip
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch's and MKL's; default: those of the run it goes on "
+                        "with, kept in run.json, else torch's)")  # fmt: skip
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a rank waits for the others before failing")  # fmt: skip
     p.add_argument("--wait", action="store_true",
@@ -99,9 +102,13 @@ def _settings(args) -> Dict[str, object]:
 
 def _run_config(args):
     """(configuration, run folder) of a train command."""
+    from spnn_fast._io import check_path_arg
     from spnn_fast.config import ExperimentConfig
     from spnn_fast.runfolder import read_run_config
 
+    for flag, value in (("--out", args.out), ("--resume", args.resume)):
+        if value is not None:
+            check_path_arg(flag, value, "a run folder")
     given = _settings(args)
     if not args.resume:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -124,6 +131,23 @@ def _run_config(args):
     return cfg, args.resume
 
 
+def _threads(args, folder: str) -> Tuple[Optional[int], str]:
+    """(the CPU threads of a train command, a warning or ""): ``--threads``, else the count in
+    the run.json of the run it goes on with (None: torch's default)."""
+    from spnn_fast.runfolder import has_models, read_run_threads
+
+    saved = None
+    if os.path.isfile(os.path.join(folder, "run.json")) and (args.resume or has_models(folder)):
+        saved = read_run_threads(folder)
+    if args.threads is None or saved is None or args.threads == saved:
+        return (saved if args.threads is None else args.threads), ""
+    return args.threads, (
+        f"warning: the run in {folder} was trained with --threads {saved}; --threads "
+        f"{args.threads} may change its remaining models in the last bits (its run.json keeps "
+        f"{saved})"
+    )
+
+
 def _init_distributed(device: str, timeout: float) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
@@ -144,9 +168,12 @@ def _cmd_train(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    # The same sums in the same order on every run: a fixed thread count for every op.
-    fix_threads(args.threads)
     cfg, out = _run_config(args)
+    args.folder = out  # where a message says to go on
+    # The same sums in the same order on every run: a fixed thread count for every op, the
+    # run's own when it goes on.
+    threads, warning = _threads(args, out)
+    fix_threads(threads)
     distributed = _init_distributed(cfg.device, args.dist_timeout)
     log = lambda *a, **k: print(*a, **k, flush=True)  # noqa: E731  (seen at once through a pipe)
     if distributed:
@@ -156,6 +183,8 @@ def _cmd_train(args) -> int:
             cfg = dataclasses.replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         if dist.get_rank() != 0:
             log = lambda *a, **k: None  # noqa: E731
+    if warning:
+        log(warning)
     try:
         report = run(cfg, out, log=log, wait=args.wait,
                      allow_changed_data=args.allow_changed_data)  # fmt: skip
@@ -223,6 +252,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _user_errors() as e:
         print(f"spnn-fast: error: {_message(e, args)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every file is written atomically, the lock given back
+        hint = f"; {_go_on(args)}" if args.command == "train" else ""
+        print(f"spnn-fast: interrupted{hint}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 def _user_errors() -> tuple:
@@ -240,10 +273,19 @@ def _message(e: BaseException, args) -> str:
     if not isinstance(e, OSError) or not e.strerror:
         return str(e)
     text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    folder = getattr(args, "resume", None) or getattr(args, "out", None)
-    if e.errno == errno.ENOSPC and args.command == "train" and folder:
-        text += f"; free some space, then go on with --resume {folder} (finished models are kept)"
+    if e.errno == errno.ENOSPC and args.command == "train":
+        text += f"; free some space, then {_go_on(args)}"
     return text
+
+
+def _go_on(args) -> str:
+    """How to go on with a train command that stopped: resume its run folder when it holds a
+    run (run.json), else run the command again (a run refused by its checks leaves no
+    folder)."""
+    folder = getattr(args, "folder", None) or args.resume or args.out
+    if folder and os.path.isfile(os.path.join(folder, "run.json")):
+        return f"go on with --resume {folder} (finished models are kept)"
+    return "run the command again"
 
 
 if __name__ == "__main__":

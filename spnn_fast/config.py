@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
-
 from spnn_fast import backends, limits
-from spnn_fast._checks import check_device, is_int, is_real
-from spnn_fast.model import SPNN, SPNNConfig
+from spnn_fast._checks import check_device, is_int, is_real, plain_number
+from spnn_fast.model import MODEL_BACKENDS, SPNN, SPNNConfig
 from spnn_fast.reference.distill_ensemble import ENSEMBLES
 
 __all__ = [
@@ -52,8 +52,8 @@ MAX_LAYERS = 64
 # The students' width when student_d is None: at most this, the largest multiple of
 # student_heads that keeps a student within 1/4 of the teacher's parameters on the data.
 STUDENT_MAX_D = 24
-# The backends of the model's ops (attention and losses): they have no C++ implementation.
-MODEL_BACKENDS = tuple(b for b in backends.BACKENDS if b != "cpp")
+# The names of a layer of any SPNN (SPNNConfig.layer_names() holds a given model's).
+_LAYER_NAME = re.compile(r"embed|layers\.(0|[1-9][0-9]*)")
 
 
 def check_window_stride(stride) -> None:
@@ -62,10 +62,26 @@ def check_window_stride(stride) -> None:
         raise ValueError(f"window_stride={stride!r} must be None or an integer >= 1")
 
 
+def _layer_pairs(pairs) -> List[Tuple[str, str]]:
+    """``pairs`` (TrainConfig.layer_pairs) as a list of (student layer, teacher layer) tuples;
+    ValueError for another shape, or a name no SPNN's layer has."""
+    if not isinstance(pairs, (list, tuple)) or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2
+        and all(isinstance(n, str) and _LAYER_NAME.fullmatch(n) for n in p) for p in pairs
+    ):  # fmt: skip
+        raise ValueError(f"layer_pairs={pairs!r} must be a list of (student layer, teacher "
+                         f"layer) pairs of layer names ('embed' or 'layers.N', as "
+                         f"SPNNConfig.layer_names() gives them), such as "
+                         f"[('layers.0', 'layers.1')]")  # fmt: skip
+    return [tuple(p) for p in pairs]
+
+
 def _report(owner: str, obj, checks: Dict[str, Tuple[bool, str]]) -> None:
+    """ValueError naming the first field of ``obj`` whose check fails, with its rule."""
     for name, (ok, rule) in checks.items():
         if not ok:
-            raise ValueError(f"{owner}.{name}={getattr(obj, name)!r} must be {rule}")
+            prefix = f"{owner}." if owner else ""
+            raise ValueError(f"{prefix}{name}={getattr(obj, name)!r} must be {rule}")
 
 
 @dataclass
@@ -116,6 +132,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Checked here, before any training: a bad value would otherwise fail (or silently
         # train nothing, like patience 0) only once this model's turn comes in a long run.
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, plain_number(getattr(self, f.name)))
         _report("TrainConfig", self, {
             "epochs": (is_int(self.epochs, 1), "an integer >= 1"),
             "batch_size": (is_int(self.batch_size, 1), "an integer >= 1"),
@@ -137,17 +155,13 @@ class TrainConfig:
             "teacher_cache_mb": (is_real(self.teacher_cache_mb, 0.0), "a finite number >= 0"),
             "d_knowledge": (is_int(self.d_knowledge, 1), "an integer >= 1"),
             "detector_weight": (is_real(self.detector_weight, 0.0), "a finite number >= 0"),
+            "schedule": (self.schedule in SCHEDULES, "'constant' or 'cosine'"),
+            "ensemble": (self.ensemble in ENSEMBLES, f"one of {', '.join(ENSEMBLES)}"),
+            "teacher_input": (self.teacher_input in TEACHER_INPUTS,
+                              f"one of {', '.join(TEACHER_INPUTS)}"),
         })  # fmt: skip
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} must be 'constant' or 'cosine'")
-        if self.ensemble not in ENSEMBLES:
-            raise ValueError(f"ensemble={self.ensemble!r} must be one of {', '.join(ENSEMBLES)}")
-        if self.teacher_input not in TEACHER_INPUTS:
-            raise ValueError(
-                f"teacher_input={self.teacher_input!r} must be one of {', '.join(TEACHER_INPUTS)}"
-            )
         check_window_stride(self.window_stride)
-        self.layer_pairs = [tuple(p) for p in self.layer_pairs]
+        self.layer_pairs = _layer_pairs(self.layer_pairs)
 
     def lr_factor(self, progress: float) -> float:
         """Multiplier of ``lr`` after ``progress`` epochs (fractional)."""
@@ -242,21 +256,28 @@ class ExperimentConfig:
     MAY_CHANGE = ("device", "seeds", "teacher_cache_mb")
 
     def __post_init__(self) -> None:
-        # Checked before a run folder is written or a model trained; the model shapes need the
-        # data set and are checked once it is loaded, before training. numpy scalars become
-        # Python numbers (run.json holds them, and a rerun compares them).
+        # Checked before a run folder is written or a model trained (the model shapes once the
+        # data are loaded). Numbers and paths become Python's (run.json holds them).
         for f in dataclasses.fields(self):
-            if isinstance(getattr(self, f.name), np.generic):
-                setattr(self, f.name, getattr(self, f.name).item())
-        if not is_int(self.seeds, 1):
-            raise ValueError(f"seeds={self.seeds!r} must be an integer >= 1")
-        if not is_real(self.dropout, 0.0) or self.dropout >= 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
-        t = self.teacher_dropout
-        if t is not None and (not is_real(t, 0.0) or t >= 1.0):
-            raise ValueError(
-                f"teacher_dropout={t!r} must be None (the same as dropout) or a number in [0, 1)"
-            )
+            v = getattr(self, f.name)
+            setattr(self, f.name, os.fspath(v) if isinstance(v, os.PathLike) else plain_number(v))
+        t, b, inputs = self.teacher_dropout, self.backend, ", ".join(TEACHER_INPUTS)
+        _report("", self, {
+            "dataset": (isinstance(self.dataset, str) and bool(self.dataset.strip()),
+                        "a data set name or a path of data (a string that is not empty)"),
+            "seeds": (is_int(self.seeds, 1), "an integer >= 1"),
+            "dropout": (is_real(self.dropout, 0.0) and self.dropout < 1.0, "a number in [0, 1)"),
+            "teacher_dropout": (t is None or (is_real(t, 0.0) and t < 1.0),
+                                "None (the same as dropout) or a number in [0, 1)"),
+            "teacher_cut_prob": (is_real(self.teacher_cut_prob, 0.0, 1.0), "a number in [0, 1]"),
+            "kd_teacher_input": (self.kd_teacher_input in TEACHER_INPUTS, f"one of {inputs}"),
+            "kd_teacher": (self.kd_teacher in KD_TEACHERS, f"one of {', '.join(KD_TEACHERS)}"),
+            "kd_ensemble": (self.kd_ensemble in ENSEMBLES, f"one of {', '.join(ENSEMBLES)}"),
+            "use_side_features": (isinstance(self.use_side_features, bool), "True or False"),
+            "backend": (b is None or (isinstance(b, str) and b.lower() in MODEL_BACKENDS),
+                        f"None or one of {', '.join(MODEL_BACKENDS)} (attention and the losses "
+                        f"have no other implementation)"),
+        })  # fmt: skip
         m = self.teacher_max_len
         if m is not None and (not is_int(m, 1) or (is_int(self.max_len, 1) and m < self.max_len)):
             raise ValueError(
@@ -264,15 +285,6 @@ class ExperimentConfig:
                 f"({self.max_len}): the teacher reads at least the student's window"
             )
         self._check_shapes()
-        b = self.backend
-        if b is not None and (not isinstance(b, str) or b.lower() not in MODEL_BACKENDS):
-            raise ValueError(
-                f"backend={b!r} must be None or one of {', '.join(MODEL_BACKENDS)} (attention "
-                f"and the losses have no other implementation)"
-            )
-        if self.kd_teacher not in KD_TEACHERS:
-            raise ValueError(f"kd_teacher={self.kd_teacher!r} must be one of "
-                             f"{', '.join(KD_TEACHERS)}")  # fmt: skip
         if self.kd_teacher == "ensemble" and is_int(self.seeds) and self.seeds < 2:
             raise ValueError(
                 f"kd_teacher='ensemble' distils from the ensemble of the run's teachers, one per "

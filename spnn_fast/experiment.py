@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from spnn_fast._io import DamagedFileError, file_sha256
+from spnn_fast._io import DamagedFileError, check_path_arg, file_sha256
 from spnn_fast.config import STUDENT_MAX_D, ExperimentConfig, num_parameters
 from spnn_fast.data import Dataset, load
 from spnn_fast.distributed import world
@@ -42,6 +42,7 @@ from spnn_fast.runfolder import (
     model_dir,
     read_result,
     read_run_data,
+    read_run_threads,
     save_checkpoint,
     write_json,
     write_run_config,
@@ -174,11 +175,13 @@ def _prepare(cfg: ExperimentConfig, run_dir: str, allow_changed_data: bool,
             f"{STUDENT_MAX_D} that keeps a student at most 1/4 of the teacher on these data)")  # fmt: skip
     sizes = check_sizes(sized, ds)
     check_memory(sized, ds, sizes)
-    extras = {"data": data, "chosen": chosen or None}
+    extras = {"data": data, "chosen": chosen or None, "threads": torch.get_num_threads()}
     # A folder whose run.json no model was trained under yet takes the new settings: a run that
     # failed at its first step can be corrected in place.
     if has_models(run_dir) and os.path.exists(os.path.join(run_dir, "run.json")):
         check_same_run(cfg, run_dir, ds)
+        # the run keeps the thread count it began with (run.json says what a resume uses)
+        extras["threads"] = read_run_threads(run_dir) or extras["threads"]
         before, earlier = read_run_data(run_dir)
         check_same_data(before, data, run_dir, allow_changed=allow_changed_data, log=log)
         if before is not None and before["files"] != data["files"]:  # allowed: keep a trace
@@ -335,6 +338,8 @@ def checkpoint_data(path: str, ck: Dict, dataset: Optional[str] = None, *,
     """The data set of a saved model (``dataset``: another path to them), loaded and checked
     against the fingerprint the checkpoint records (refused, naming both, unless
     ``allow_changed_data``) and against the model's item count."""
+    if dataset is not None:
+        check_path_arg("--dataset", dataset, "a data set")
     source = dataset or ck.get("dataset")
     if not isinstance(source, str):
         raise DamagedFileError(f"{path} names no data set: give --dataset")

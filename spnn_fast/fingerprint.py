@@ -14,7 +14,13 @@ from spnn_fast._formats import resolve, source_files
 from spnn_fast._io import file_sha256
 from spnn_fast.download import cache_dir, is_dataset_name
 
-__all__ = ["absolute_dataset", "check_same_data", "data_fingerprint", "is_fingerprint"]
+__all__ = [
+    "absolute_dataset",
+    "check_same_data",
+    "data_files",
+    "data_fingerprint",
+    "is_fingerprint",
+]
 
 
 def absolute_dataset(dataset: str) -> str:
@@ -23,7 +29,8 @@ def absolute_dataset(dataset: str) -> str:
     return dataset if is_dataset_name(dataset) else os.path.abspath(os.path.expanduser(dataset))
 
 
-def _data_files(dataset: str) -> List[Path]:
+def data_files(dataset: str) -> List[Path]:
+    """The files ``load(dataset)`` reads: the data file and its side files."""
     if is_dataset_name(dataset):
         return source_files(cache_dir() / dataset / f"{dataset}.inter", "atomic")
     return source_files(*resolve(Path(dataset).expanduser(), None))
@@ -33,7 +40,7 @@ def data_fingerprint(dataset: str) -> Dict:
     """What ``load(dataset)`` reads: ``{"source": absolute path or name, "files": {name:
     {"bytes": size, "sha256": hex digest}}}`` over the data file and its side files."""
     files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in _data_files(dataset)}  # fmt: skip
+             for p in data_files(dataset)}  # fmt: skip
     return {"source": absolute_dataset(dataset), "files": files}
 
 

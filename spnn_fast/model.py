@@ -31,11 +31,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spnn_fast._checks import is_int, is_real
+from spnn_fast import backends
+from spnn_fast._checks import is_int, is_real, plain_number
 from spnn_fast.limits import MAX_TIME_BUCKETS
 from spnn_fast.nn import KnowledgeDetector, SemanticAttention
 
-__all__ = ["SPNN", "SPNNConfig", "SPNNOutput", "Recommendations", "window_items"]
+__all__ = ["MODEL_BACKENDS", "SPNN", "SPNNConfig", "SPNNOutput", "Recommendations", "window_items"]
+
+# The backends of the model's ops (attention and losses): they have no C++ implementation.
+MODEL_BACKENDS = tuple(b for b in backends.BACKENDS if b != "cpp")
 
 
 @dataclass
@@ -62,6 +66,16 @@ class SPNNConfig:
     backend: Optional[str] = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy numbers would make an unreadable checkpoint
+            setattr(self, f.name, plain_number(getattr(self, f.name)))
+        vocabs = {}
+        for name in ("item_feature_vocab", "user_feature_vocab"):
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                setattr(self, name, {k: plain_number(n) for k, n in v.items()})
+            vocabs[name] = isinstance(v, dict) and all(
+                isinstance(k, str) and is_int(n, 1) for k, n in getattr(self, name).items()
+            )
         heads_ok = is_int(self.n_heads, 1)
         checks = {  # name: (holds, the rule)
             "num_items": (is_int(self.num_items, 1), "an integer >= 1"),
@@ -81,6 +95,20 @@ class SPNNConfig:
             "num_time_buckets": (
                 is_int(self.num_time_buckets, 1) and self.num_time_buckets <= MAX_TIME_BUCKETS,
                 f"an integer in [1, {MAX_TIME_BUCKETS}] (the kernels' time-bias table)",
+            ),
+            **{
+                n: (ok, "a dict of feature name -> number of codes >= 1 (code 0: none)")
+                for n, ok in vocabs.items()
+            },
+            "detector_layers": (
+                isinstance(self.detector_layers, (list, tuple))
+                and all(isinstance(x, str) for x in self.detector_layers),
+                "a list of layer names",
+            ),
+            "backend": (
+                self.backend is None
+                or (isinstance(self.backend, str) and self.backend.lower() in MODEL_BACKENDS),
+                f"None or one of {', '.join(MODEL_BACKENDS)}",
             ),
         }
         for name, (ok, rule) in checks.items():

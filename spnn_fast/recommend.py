@@ -14,7 +14,8 @@
   ``--seed`` default 0); a ``best.pt`` is served as it is. The output has one row per user and
   rank, ``user, rank, item, score``, in the data set's raw ids: CSV for ``.csv`` (and on stdout
   without ``--out``), JSON Lines for ``.jsonl``. A user with fewer than ``k`` unseen items gets
-  fewer rows.
+  fewer rows. An ``--out`` that names a file the run reads (its data, a file of its run folder,
+  the checkpoint, the ``--users`` file) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -157,8 +158,13 @@ def select_users(log, users: str) -> np.ndarray:
 
 
 def _output_format(out: Optional[str]) -> str:
+    from spnn_fast._io import check_path_arg
+
     if out is None:
         return "csv"
+    check_path_arg("--out", out, "a file")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder: name a file (FILE.csv or FILE.jsonl)")
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in OUTPUT_FORMATS:
         raise ValueError(
@@ -168,6 +174,40 @@ def _output_format(out: Optional[str]) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--out {out}: the folder {folder} does not exist")
     return OUTPUT_FORMATS[suffix]
+
+
+def _check_output(out: str, checkpoint: str, ck: dict, dataset: Optional[str], users: str) -> None:
+    """ValueError when ``out`` names a file the run reads (its data files, its run folder's
+    files, the checkpoint) or the ``--users`` file, by any path: the recommendations would
+    replace it."""
+    from spnn_fast._io import same_file
+    from spnn_fast.fingerprint import data_files
+    from spnn_fast.runfolder import run_file, run_of_checkpoint
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"--out {out} is {what}: name another file")
+
+    if users != "all" and same_file(out, users):
+        raise refuse(f"the --users file {users}")
+    recorded = ck.get("data") if isinstance(ck.get("data"), dict) else {}
+    for source in {dataset, ck.get("dataset"), recorded.get("source")}:
+        try:
+            files = data_files(source) if isinstance(source, str) and source else []
+        except (OSError, ValueError):  # no such data: checkpoint_data says so
+            continue
+        for f in files:
+            if same_file(out, f):
+                raise refuse(f"{f}, a data file of the run, which the run reads")
+        # A data folder is read through its one .csv / .tsv file: a second one would end that.
+        folder = os.path.dirname(os.path.abspath(out))
+        if files and os.path.isdir(source) and same_file(folder, source) and \
+                files[0].suffix.lower() in (".csv", ".tsv"):  # fmt: skip
+            raise refuse(f"a second .csv in the data folder {source}, which the run reads "
+                         f"through its one data file {files[0].name}")  # fmt: skip
+    run_dir = run_of_checkpoint(checkpoint)
+    taken = run_file(run_dir, out) if run_dir else None
+    if taken or same_file(out, checkpoint):
+        raise refuse(f"{taken or checkpoint}, a file of the run, which the run reads")
 
 
 def _raw(values: np.ndarray) -> List:
@@ -239,6 +279,8 @@ def serve(
     fmt = _output_format(out)
     path = resolve_checkpoint(source, model, seed)
     net, checkpoint = load_checkpoint(path, device)
+    if out is not None:
+        _check_output(out, path, checkpoint, dataset, users)
     try:
         ds = checkpoint_data(path, checkpoint, dataset, allow_changed_data=allow_changed_data,
                              log=lambda m: print(m, file=sys.stderr))  # fmt: skip

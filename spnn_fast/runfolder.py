@@ -1,8 +1,9 @@
 """The run folder of the main job, and the files in it::
 
     run.lock                      held by the process that runs in the folder (:func:`claim`)
-    run.json                      the configuration and a fingerprint of the data
-                                  (:mod:`spnn_fast.fingerprint`; what --resume reads)
+    run.json                      the configuration, a fingerprint of the data
+                                  (:mod:`spnn_fast.fingerprint`) and the CPU threads (what
+                                  --resume reads)
     seed<S>/<model>/last.pt       trainer state after the last finished epoch (atomic)
     seed<S>/<model>/best.pt       the selected model (spnn-fast eval reads it)
     seed<S>/<model>/result.json   its metrics, history and timings
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import glob
 import os
 import time
@@ -28,8 +30,11 @@ from spnn_fast._checks import check_device, is_int, is_real
 from spnn_fast._io import (
     DamagedFileError,
     atomic_write,
+    json_kind,
     load_checkpoint_file,
+    not_finite,
     read_json,
+    same_file,
     write_json,
 )
 from spnn_fast._lock import FolderBusyError, LockFile, describe_holder
@@ -41,6 +46,7 @@ from spnn_fast.model import SPNN, SPNNConfig
 __all__ = [
     "CHECKPOINT_FORMAT",
     "LOCK_NAME",
+    "RUN_FILES",
     "RUN_FORMAT",
     "FolderBusyError",
     "agree",
@@ -53,6 +59,9 @@ __all__ = [
     "read_result",
     "read_run_config",
     "read_run_data",
+    "read_run_threads",
+    "run_file",
+    "run_of_checkpoint",
     "save_checkpoint",
     "write_run_config",
 ]
@@ -60,6 +69,9 @@ __all__ = [
 RUN_FORMAT = "spnn_fast.run/2"
 CHECKPOINT_FORMAT = "spnn_fast.checkpoint/1"
 LOCK_NAME = "run.lock"
+# The files of a run folder, as patterns of their paths in it.
+RUN_FILES = ("run.json", LOCK_NAME, "report.json", "report.md", "report.png", "seed*/*/last.pt",
+             "seed*/*/best.pt", "seed*/*/result.json", "ensemble/result.json")  # fmt: skip
 
 
 def model_dir(run_dir: str, seed: int, name: str) -> str:
@@ -70,6 +82,27 @@ def has_models(run_dir: str) -> bool:
     """True when a model of the run in ``run_dir`` has started (or finished) training there."""
     files = ("last.pt", "best.pt", "result.json")
     return any(glob.glob(os.path.join(glob.escape(run_dir), "seed*", "*", f)) for f in files)
+
+
+def run_file(run_dir: str, path: str) -> Optional[str]:
+    """The file of the run in ``run_dir`` that ``path`` names, or None: one of :data:`RUN_FILES`,
+    whether it exists yet or not, reached by any path (relative, through symlinks, a hard
+    link)."""
+    for pattern in RUN_FILES:
+        for f in glob.glob(os.path.join(glob.escape(run_dir), pattern)):
+            if same_file(f, path):
+                return f
+    inside = os.path.relpath(os.path.realpath(path), os.path.realpath(run_dir))
+    if inside.split(os.sep)[0] != os.pardir and any(fnmatch.fnmatch(inside, p) for p in RUN_FILES):
+        return os.path.join(run_dir, inside)
+    return None
+
+
+def run_of_checkpoint(path: str) -> Optional[str]:
+    """The run folder that holds the checkpoint ``path`` (``RUN/seed<S>/<model>/best.pt``), or
+    None for a checkpoint outside a run folder."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    return run_dir if os.path.isfile(os.path.join(run_dir, "run.json")) else None
 
 
 # ------------------------------------------------------------------------------ ownership
@@ -175,14 +208,15 @@ def claim(run_dir: str, *, wait: bool = False, log: Callable[[str], None] = prin
 
 # ------------------------------------------------------------------------------ run.json
 def write_run_config(cfg: ExperimentConfig, run_dir: str, data: Optional[Dict] = None,
-                     chosen: Optional[Dict] = None,
-                     earlier_data: Optional[List[Dict]] = None) -> None:  # fmt: skip
+                     chosen: Optional[Dict] = None, earlier_data: Optional[List[Dict]] = None,
+                     threads: Optional[int] = None) -> None:  # fmt: skip
     """``run_dir/run.json``: the configuration as given, the fingerprint of its ``data``, what
-    was ``chosen`` for the data (student_d when None) and the fingerprints of data some of its
-    models were trained on before (``--allow-changed-data``); left as it is when it says the
-    same."""
+    was ``chosen`` for the data (student_d when None), the fingerprints of data some of its
+    models were trained on before (``--allow-changed-data``) and the CPU ``threads`` its models
+    train with (what a resumed run uses again); left as it is when it says the same."""
     record = {"format": RUN_FORMAT, "config": cfg.to_dict()}
-    extras = (("data", data), ("chosen", chosen), ("earlier_data", earlier_data))
+    extras = (("data", data), ("chosen", chosen), ("earlier_data", earlier_data),
+              ("threads", threads))  # fmt: skip
     record.update({k: v for k, v in extras if v})
     path = os.path.join(run_dir, "run.json")
     with contextlib.suppress(OSError, ValueError):
@@ -199,11 +233,19 @@ _RUN_RECOVER = ("train into another --out (or, to keep its finished models, dele
 def _read_run(run_dir: str) -> Tuple[str, Dict]:
     path = os.path.join(run_dir, "run.json")
     saved = read_json(path, ("format", "config"), recover=_RUN_RECOVER)
-    if saved["format"] != RUN_FORMAT or not isinstance(saved["config"], dict):
+    if saved["format"] != RUN_FORMAT:
         raise DamagedFileError(
             f"{path} is not a run of this spnn_fast (format {saved['format']!r}, expected "
             f"{RUN_FORMAT!r}); train into another folder"
         )
+    threads = saved.get("threads")
+    for key, ok, rule in (
+        ("config", isinstance(saved["config"], dict), "an object"),
+        ("threads", threads is None or is_int(threads, 1), "an integer >= 1"),
+    ):
+        if not ok:
+            raise DamagedFileError(f"{path}: {key!r} must be {rule}, got "
+                                   f"{json_kind(saved[key])}; {_RUN_RECOVER}")  # fmt: skip
     return path, saved
 
 
@@ -212,17 +254,30 @@ def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentCon
     saved one: a run may go on elsewhere, and the saved device need not exist here)."""
     path, saved = _read_run(run_dir)
     config = dict(saved["config"])
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(ExperimentConfig)})
+    if unknown:
+        raise DamagedFileError(f"{path} holds settings this spnn_fast does not know (unknown "
+                               f"settings: {', '.join(unknown)}); {_RUN_RECOVER}")  # fmt: skip
     try:  # the file's own settings, checked on a device every machine has
         cfg = ExperimentConfig(**{**config, "device": "cpu"})
     except (TypeError, ValueError) as e:
         raise DamagedFileError(f"{path} holds settings this spnn_fast does not accept ({e}); "
                                f"{_RUN_RECOVER}") from None  # fmt: skip
     saved_device = config.get("device", "cpu")
+    if device is None and not isinstance(saved_device, str):
+        raise DamagedFileError(f"{path}: 'device' must be a string, got "
+                               f"{json_kind(saved_device)}; pass --device, or {_RUN_RECOVER}")  # fmt: skip
     try:
         return dataclasses.replace(cfg, device=device if device is not None else saved_device)
     except ValueError as e:
         raise ValueError(f"{e} (the run in {run_dir} was saved with device={saved_device!r}; "
                          f"pass --device to go on elsewhere)") from None  # fmt: skip
+
+
+def read_run_threads(run_dir: str) -> Optional[int]:
+    """The CPU threads recorded in ``run_dir/run.json`` (None where an older spnn_fast wrote
+    none)."""
+    return _read_run(run_dir)[1].get("threads")
 
 
 def read_run_data(run_dir: str) -> Tuple[Optional[Dict], List[Dict]]:
@@ -282,6 +337,9 @@ def load_checkpoint(path: str, device: str = "cpu") -> Tuple[SPNN, Dict]:
         why = str(e).splitlines()[0][:200] if str(e) else ""
         raise DamagedFileError(f"{path} does not hold a model this spnn_fast can rebuild "
                                f"({type(e).__name__}: {why}); {recover}") from None  # fmt: skip
+    bad = not_finite(ck["state_dict"])
+    if bad is not None:
+        raise DamagedFileError(f"{path}: {bad}; {recover}")
     return model, ck
 
 
@@ -330,7 +388,9 @@ def check_trainer_state(path: str, keys: Sequence[str], objective: torch.nn.Modu
         model = getattr(objective, "model", None)
         if model is not None:
             why = _same_shapes(best["state"], model.state_dict())
-    if why is not None:
+    why = why or not_finite(st["objective"])
+    why = why or (best["state"] is not None and not_finite(best["state"], "best state's"))
+    if why:
         raise bad(why)
     why = _optimizer_mismatch(st["optimizer"], optimizer)
     if why is not None:
@@ -358,6 +418,10 @@ def _optimizer_mismatch(saved: object, optimizer: torch.optim.Optimizer) -> Opti
             if k.startswith("exp_avg") and (not isinstance(v, torch.Tensor)
                                             or v.shape != params[i].shape):  # fmt: skip
                 return f"{k} of parameter {i} does not fit it"
+        why = not_finite({f"{k} of parameter {i}": v for k, v in s.items()
+                           if isinstance(v, torch.Tensor)}, "moment")  # fmt: skip
+        if why:
+            return why
     return None
 
 

@@ -159,20 +159,22 @@ class Trainer:
         n_batches = math.ceil(len(self.windows[0]) / self.tcfg.batch_size)
         total, t0 = 0.0, time.perf_counter()
         bar = _bar(n_batches, f"{self.desc} ep {epoch + 1}", self.progress)
-        for i, (idx, keep) in enumerate(self._batches(epoch)):
-            # The rate is a function of (epoch, step): a resumed run follows the same schedule.
-            lr = self.tcfg.lr * self.tcfg.lr_factor(epoch + i / n_batches)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            stats = self.step(idx, keep)
-            total += stats["loss"]
-            self.windows_seen += len(idx)
+        try:
+            for i, (idx, keep) in enumerate(self._batches(epoch)):
+                # The rate is a function of (epoch, step): a resumed run follows the same schedule.
+                lr = self.tcfg.lr * self.tcfg.lr_factor(epoch + i / n_batches)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                stats = self.step(idx, keep)
+                total += stats["loss"]
+                self.windows_seen += len(idx)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        finally:  # also on Ctrl-C: the bar's line is cleared before the command says more
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}")
+                bar.close()
         self.train_seconds += time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
         return total / max(n_batches, 1)
 
     def evaluate(self, split: str, with_se: bool = False):

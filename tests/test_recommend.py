@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,6 +205,7 @@ def test_command_errors_name_the_argument(trained, tmp_path):
     v = trained["ds"].log.num_items
     (tmp_path / "users.txt").write_text("c1\nnobody\n")
     (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "dir.csv").mkdir()
     cases = [
         ((str(tmp_path / "missing"),), FileNotFoundError, "no such run folder or checkpoint"),
         ((str(tmp_path),), ValueError, "without run.json"),
@@ -216,6 +219,14 @@ def test_command_errors_name_the_argument(trained, tmp_path):
         ((run_dir, "--batch-size", "0"), ValueError, "--batch-size"),
         ((run_dir, "--out", str(tmp_path / "r.txt")), ValueError, "--out .* .csv, .jsonl"),
         ((run_dir, "--out", str(tmp_path / "no" / "r.csv")), FileNotFoundError, "--out"),
+        ((run_dir, "--out", ""), ValueError, "--out must name a file, got ''"),
+        ((run_dir, "--out", " "), ValueError, "--out must name a file, got ' '"),
+        (
+            (run_dir, "--out", str(tmp_path / "dir.csv")),
+            ValueError,
+            "--out .* is a folder: name a file",
+        ),
+        ((run_dir, "--dataset", ""), ValueError, "--dataset must name a data set, got ''"),
         ((run_dir, "--dataset", str(tmp_path / "gone.csv")), FileNotFoundError, "--dataset"),
     ]
     for argv, error, match in cases:
@@ -268,3 +279,53 @@ def test_recommend_refuses_data_other_than_the_models(trained, tmp_path):
     rows = R.serve(best, dataset=str(changed), k=2, out=str(tmp_path / "r.csv"),
                    allow_changed_data=True)  # fmt: skip
     assert rows > 0
+
+
+# --- the output never replaces a file the run reads -----------------------------------------------
+
+
+def _refused_outputs(trained, tmp_path):
+    """(--out, RUN_OR_CHECKPOINT, extra flags) that name, one way or another, a file the run
+    reads."""
+    data = trained["data"]
+    folder = trained["folder"]
+    (tmp_path / "link.csv").symlink_to(data)
+    os.link(data, tmp_path / "hard.csv")
+    users = tmp_path / "users.csv"
+    users.write_text("c1\n")
+    run_dir = trained["run"]
+    best = f"{run_dir}/seed0/teacher/best.pt"
+    return [
+        (data, run_dir, ()),  # the data file itself
+        ("shop.csv", run_dir, ()),  # relative to the working directory (the data's folder)
+        (f"{run_dir}/../shop.csv", best, ()),  # with .. in it, served from a checkpoint
+        (str(tmp_path / "link.csv"), run_dir, ()),  # a symlink to it
+        (str(tmp_path / "hard.csv"), run_dir, ()),  # a hard link to it
+        (str(users), run_dir, ("--users", str(users))),  # the users file the command reads
+        # a second .csv in a data folder: the folder would no longer name one data file
+        (str(folder / "new.csv"), run_dir, ("--dataset", str(folder))),
+    ]
+
+
+def _tree(folder) -> dict:
+    return {str(p): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_the_output_never_replaces_a_file_the_run_reads(trained, tmp_path, monkeypatch, capsys):
+    from spnn_fast.cli import main
+
+    monkeypatch.chdir(trained["folder"])
+    cases = _refused_outputs(trained, tmp_path)
+    before = _tree(trained["folder"]), _tree(tmp_path)
+    for out, source, extra in cases:
+        assert main(["recommend", source, "--k", "2", *extra, "--out", out]) == 2, out
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("spnn-fast: error: --out "), err
+        assert "which the run reads" in err or "data folder" in err or "--users" in err, err
+        assert (_tree(trained["folder"]), _tree(tmp_path)) == before, out  # nothing written
+    # A file of its own beside the data, in the run folder or anywhere else is written.
+    for out in (trained["folder"] / "run" / "recs.csv", tmp_path / "recs.jsonl"):
+        assert main(["recommend", trained["run"], "--k", "2", "--out", str(out)]) == 0
+        assert out.stat().st_size > 0
+    assert R.serve(trained["run"], k=2, out=str(out)) > 0  # written over: it is no run's file

@@ -4,6 +4,7 @@ real processes (``python -m spnn_fast``)."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -18,6 +19,7 @@ import pytest
 import torch
 from test_train import _tiny_experiment, _write_cycle_csv
 
+import spnn_fast.experiment
 import spnn_fast.runfolder
 import spnn_fast.train
 from spnn_fast import _io, _lock
@@ -242,12 +244,54 @@ def test_a_run_folder_of_the_previous_layout_goes_on(finished_run, tmp_path, mon
     saved = json.loads((out / "run.json").read_text())
     data = Path(saved.pop("data")["source"])
     saved.pop("chosen", None)
+    saved.pop("threads", None)
     monkeypatch.chdir(data.parent)
     saved["config"]["dataset"] = data.name
     (out / "run.json").write_text(json.dumps(saved))
     assert main(["train", "--resume", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "records no fingerprint of its data" in printed and "already done" in printed
+
+
+# ---------------------------------------------------------------------------- threads
+def test_a_run_keeps_its_thread_count(tmp_path, capsys):
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    out = tmp_path / "run"
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", data, "--out", str(out), *_TINY]) == 0  # --threads 1
+        assert json.loads((out / "run.json").read_text())["threads"] == 1
+        student_kd = out / "seed0" / "student_kd"
+        for again in ([], ["--threads", "2"]):
+            # The last model stopped before its results: resuming trains it from its last.pt.
+            for f in ("best.pt", "result.json"):
+                (student_kd / f).unlink()
+            torch.set_num_threads(2)  # what a new process may start with
+            capsys.readouterr()
+            assert main(["train", "--resume", str(out), *again]) == 0
+            printed = capsys.readouterr().out
+            report = json.loads((out / "report.json").read_text())
+            assert report["threads"] == (2 if again else 1)
+            warned = f"warning: the run in {out} was trained with --threads 1" in printed
+            assert warned == bool(again), printed
+            assert json.loads((out / "run.json").read_text())["threads"] == 1  # the run's own
+        # --out DIR with the same settings goes on with the run as --resume does
+        torch.set_num_threads(2)
+        assert main(["train", "--data", data, "--out", str(out), *_TINY[:-2]]) == 0
+        assert json.loads((out / "report.json").read_text())["threads"] == 1
+        # A run.json without threads (an older spnn_fast) goes on with torch's count.
+        saved = json.loads((out / "run.json").read_text())
+        saved.pop("threads")
+        (out / "run.json").write_text(json.dumps(saved))
+        assert main(["train", "--resume", str(out)]) == 0
+        saved["threads"] = "two"
+        (out / "run.json").write_text(json.dumps(saved))
+        capsys.readouterr()
+        assert main(["train", "--resume", str(out)]) == 2
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"{out / 'run.json'}: 'threads' must be an integer >= 1, got a string" in line
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------- case 4: damage
@@ -377,6 +421,8 @@ def test_a_disk_too_full_for_the_checkpoints_is_found_before_training(tmp_path, 
     line = _one_line_error(capsys.readouterr().err)
     assert f"checkpoints into {out}, whose disk has 0.0 MiB free" in line
     assert not out.exists()  # refused before anything was written
+    # so the hint is to run the command again, not to resume a folder that is not there
+    assert "--resume" not in line and "free some space, then run the command again" in line
 
 
 def test_a_disk_that_fills_during_training_keeps_the_finished_models(tmp_path, capsys,
@@ -408,3 +454,149 @@ def test_a_disk_that_fills_during_training_keeps_the_finished_models(tmp_path, c
     monkeypatch.undo()
     assert main(["train", "--resume", str(out)]) == 0
     assert _hashes(out / "seed0" / "teacher") == teacher  # reused, not retrained
+
+
+def test_run_file_names_a_file_of_the_run_by_any_path(finished_run, tmp_path, monkeypatch):
+    from spnn_fast.runfolder import run_file, run_of_checkpoint
+
+    best = finished_run / "seed0" / "teacher" / "best.pt"
+    os.link(best, tmp_path / "hard.pt")
+    (tmp_path / "link").symlink_to(finished_run)
+    monkeypatch.chdir(finished_run / "seed0")
+    for path, file in [
+        (best, best),
+        ("teacher/../../run.json", finished_run / "run.json"),  # relative, with ..
+        (tmp_path / "link" / "report.md", finished_run / "report.md"),  # through a symlink
+        (tmp_path / "hard.pt", best),  # a hard link
+        (finished_run / "seed7" / "student" / "best.pt", None),  # not written yet: still the run's
+    ]:
+        got = run_file(str(finished_run), str(path))
+        assert got is not None and (file is None or os.path.samefile(got, file)), path
+    for path in (finished_run / "recs.csv", tmp_path / "run.json", finished_run / "seed0"):
+        assert run_file(str(finished_run), str(path)) is None, path
+    assert run_of_checkpoint(str(best)) == str(finished_run)
+    assert run_of_checkpoint(str(tmp_path / "hard.pt")) is None
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_during_training_says_how_to_resume_and_leaves_a_resumable_folder(tmp_path):
+    import time
+
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    out = tmp_path / "run"
+    flags = [*_TINY, "--epochs", "8", "--patience", "8"]
+    cmd = [sys.executable, "-m", "spnn_fast", "train", "--data", data, "--out", str(out), *flags]
+    with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=_ENV)
+        last = out / "seed0" / "teacher" / "last.pt"
+        deadline = time.monotonic() + 240
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)  # while the teacher trains (or writes its last.pt)
+        assert proc.wait(timeout=120) == 130
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("spnn-fast: ")]
+    assert lines == [f"spnn-fast: interrupted; go on with --resume {out} (finished models "
+                     f"are kept)"], err[-3000:]  # fmt: skip
+    assert not list(out.rglob("*.tmp"))  # no partial file left
+    assert _io.load_checkpoint_file(last, "cpu", spnn_fast.train._STATE_KEYS)["epoch"] >= 1
+    with claim(str(out)):  # the lock was given back
+        pass
+    proc = _cli("train", "--resume", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed after epoch" in proc.stdout
+    assert (out / "report.json").is_file()
+
+
+def test_ctrl_c_before_the_run_folder_holds_a_run_says_to_run_again(tmp_path, capsys,
+                                                                    monkeypatch):  # fmt: skip
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spnn_fast.experiment, "load", interrupted)  # while the data are read
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    out = tmp_path / "run"
+    assert main(["train", "--data", data, "--out", str(out), *_TINY]) == 130
+    assert capsys.readouterr().err == "spnn-fast: interrupted; run the command again\n"
+    assert not out.exists()  # the folder it had created is removed
+
+
+_BAD_RUN_JSON = [
+    ({"config": "student_d=4"}, "'config' must be an object, got a string"),
+    ({"config": [1, 2]}, "'config' must be an object, got an array"),
+    ({"config": None}, "'config' must be an object, got null"),
+    ({"format": 2}, "is not a run of this spnn_fast (format 2, expected 'spnn_fast.run/2')"),
+    ({"threads": 0}, "'threads' must be an integer >= 1, got the number 0"),
+    ({"data": "cycle.csv"}, "its data fingerprint is damaged"),
+    ({"config": {"nonsense": 1, "seeds": 1}}, "unknown settings: nonsense"),
+    ({"config": {"seeds": "1"}}, "seeds='1' must be an integer >= 1"),
+    ({"config": {"device": 5}}, "'device' must be a string, got the number 5; pass --device"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), _BAD_RUN_JSON, ids=[m for _, m in _BAD_RUN_JSON])
+def test_a_run_json_of_the_wrong_structure_says_what_is_wrong(finished_run, tmp_path, capsys,
+                                                              change, message):  # fmt: skip
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    saved = json.loads((out / "run.json").read_text())
+    for key, value in change.items():
+        saved[key] = (
+            {**saved[key], **value} if key == "config" and isinstance(value, dict) else value
+        )
+    (out / "run.json").write_text(json.dumps(saved))
+    before = _hashes(out)
+    assert main(["train", "--resume", str(out)]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(out / "run.json") in line and message in line, line
+    assert "train into another" in line  # the recovery
+    assert _hashes(out) == before
+
+
+def test_a_checkpoint_with_nan_weights_is_named_with_its_parameter(finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    best = out / "seed0" / "teacher" / "best.pt"
+    ck = torch.load(best, weights_only=True)
+    name = sorted(ck["state_dict"])[-1]
+    ck["state_dict"][name][..., 0] = float("nan")
+    torch.save(ck, best)
+    before = _hashes(out)
+    for argv in (["eval", str(best)], ["recommend", str(out), "--model", "teacher"],
+                 ["train", "--resume", str(out)]):  # fmt: skip
+        assert main(argv) == 2, argv
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"{best}: its parameter {name} holds NaN or infinite values" in line, line
+        assert "delete it (and its result.json) to train that model again" in line
+    assert _hashes(out) == before
+    # A stopped model's last.pt: its model, its best state or its optimizer's moments.
+    student = out / "seed0" / "student"
+    shutil.copy(finished_run / "seed0" / "teacher" / "best.pt", best)
+    for f in ("result.json", "best.pt"):
+        (student / f).unlink()
+    clean = torch.load(student / "last.pt", weights_only=True)
+    for where in ("objective", "best", "optimizer"):
+        st = copy.deepcopy(clean)
+        table = {"objective": st["objective"], "best": st["best"]["state"],
+                 "optimizer": st["optimizer"]["state"][0]}[where]  # fmt: skip
+        key = "exp_avg" if where == "optimizer" else sorted(table)[0]
+        table[key].view(-1)[0] = float("inf")
+        torch.save(st, student / "last.pt")
+        assert main(["train", "--resume", str(out)]) == 2
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"{student / 'last.pt'} is damaged or belongs to another model" in line, line
+        assert "holds NaN or infinite values" in line and key in line, line
+    torch.save(clean, student / "last.pt")
+    assert main(["train", "--resume", str(out)]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--out", "--resume"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_out_or_resume_is_refused(tmp_path, capsys, monkeypatch, flag, value):
+    monkeypatch.chdir(tmp_path)
+    data = _write_cycle_csv(tmp_path / "cycle.csv")
+    assert main(["train", "--data", data, flag, value, *_TINY]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"{flag} must name a run folder, got {value!r}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle.csv"]  # no runs/<stamp>

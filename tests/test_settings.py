@@ -296,3 +296,56 @@ def test_users_with_three_events_are_said_to_have_no_training_target(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="spnn_fast"):
         load(path, min_events=4)
     assert "no training target" not in caplog.text
+
+
+# ------------------------------------------------------------------- every field checked when built
+_BAD_FIELDS = [
+    (ExperimentConfig, {"dataset": None}, r"dataset=None must be a data set name or a path"),
+    (ExperimentConfig, {"dataset": ""}, r"dataset='' must be a data set name or a path"),
+    (ExperimentConfig, {"dataset": 5}, r"dataset=5 must be a data set name or a path"),
+    (ExperimentConfig, {"use_side_features": "no"}, r"use_side_features='no' must be True or"),
+    (ExperimentConfig, {"teacher_cut_prob": 2}, r"^teacher_cut_prob=2 must be a number in \[0, 1\]"),
+    (ExperimentConfig, {"kd_teacher_input": "all"}, r"^kd_teacher_input='all' must be one of full"),
+    (ExperimentConfig, {"kd_ensemble": "vote"}, r"^kd_ensemble='vote' must be one of distrib"),
+    (ExperimentConfig, {"schedule": ["cosine"]}, r"schedule=\['cosine'\] must be 'constant' or"),
+    (TrainConfig, {"layer_pairs": [("a",)]}, r"layer_pairs=\[\('a',\)\] must be a list of \(st"),
+    (TrainConfig, {"layer_pairs": None}, r"layer_pairs=None must be a list of \(student layer"),
+    (TrainConfig, {"layer_pairs": "ab"}, r"layer_pairs='ab' must be a list"),
+    (TrainConfig, {"layer_pairs": [("layers.0", "bogus")]}, r"pairs of layer names \('embed' or 'layers.N'"),
+    (TrainConfig, {"layer_pairs": [("layers.0", 1)]}, r"must be a list of \(student layer, tea"),
+    (SPNNConfig, {"backend": "bogus"}, r"SPNNConfig.backend='bogus' must be None or one of auto"),
+    (SPNNConfig, {"backend": "cpp"}, r"SPNNConfig.backend='cpp' must be None or one of auto"),
+    (SPNNConfig, {"item_feature_vocab": {"genre": 0}}, r"item_feature_vocab=\{'genre': 0\} mus"),
+    (SPNNConfig, {"item_feature_vocab": ["genre"]}, r"item_feature_vocab=\['genre'\] must be a"),
+    (SPNNConfig, {"user_feature_vocab": {1: 3}}, r"user_feature_vocab=\{1: 3\} must be a dict"),
+    (SPNNConfig, {"user_feature_vocab": None}, r"user_feature_vocab=None must be a dict"),
+    (SPNNConfig, {"detector_layers": "layers.0"}, r"detector_layers='layers.0' must be a list"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cls", "kw", "message"), _BAD_FIELDS,
+                         ids=[f"{c.__name__}-{next(iter(k))}" for c, k, _ in _BAD_FIELDS])  # fmt: skip
+def test_a_bad_field_is_refused_when_the_config_is_built(cls, kw, message):
+    base = {"num_items": 5} if cls is SPNNConfig else {}
+    with pytest.raises(ValueError, match=message):
+        cls(**base, **kw)
+
+
+def test_numbers_of_other_types_become_plain_python_numbers(tmp_path):
+    from fractions import Fraction
+    from pathlib import Path
+
+    from spnn_fast.runfolder import load_checkpoint, save_checkpoint
+
+    cfg = ExperimentConfig(dataset=Path("data.csv"), lr=Fraction(1, 100), seeds=np.int64(2))
+    assert cfg.dataset == "data.csv" and type(cfg.lr) is float and type(cfg.seeds) is int
+    json.dumps(cfg.to_dict())  # run.json can hold it
+    pairs = TrainConfig(layer_pairs=[["layers.0", "layers.1"]]).layer_pairs  # as JSON gives it
+    assert pairs == [("layers.0", "layers.1")]
+    # A model config of numpy numbers makes a checkpoint that reads back.
+    mcfg = SPNNConfig(num_items=np.int64(5), d_model=np.int32(8), dropout=np.float32(0.25),
+                      item_feature_vocab={"genre": np.int64(4)}, n_layers=1)  # fmt: skip
+    assert type(mcfg.num_items) is int and type(mcfg.item_feature_vocab["genre"]) is int
+    model = SPNN(mcfg, {"genre": np.zeros(6, dtype=np.int64)})
+    save_checkpoint(model, str(tmp_path / "best.pt"), name="teacher", seed=0, dataset="x")
+    assert load_checkpoint(str(tmp_path / "best.pt"))[0].config == mcfg
