@@ -87,8 +87,10 @@ class Trainer:
         self.objective = Objective(self.model, tcfg, teacher, ensemble).to(self.device)
         self.rank, self.size = world()
         self.step_module: nn.Module = self.objective
+        if tcfg.compile:  # the objective keeps static shapes (spnn_fast.objective)
+            self.step_module = torch.compile(self.objective, fullgraph=True, dynamic=False)
         if self.size > 1:
-            self.step_module = nn.parallel.DistributedDataParallel(self.objective)
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         # A stride of max_len or more: windows that do not overlap.

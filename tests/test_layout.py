@@ -19,7 +19,7 @@ LAYERS = [
     {"ops", "encode", "log", "fingerprint"},
     {"functional", "protocol", "data"},
     {"nn", "windows"},
-    {"model"},
+    {"model", "trainconfig"},
     {"config", "evaluation"},
     {"objective", "runfolder", "report"},
     {"teacher"},

@@ -136,3 +136,26 @@ def test_norm_counts_the_targets(setup):
     b = _batch(ds, rows[:10], ends[:10], keep=np.arange(10) % 4)
     norm = obj.normalizers(b, torch.device("cpu"))
     assert norm["targets"] == float((b.targets > 0).sum()) and norm["rows"] == 10.0
+
+
+def test_trainer_compile_setting_trains_the_same_steps(setup, monkeypatch):
+    """TrainConfig.compile (spnn-fast train --compile) compiles the step whole; its losses are
+    the eager ones to float tolerance (aot_eager here: the graph, not Inductor's code, is what
+    the test is about)."""
+    import functools
+
+    from spnn_fast.train import Trainer
+
+    ds, models, tcfgs, _, _ = setup
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(3)
+        model = SPNN(models["student"].config, ds.item_features, ds.user_features)
+        tcfg = dataclasses.replace(tcfgs["student"], compile=compiled, batch_size=16)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+            trainer = Trainer(model, ds, tcfg, seed=0)
+        assert isinstance(trainer.step_module, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        losses[compiled] = [trainer.step(idx, keep)["loss"]
+                            for idx, keep in list(trainer._batches(0))[:3]]  # fmt: skip
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
