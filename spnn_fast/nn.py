@@ -32,6 +32,11 @@ class SemanticAttention(nn.Module):
     with this module's ``time_bias [n_heads, num_time_buckets]`` (used when timestamps are given),
     the output projection, dropout.
 
+    Timestamps are int64 seconds: the gap between two events falls in bucket
+    ``min(num_time_buckets - 1, bit_length(gap))``, so with 32 buckets only gaps over 2**30 s
+    (34 years) share the last bucket, while in milliseconds every gap over 2**30 ms (12.4 days)
+    would (see :func:`spnn_fast.functional.semantic_attention`).
+
     ``time_bias=False`` builds the module without the bias table: its ``time_bias`` is None (no
     parameter, nothing in the state dict) and timestamps are not used. A module with the table
     that is called without timestamps leaves ``time_bias`` out of the graph, with no gradient,

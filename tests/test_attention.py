@@ -355,6 +355,20 @@ def test_time_bucket_is_exact(nb):
     assert bias_scores(torch.cat([zero, t], 1), tb)[0, 0, 0, 1:].tolist() == expected
 
 
+def test_timestamp_unit_is_documented_with_its_buckets():
+    """Both docstrings say the unit (int64 seconds) and what milliseconds would do; the figures
+    they give are the bucket function's: at NB = 32 the last bucket starts at 2**30, which is 34
+    years in seconds and 12.4 days in milliseconds."""
+    for doc in (semantic_attention.__doc__, SemanticAttention.__doc__):
+        flat = " ".join(doc.split())
+        assert "seconds" in flat and "int64" in flat, doc
+        assert "2**30 s (34 years)" in flat and "2**30 ms (12.4 days)" in flat, doc
+    assert time_bucket(torch.tensor([2**30 - 1, 2**30]), 32).tolist() == [30, 31]
+    assert round(2**30 / 86400 / 365.25) == 34 and round(2**30 / 86400e3, 1) == 12.4
+    day_ms, day_s = 86400 * 1000, 86400
+    assert time_bucket(torch.tensor([13 * day_ms, 13 * day_s]), 32).tolist() == [31, 21]
+
+
 def _bucket_forms():
     """(device, fast) pairs: the portable form wherever Triton runs, the GPU form (inline PTX)
     on CUDA only."""
