@@ -11,6 +11,14 @@ from spnn_fast._checks import check_int
 from spnn_fast.functional.attention import _UNSET, moved_key_padding_mask
 from spnn_fast.limits import MAX_TIME_BUCKETS
 
+__all__ = [
+    "DistillationLoss",
+    "FeatureDistiller",
+    "KnowledgeDetector",
+    "LinearCrossEntropyLoss",
+    "SemanticAttention",
+]
+
 
 def _check_sizes(owner: str, **sizes: object) -> None:
     """TypeError for a size that is not an integer (bool and float included), ValueError < 1."""
@@ -26,11 +34,18 @@ def _check_sizes(owner: str, **sizes: object) -> None:
 class SemanticAttention(nn.Module):
     """The semantic perception layer: multi-head self-attention with a learned time bias per head.
 
-    ``forward(x [B, L, d_model], key_mask [B, L] bool = None (True = the key takes part),
-    timestamps [B, L] int = None)
-    -> [B, L, d_model]``: a fused q/k/v projection, :func:`spnn_fast.functional.semantic_attention`
-    with this module's ``time_bias [n_heads, num_time_buckets]`` (used when timestamps are given),
-    the output projection, dropout.
+    ``forward(x [B, L, d_model], *, key_mask [B, L] bool = None (True = the key takes part),
+    timestamps [B, L] int = None) -> [B, L, d_model]``: a fused q/k/v projection,
+    :func:`spnn_fast.functional.semantic_attention` with this module's
+    ``time_bias [n_heads, num_time_buckets]`` (used when timestamps are given), the output
+    projection, dropout.
+
+    Beside ``nn.MultiheadAttention``: one input ``x`` (self-attention: queries, keys and values
+    all come from it) where ``mha(query, key, value)`` takes three, and the rest as keywords;
+    ``key_mask`` has SDPA's polarity, the opposite of ``key_padding_mask``; the output is one
+    tensor (no attention weights: the fused kernels never form them); ``dropout`` drops elements
+    of the output, after the output projection (on the residual branch), where
+    ``nn.MultiheadAttention``'s drops attention weights.
 
     Timestamps are int64 seconds: the gap between two events falls in bucket
     ``min(num_time_buckets - 1, bit_length(gap))``, so with 32 buckets only gaps over 2**30 s
@@ -90,15 +105,16 @@ class SemanticAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
+        *args: object,
         key_mask: Optional[Tensor] = None,
         timestamps: Optional[Tensor] = None,
-        *,
         key_padding_mask: object = _UNSET,
     ) -> Tensor:
         """Self-attention over a batch of sequences.
 
         Args:
-            x: ``[B, L, d_model]`` floating.
+            x: ``[B, L, d_model]`` floating, the only positional input (a second one, as in
+                ``nn.MultiheadAttention``'s ``(query, key, value)``, raises a TypeError).
             key_mask: ``[B, L]`` bool, True where the position is a real event that may be
                 attended to (SDPA's boolean-mask polarity); None = every position. Passing
                 ``key_padding_mask=`` (``nn.MultiheadAttention``'s name, True = padding) raises
@@ -112,6 +128,13 @@ class SemanticAttention(nn.Module):
         """
         from spnn_fast.functional import semantic_attention
 
+        if args:
+            raise TypeError(
+                f"SemanticAttention takes one input, x [B, L, {self.d_model}] (self-attention: "
+                f"queries, keys and values all come from x), and keyword arguments key_mask=, "
+                f"timestamps=; got {1 + len(args)} positional inputs. nn.MultiheadAttention's "
+                f"mha(x, x, x, key_padding_mask=pad) is sa(x, key_mask=~pad)"
+            )
         if key_padding_mask is not _UNSET:
             raise moved_key_padding_mask("SemanticAttention.forward()")
         if x.dim() != 3 or x.shape[-1] != self.d_model:

@@ -475,11 +475,11 @@ def test_compiled_module_fullgraph(backend, device):
     ts = make_timestamps(B, L, g).to(device)
     mask = make_mask("left", B, L, g).to(device)
     compiled = torch.compile(module, fullgraph=True)
-    y = compiled(x, mask, ts)
+    y = compiled(x, key_mask=mask, timestamps=ts)
     y.square().sum().backward()
     grads = [p.grad.clone() for p in module.parameters()]
     module.zero_grad()
-    y_eager = module(x, mask, ts)
+    y_eager = module(x, key_mask=mask, timestamps=ts)
     y_eager.square().sum().backward()
     assert_close(y, y_eager, atol=1e-5, rtol=1e-5, name="compiled out", scale_atol=False)
     for (name, p), gc in zip(module.named_parameters(), grads):
@@ -520,12 +520,17 @@ def test_module_matches_reference_composition():
     o = semantic_attention_math(q, k, v, mask, True, ts, module.time_bias)
     expected = module.out_proj(o.transpose(1, 2).reshape(2, 9, 24))
     assert_close(
-        module(x, mask, ts), expected, atol=1e-12, rtol=1e-10, name="module", scale_atol=False
+        module(x, key_mask=mask, timestamps=ts),
+        expected,
+        atol=1e-12,
+        rtol=1e-10,
+        name="module",
+        scale_atol=False,
     )
     # Without timestamps the time bias is not used (and gets no gradient).
     o = semantic_attention_math(q, k, v, mask, True)
     expected = module.out_proj(o.transpose(1, 2).reshape(2, 9, 24))
-    y = module(x, mask)
+    y = module(x, key_mask=mask)
     assert_close(
         y, expected, atol=1e-12, rtol=1e-10, name="module without timestamps", scale_atol=False
     )

@@ -11,6 +11,7 @@ import pytest
 import torch
 from _utils import assert_close
 
+import spnn_fast.nn as snn
 from spnn_fast.model import SPNN, SPNNConfig
 from spnn_fast.nn import SemanticAttention
 from spnn_fast.reference.attention import semantic_attention_math
@@ -117,3 +118,44 @@ def test_ddp_trains_a_module_without_timestamps(tmp_path):
         outs[flag] = proc.stdout.strip().splitlines()[-1]
     assert outs["0"] == "ok"
     assert outs["1"].startswith("failed at step 1"), outs["1"]
+
+
+# --- the call convention and the public names ----------------------------------------------------
+
+
+def test_multihead_attention_style_call_says_the_module_takes_one_input():
+    module = SemanticAttention(16, 2, backend="torch")
+    x, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    match = r"takes one input, x \[B, L, 16\] \(self-attention.*key_mask=, timestamps="
+    with pytest.raises(TypeError, match=match + r".*got 3 positional inputs"):
+        module(x, x, x)
+    with pytest.raises(TypeError, match=match + r".*got 2 positional inputs"):
+        module(x, mask)  # the mask as a keyword only: never mistaken for the timestamps
+    assert module(x, key_mask=mask).shape == (2, 5, 16)
+
+
+def test_dropout_acts_on_the_output_after_the_projection():
+    """Where nn.MultiheadAttention drops attention weights, this module drops elements of its
+    output: in training each element is 0 or the eval-mode output scaled by 1 / (1 - p)."""
+    torch.manual_seed(0)
+    module = SemanticAttention(16, 2, dropout=0.5, backend="torch").double()
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    full = module.eval()(x)
+    got = module.train()(x)
+    dropped = got == 0
+    assert 0 < dropped.float().mean() < 1
+    assert torch.allclose(got[~dropped], 2 * full[~dropped])
+    doc = " ".join(SemanticAttention.__doc__.split())
+    assert "after the output projection" in doc and "drops attention weights" in doc
+
+
+def test_nn_names_its_public_modules():
+    public = {
+        name for name, obj in vars(snn).items()
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == snn.__name__
+        and not name.startswith("_")
+    }  # fmt: skip
+    assert sorted(public) == snn.__all__
+    namespace = {}
+    exec("from spnn_fast.nn import *", namespace)
+    assert sorted(n for n in namespace if n != "__builtins__") == snn.__all__
