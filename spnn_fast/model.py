@@ -362,6 +362,7 @@ class SPNN(nn.Module):
         """
         from spnn_fast.functional import topk_scores
 
+        self._check_batch_ids(batch)
         device = self.item_emb.weight.device
         was_training = self.training
         self.eval()
@@ -378,6 +379,29 @@ class SPNN(nn.Module):
         scores, items = topk_scores(out.hidden[:, -1], self.item_emb.weight, k, exclude=exclude,
                                     backend=backend)  # fmt: skip
         return Recommendations(items, scores)
+
+    def _check_batch_ids(self, batch) -> None:
+        """ValueError naming the field of ``batch`` that holds an id beyond the model's tables,
+        where indexing them would raise a bare IndexError."""
+        cfg = self.config
+        fields = [
+            ("items", 0, cfg.num_items, "[0, V]", "the model's item ids 1..V and 0 = padding (data "
+             "with items the model was not trained on?)"),
+            ("time_buckets", 0, cfg.num_time_buckets - 1, "[0, num_time_buckets - 1]",
+             "the model's time-gap buckets"),
+        ]  # fmt: skip
+        tables = [getattr(self, f"user_codes_{n}") for n in self.user_feat_emb]
+        if tables and batch.users is not None:
+            rows = min(len(t) for t in tables)
+            fields.append(("users", -1, rows - 1, "[-1, U - 1]",
+                           "the user rows of the model's feature tables, -1 = unseen"))  # fmt: skip
+        for name, lo, hi, rule, what in fields:
+            t = getattr(batch, name)
+            bad = ((t < lo) | (t > hi)).nonzero()
+            if len(bad):
+                at = tuple(bad[0].tolist())
+                raise ValueError(f"batch.{name} holds {int(t[at])} (row {at[0]}), outside {rule} "
+                                 f"= [{lo}, {hi}]: {what}")  # fmt: skip
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
