@@ -110,8 +110,8 @@ class SPNNOutput:
 
 
 class Recommendations(NamedTuple):
-    """``items [B, k]`` int64 item ids (0 in slots no item fills) and their ``scores [B, k]``
-    float32 (``-inf`` there), best first, equal scores by the lower id."""
+    """``items [B, k]`` int64 item ids (0 in slots no item fills) and their ``scores [B, k]`` in
+    the model's dtype (``-inf`` there), best first, equal scores by the lower id."""
 
     items: Tensor
     scores: Tensor
@@ -377,7 +377,7 @@ class SPNN(nn.Module):
             exclude = tuple(t.to(device) for t in (window_items(batch) if seen is None else seen))
         backend = self.config.backend if backend is None else backend
         scores, items = topk_scores(out.hidden[:, -1], self.item_emb.weight, k, exclude=exclude,
-                                    backend=backend)  # fmt: skip
+                                    padding_idx=0, backend=backend)  # fmt: skip
         return Recommendations(items, scores)
 
     def _check_batch_ids(self, batch) -> None:
