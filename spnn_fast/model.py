@@ -381,27 +381,22 @@ class SPNN(nn.Module):
         return Recommendations(items, scores)
 
     def _check_batch_ids(self, batch) -> None:
-        """ValueError naming the field of ``batch`` that holds an id beyond the model's tables,
-        where indexing them would raise a bare IndexError."""
-        cfg = self.config
-        fields = [
-            ("items", 0, cfg.num_items, "[0, V]", "the model's item ids 1..V and 0 = padding (data "
-             "with items the model was not trained on?)"),
-            ("time_buckets", 0, cfg.num_time_buckets - 1, "[0, num_time_buckets - 1]",
-             "the model's time-gap buckets"),
-        ]  # fmt: skip
-        tables = [getattr(self, f"user_codes_{n}") for n in self.user_feat_emb]
+        """ValueError naming the field of ``batch`` that holds an id beyond the model's tables
+        (indexing them would raise a bare IndexError): items, time buckets, user rows."""
+        cfg, tables = self.config, [getattr(self, f"user_codes_{n}") for n in self.user_feat_emb]
+        fields = {
+            "items": (0, cfg.num_items, "[0, V] (items 1..V, 0 = padding)"),
+            "time_buckets": (0, cfg.num_time_buckets - 1, "[0, num_time_buckets - 1]"),
+        }
         if tables and batch.users is not None:
-            rows = min(len(t) for t in tables)
-            fields.append(("users", -1, rows - 1, "[-1, U - 1]",
-                           "the user rows of the model's feature tables, -1 = unseen"))  # fmt: skip
-        for name, lo, hi, rule, what in fields:
+            fields["users"] = (-1, min(map(len, tables)) - 1, "[-1, U - 1] (-1 = unseen)")
+        for name, (lo, hi, rule) in fields.items():
             t = getattr(batch, name)
             bad = ((t < lo) | (t > hi)).nonzero()
             if len(bad):
                 at = tuple(bad[0].tolist())
-                raise ValueError(f"batch.{name} holds {int(t[at])} (row {at[0]}), outside {rule} "
-                                 f"= [{lo}, {hi}]: {what}")  # fmt: skip
+                raise ValueError(f"batch.{name} holds {int(t[at])} (row {at[0]}), outside the "
+                                 f"model's {rule} = [{lo}, {hi}]")  # fmt: skip
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

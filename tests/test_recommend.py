@@ -138,12 +138,12 @@ def _batch(items, time_buckets=None, users=None):
     "batch, match",
     [
         (_batch([[0, 3, 11], [1, 2, 3]]),
-         r"batch.items holds 11 \(row 0\), outside \[0, V\] = \[0, 10\]"),
-        (_batch([[0, 3, 4], [1, -2, 3]]), r"batch.items holds -2 \(row 1\).*V\] = \[0, 10\]"),
+         r"batch.items holds 11 \(row 0\), outside the model's \[0, V\] .* = \[0, 10\]"),
+        (_batch([[0, 3, 4], [1, -2, 3]]), r"batch.items holds -2 \(row 1\).*V\] \(items 1..V, 0 = padding\) = \[0, 10\]"),
         (_batch([[0, 3, 4]], time_buckets=[[0, 2, 8]]),
-         r"batch.time_buckets holds 8 \(row 0\), outside \[0, num_time_buckets - 1\] = \[0, 7\]"),
+         r"batch.time_buckets holds 8 \(row 0\), outside the model's \[0, num_time_buckets - 1\] = \[0, 7\]"),
         (_batch([[0, 3, 4], [1, 2, 3]], users=[2, 3]),
-         r"batch.users holds 3 \(row 1\), outside \[-1, U - 1\] = \[-1, 2\]"),
+         r"batch.users holds 3 \(row 1\), outside the model's \[-1, U - 1\] \(-1 = unseen\) = \[-1, 2\]"),
     ],
 )  # fmt: skip
 def test_recommend_names_an_id_the_model_does_not_hold(batch, match):
@@ -157,7 +157,9 @@ def test_recommend_of_a_log_with_more_items_than_the_model():
     offsets, items = np.array([0, 4, 8]), np.array([1, 5, 12, 2, 3, 4, 9, 10])
     batch = encode_batch(offsets, items, np.arange(8) * 60, np.array([0, 1]), np.array([4, 4]), 4,
                          num_items=12)  # fmt: skip
-    with pytest.raises(ValueError, match=r"batch.items holds 12 \(row 0\), outside \[0, V\]"):
+    with pytest.raises(
+        ValueError, match=r"batch.items holds 12 \(row 0\), outside the model's \[0, V\]"
+    ):
         _tiny_model().recommend(batch, 3)
     fine = _tiny_model().recommend(_batch([[0, 3, 10], [1, 2, 3]], users=[-1, 2]), 3)
     assert fine.items.shape == (2, 3) and bool((fine.items > 0).all())
