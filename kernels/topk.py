@@ -1,19 +1,19 @@
 """Top-k items and the target's rank over an item catalogue, streamed (Triton).
 
-Math (per row n; s_v = <h_n, W_v> for item ids v = 1..V, never stored)::
+Math (per row n; s_v = <h_n, W_v> for the item ids v: every row of W but PAD, never stored)::
 
     topk:  the k largest s_v, excluded ids left out, ties to the lower id
     rank:  1 + #{v != t_n : s_v >= s_{t_n}}
 
-Shapes: hidden h [N, D], items W [V + 1, D] (row 0 = padding, never read), one float dtype
-(fp32, fp16, bf16); D <= 256, padded to a power of two >= 16 in registers; k <= 128. N and V are
-runtime ints. The tile scores are accumulated in fp32 and, for fp16/bf16 inputs, rounded to the
+Shapes: hidden h [N, D], items W [R, D] (row PAD = padding_idx is never scored: masked like a row
+past the end; PAD = -1 for a table without one), one float dtype (fp32, fp16, bf16); D <= 256,
+padded to a power of two >= 16 in registers; k <= 128. N, R and PAD are runtime ints. The tile scores are accumulated in fp32 and, for fp16/bf16 inputs, rounded to the
 input dtype (as ``h @ W.T`` returns them), so that ties are those of the input precision.
 
 * ``_topk_fwd_kernel``: grid (row blocks, splits of the catalogue). Each program streams its
   items in BLOCK_V tiles and keeps, per row, the K_PAD best (score, id) pairs seen so far as
   int64 keys in registers: ``key = (ordered(score) << 32) - id`` orders by score, then by lower
-  id, and is unique per item. A tile is compared with each row's current K_PAD-th key in fp32;
+  id, and is unique per item (``0 <= id < 2**32``). A tile is compared with each row's current K_PAD-th key in fp32;
   only when some row of the block has a candidate does an insertion loop run (take each row's
   best candidate, replace the row's smallest key, repeat while any row has a candidate left).
   Excluded ids come as per-row sorted lists; each row's pointer walks its list along the tiles.
@@ -88,7 +88,7 @@ def _keys(z, ids):
 @triton.jit
 def _decode(key):
     """(score, id) of keys [BLOCK_N]; meaningless for FREE / NONE keys."""
-    hi = ((key - 1) >> 32) + 1  # key = hi * 2**32 - id with 1 <= id < 2**32
+    hi = ((key - 1) >> 32) + 1  # key = hi * 2**32 - id with 0 <= id < 2**32
     ids = (hi << 32) - key
     bits = hi.to(tl.int32)
     bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
@@ -128,7 +128,7 @@ def _drop_excluded(valid, ids, ptr, end, EX_IDS, stop):
     return valid, ptr
 
 
-@triton.jit(do_not_specialize=["N", "V", "span", "TILES"])
+@triton.jit(do_not_specialize=["N", "R", "PAD", "span", "TILES"])
 def _topk_fwd_kernel(
     H,
     W,
@@ -137,7 +137,8 @@ def _topk_fwd_kernel(
     EX_END,
     KEYS,
     N,
-    V,
+    R,
+    PAD,
     D,
     span,
     TILES,
@@ -156,8 +157,8 @@ def _topk_fwd_kernel(
     row_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
     h = _load_rows(H, rows, row_ok, offs_d, D)
-    first = pid_s * span + 1  # this split's ids: [first, last]
-    last = tl.minimum(first + span - 1, V)
+    first = pid_s * span  # this split's ids: [first, last]
+    last = tl.minimum(first + span - 1, R - 1)
     slot = tl.arange(0, K_PAD).to(tl.int64)
     best = tl.zeros([BLOCK_N, K_PAD], dtype=tl.int64) + slot[None, :] + _FREE
     thr = tl.min(best, axis=1)
@@ -169,7 +170,7 @@ def _topk_fwd_kernel(
         end = tl.load(EX_END + rows, mask=row_ok, other=0)
     for tile in range(0, TILES):
         ids = first + tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-        ok = ids <= last
+        ok = (ids <= last) & (ids != PAD)
         z = _scores(h, W, ids, ok, offs_d, D, ROUND, PRECISION)
         valid = row_ok[:, None] & ok[None, :] & (z > float("-inf"))
         if HAS_EXCLUDE:
@@ -188,14 +189,15 @@ def _topk_fwd_kernel(
     tl.store(out, best, mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["N", "V", "span", "TILES"])
+@triton.jit(do_not_specialize=["N", "R", "PAD", "span", "TILES"])
 def _target_rank_fwd_kernel(
     H,
     W,
     T,
     COUNT,
     N,
-    V,
+    R,
+    PAD,
     D,
     span,
     TILES,
@@ -222,12 +224,12 @@ def _target_rank_fwd_kernel(
     zt = _scores(h, W, t_cols, col_ok, offs_d, D, ROUND, PRECISION)
     diag = tl.arange(0, BLOCK_N)[:, None] == cols[None, :]
     s_t = tl.sum(tl.where(diag, zt, 0.0), axis=1)
-    first = pid_s * span + 1
-    last = tl.minimum(first + span - 1, V)
+    first = pid_s * span
+    last = tl.minimum(first + span - 1, R - 1)
     count = tl.zeros([BLOCK_N], dtype=tl.int32)
     for tile in range(0, TILES):
         ids = first + tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-        ok = ids <= last
+        ok = (ids <= last) & (ids != PAD)
         z = _scores(h, W, ids, ok, offs_d, D, ROUND, PRECISION)
         hit = (z >= s_t[:, None]) & ok[None, :] & (ids[None, :] != t[:, None])
         count += tl.sum(hit.to(tl.int32), axis=1)
@@ -259,10 +261,11 @@ def _rank_config(block_d: int) -> Tuple[int, int, int]:
     return (32, 64, 8) if block_d > 64 else (64, 64, 4)
 
 
-def _splits(n_blocks: int, v: int, block_v: int, device: torch.device, splits: Optional[int]):
-    """(splits, span, tiles per split): on a GPU, enough splits of the catalogue that the grid
-    gives every SM two programs (small N), each split at least 8 tiles long."""
-    tiles = triton.cdiv(v, block_v)
+def _splits(n_blocks: int, r: int, block_v: int, device: torch.device, splits: Optional[int]):
+    """(splits, span, tiles per split) over the ``r`` rows of the table: on a GPU, enough splits
+    of the catalogue that the grid gives every SM two programs (small N), each split at least 8
+    tiles long."""
+    tiles = triton.cdiv(r, block_v)
     if splits is None:
         splits = 1
         sms = _device.multiprocessor_count(device)
@@ -281,32 +284,33 @@ def _check(hidden: torch.Tensor, items: torch.Tensor) -> None:
         raise ValueError(f"hidden has {hidden.shape[1]} features; the kernels take <= {MAX_DIM}")
 
 
-def _sorted_exclusions(offsets, ids, n, v, splits, span):
-    """Each row's excluded ids sorted, and where each (row, split) starts in them."""
+def _sorted_exclusions(offsets, ids, n, r, splits, span):
+    """Each row's excluded ids (in ``[0, r)``) sorted, and where each (row, split) starts in
+    them."""
     counts = offsets.diff().long()
     # output_size: the counts sum to len(ids) (checked by the caller); no device sync for it
     row_of = torch.repeat_interleave(
         torch.arange(n, device=ids.device), counts, output_size=ids.numel()
     )
-    comp = (row_of * (v + 1) + ids.long()).sort().values
-    ids_sorted = (comp - row_of * (v + 1)).contiguous()  # sorting keeps the rows' order
-    first = torch.arange(splits, device=ids.device) * span + 1
-    query = torch.arange(n, device=ids.device)[:, None] * (v + 1) + first[None, :]
+    comp = (row_of * r + ids.long()).sort().values
+    ids_sorted = (comp - row_of * r).contiguous()  # sorting keeps the rows' order
+    first = torch.arange(splits, device=ids.device) * span
+    query = torch.arange(n, device=ids.device)[:, None] * r + first[None, :]
     start = torch.searchsorted(comp, query.contiguous()).contiguous()
     # A fresh tensor, not a view one element in: its address is 16-byte aligned, as the kernel
     # is specialized for (and as kernel_stats compiles it).
     return ids_sorted, start, offsets[1:].long().clone()
 
 
-def _decode_keys(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(values float32, ids int64) of keys; empty slots become (-inf, 0)."""
+def _decode_keys(keys: torch.Tensor, empty_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(values float32, ids int64) of keys; empty slots become (-inf, empty_id)."""
     hi = (keys + (2**32 - 1)) >> 32
     ids = (hi << 32) - keys
     bits = hi.to(torch.int32)
     bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     values = bits.view(torch.float32)
     empty = keys < _REAL_MIN.value
-    return values.masked_fill(empty, float("-inf")), ids.masked_fill(empty, 0)
+    return values.masked_fill(empty, float("-inf")), ids.masked_fill(empty, empty_id)
 
 
 def topk_fwd(
@@ -316,10 +320,13 @@ def topk_fwd(
     exclude_offsets: Optional[torch.Tensor] = None,
     exclude_ids: Optional[torch.Tensor] = None,
     *,
+    padding_idx: Optional[int] = 0,
     splits: Optional[int] = None,
     block: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(values [N, k] float32, indices [N, k] int64), descending, ties to the lower id.
+    """(values [N, k] in the input dtype, indices [N, k] int64), descending, ties to the lower
+    id; the row ``padding_idx`` (None: none) is never returned, empty slots hold -inf and
+    ``padding_idx`` (-1 without one).
 
     ``splits`` (catalogue splits per row block) and ``block=(BLOCK_N, BLOCK_V)`` override the
     defaults (tests use them to cover the split merge and tile edges).
@@ -328,9 +335,10 @@ def topk_fwd(
     if k > MAX_K:
         raise ValueError(f"k={k}: the Triton top-k kernel keeps k <= {MAX_K}")
     h, w = hidden.contiguous(), items.contiguous()
-    n, v, d = h.shape[0], w.shape[0] - 1, h.shape[1]
-    values = torch.full((n, k), float("-inf"), dtype=torch.float32, device=h.device)
-    indices = torch.zeros((n, k), dtype=torch.int64, device=h.device)
+    n, r, d = h.shape[0], w.shape[0], h.shape[1]
+    pad = -1 if padding_idx is None else padding_idx
+    values = torch.full((n, k), float("-inf"), dtype=h.dtype, device=h.device)
+    indices = torch.full((n, k), pad, dtype=torch.int64, device=h.device)
     if n == 0:
         return values, indices
     bd, k_pad = _block_d(d), _k_pad(k)
@@ -338,21 +346,21 @@ def topk_fwd(
     if block is not None:
         block_n, block_v = block
     n_blocks = triton.cdiv(n, block_n)
-    n_splits, span, tiles = _splits(n_blocks, v, block_v, h.device, splits)
+    n_splits, span, tiles = _splits(n_blocks, r, block_v, h.device, splits)
     keys = torch.empty((n, n_splits, k_pad), dtype=torch.int64, device=h.device)
     has_ex = exclude_offsets is not None and exclude_ids.numel() > 0
     ex = (h, h, h)  # never read without exclusions
     if has_ex:
-        ex = _sorted_exclusions(exclude_offsets, exclude_ids, n, v, n_splits, span)
+        ex = _sorted_exclusions(exclude_offsets, exclude_ids, n, r, n_splits, span)
     _topk_fwd_kernel[(n_blocks, n_splits)](
-        h, w, *ex, keys, n, v, d, span, tiles, n_splits,
+        h, w, *ex, keys, n, r, pad, d, span, tiles, n_splits,
         HAS_EXCLUDE=has_ex, ROUND=h.dtype != torch.float32, BLOCK_N=block_n, BLOCK_V=block_v,
         BLOCK_D=bd, K_PAD=k_pad, PRECISION=_precision(h.dtype), num_warps=warps,
     )  # fmt: skip
     flat = keys.view(n, n_splits * k_pad)
     top = torch.topk(flat, min(k, flat.shape[1]), dim=1, sorted=True).values
-    vals, ids = _decode_keys(top)
-    values[:, : top.shape[1]] = vals
+    vals, ids = _decode_keys(top, pad)
+    values[:, : top.shape[1]] = vals  # exact: the scores were rounded to the input dtype
     indices[:, : top.shape[1]] = ids
     return values, indices
 
@@ -362,15 +370,18 @@ def target_rank_fwd(
     items: torch.Tensor,
     target: torch.Tensor,
     *,
+    padding_idx: Optional[int] = 0,
     splits: Optional[int] = None,
     block: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """1-based ranks [N] int64 (ties count against the target). ``splits`` and
-    ``block=(BLOCK_N, BLOCK_V)`` (BLOCK_V >= BLOCK_N) override the defaults."""
+    """1-based ranks [N] int64 (ties count against the target) among every row but
+    ``padding_idx`` (None: all rows). ``splits`` and ``block=(BLOCK_N, BLOCK_V)``
+    (BLOCK_V >= BLOCK_N) override the defaults."""
     _check(hidden, items)
     h, w = hidden.contiguous(), items.contiguous()
     t = target.long().contiguous()
-    n, v, d = h.shape[0], w.shape[0] - 1, h.shape[1]
+    n, r, d = h.shape[0], w.shape[0], h.shape[1]
+    pad = -1 if padding_idx is None else padding_idx
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=h.device)
     bd = _block_d(d)
@@ -380,10 +391,10 @@ def target_rank_fwd(
     if block_v < block_n:
         raise ValueError(f"block={block}: BLOCK_V must be >= BLOCK_N")
     n_blocks = triton.cdiv(n, block_n)
-    n_splits, span, tiles = _splits(n_blocks, v, block_v, h.device, splits)
+    n_splits, span, tiles = _splits(n_blocks, r, block_v, h.device, splits)
     count = torch.empty((n, n_splits), dtype=torch.int32, device=h.device)
     _target_rank_fwd_kernel[(n_blocks, n_splits)](
-        h, w, t, count, n, v, d, span, tiles, n_splits,
+        h, w, t, count, n, r, pad, d, span, tiles, n_splits,
         ROUND=h.dtype != torch.float32, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=bd,
         PRECISION=_precision(h.dtype), num_warps=warps,
     )  # fmt: skip

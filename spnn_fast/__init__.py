@@ -5,6 +5,7 @@ else; ``spnn_fast.backends.status()`` says what runs here.
 """
 
 from spnn_fast import backends, functional, nn  # noqa: I001  (after the ops they register)
+from spnn_fast import ops  # noqa: F401  (every op registered: exported programs find them)
 from spnn_fast.backends import _warn_missing_once
 from spnn_fast.encode import IGNORE_INDEX, SequenceBatch, encode_batch
 from spnn_fast.log import InteractionLog

@@ -138,8 +138,8 @@ class SPNNOutput:
 
 
 class Recommendations(NamedTuple):
-    """``items [B, k]`` int64 item ids (0 in slots no item fills) and their ``scores [B, k]``
-    float32 (``-inf`` there), best first, equal scores by the lower id."""
+    """``items [B, k]`` int64 item ids (0 in slots no item fills) and their ``scores [B, k]`` in
+    the model's dtype (``-inf`` there), best first, equal scores by the lower id."""
 
     items: Tensor
     scores: Tensor
@@ -390,6 +390,7 @@ class SPNN(nn.Module):
         """
         from spnn_fast.functional import topk_scores
 
+        self._check_batch_ids(batch)
         device = self.item_emb.weight.device
         was_training = self.training
         self.eval()
@@ -404,8 +405,26 @@ class SPNN(nn.Module):
             exclude = tuple(t.to(device) for t in (window_items(batch) if seen is None else seen))
         backend = self.config.backend if backend is None else backend
         scores, items = topk_scores(out.hidden[:, -1], self.item_emb.weight, k, exclude=exclude,
-                                    backend=backend)  # fmt: skip
+                                    padding_idx=0, backend=backend)  # fmt: skip
         return Recommendations(items, scores)
+
+    def _check_batch_ids(self, batch) -> None:
+        """ValueError naming the field of ``batch`` that holds an id beyond the model's tables
+        (indexing them would raise a bare IndexError): items, time buckets, user rows."""
+        cfg, tables = self.config, [getattr(self, f"user_codes_{n}") for n in self.user_feat_emb]
+        fields = {
+            "items": (0, cfg.num_items, "[0, V] (items 1..V, 0 = padding)"),
+            "time_buckets": (0, cfg.num_time_buckets - 1, "[0, num_time_buckets - 1]"),
+        }
+        if tables and batch.users is not None:
+            fields["users"] = (-1, min(map(len, tables)) - 1, "[-1, U - 1] (-1 = unseen)")
+        for name, (lo, hi, rule) in fields.items():
+            t = getattr(batch, name)
+            bad = ((t < lo) | (t > hi)).nonzero()
+            if len(bad):
+                at = tuple(bad[0].tolist())
+                raise ValueError(f"batch.{name} holds {int(t[at])} (row {at[0]}), outside the "
+                                 f"model's {rule} = [{lo}, {hi}]")  # fmt: skip
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

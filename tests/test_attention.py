@@ -355,6 +355,20 @@ def test_time_bucket_is_exact(nb):
     assert bias_scores(torch.cat([zero, t], 1), tb)[0, 0, 0, 1:].tolist() == expected
 
 
+def test_timestamp_unit_is_documented_with_its_buckets():
+    """Both docstrings say the unit (int64 seconds) and what milliseconds would do; the figures
+    they give are the bucket function's: at NB = 32 the last bucket starts at 2**30, which is 34
+    years in seconds and 12.4 days in milliseconds."""
+    for doc in (semantic_attention.__doc__, SemanticAttention.__doc__):
+        flat = " ".join(doc.split())
+        assert "seconds" in flat and "int64" in flat, doc
+        assert "2**30 s (34 years)" in flat and "2**30 ms (12.4 days)" in flat, doc
+    assert time_bucket(torch.tensor([2**30 - 1, 2**30]), 32).tolist() == [30, 31]
+    assert round(2**30 / 86400 / 365.25) == 34 and round(2**30 / 86400e3, 1) == 12.4
+    day_ms, day_s = 86400 * 1000, 86400
+    assert time_bucket(torch.tensor([13 * day_ms, 13 * day_s]), 32).tolist() == [31, 21]
+
+
 def _bucket_forms():
     """(device, fast) pairs: the portable form wherever Triton runs, the GPU form (inline PTX)
     on CUDA only."""
@@ -461,11 +475,11 @@ def test_compiled_module_fullgraph(backend, device):
     ts = make_timestamps(B, L, g).to(device)
     mask = make_mask("left", B, L, g).to(device)
     compiled = torch.compile(module, fullgraph=True)
-    y = compiled(x, mask, ts)
+    y = compiled(x, key_mask=mask, timestamps=ts)
     y.square().sum().backward()
     grads = [p.grad.clone() for p in module.parameters()]
     module.zero_grad()
-    y_eager = module(x, mask, ts)
+    y_eager = module(x, key_mask=mask, timestamps=ts)
     y_eager.square().sum().backward()
     assert_close(y, y_eager, atol=1e-5, rtol=1e-5, name="compiled out", scale_atol=False)
     for (name, p), gc in zip(module.named_parameters(), grads):
@@ -506,12 +520,17 @@ def test_module_matches_reference_composition():
     o = semantic_attention_math(q, k, v, mask, True, ts, module.time_bias)
     expected = module.out_proj(o.transpose(1, 2).reshape(2, 9, 24))
     assert_close(
-        module(x, mask, ts), expected, atol=1e-12, rtol=1e-10, name="module", scale_atol=False
+        module(x, key_mask=mask, timestamps=ts),
+        expected,
+        atol=1e-12,
+        rtol=1e-10,
+        name="module",
+        scale_atol=False,
     )
     # Without timestamps the time bias is not used (and gets no gradient).
     o = semantic_attention_math(q, k, v, mask, True)
     expected = module.out_proj(o.transpose(1, 2).reshape(2, 9, 24))
-    y = module(x, mask)
+    y = module(x, key_mask=mask)
     assert_close(
         y, expected, atol=1e-12, rtol=1e-10, name="module without timestamps", scale_atol=False
     )

@@ -16,8 +16,9 @@ from test_train import _tiny_experiment
 
 from spnn_fast import recommend as R
 from spnn_fast.data import load
+from spnn_fast.encode import SequenceBatch, encode_batch
 from spnn_fast.experiment import MODELS, run
-from spnn_fast.model import window_items
+from spnn_fast.model import SPNN, SPNNConfig, window_items
 from spnn_fast.reference.topk import full_scores
 from spnn_fast.runfolder import load_checkpoint
 
@@ -117,6 +118,53 @@ def test_window_items_is_the_masked_items():
     offsets, ids = window_items(batch)
     assert offsets.tolist() == [0, 2, 6, 7]
     assert ids.tolist() == [5, 2, 1, 3, 3, 7, 4]
+
+
+def _tiny_model():
+    """V = 10 items, 8 time buckets, a user feature over 3 users."""
+    cfg = SPNNConfig(num_items=10, max_len=4, d_model=8, n_layers=1, num_time_buckets=8,
+                     user_feature_vocab={"age": 4})  # fmt: skip
+    return SPNN(cfg, user_features={"age": np.array([1, 2, 3])})
+
+
+def _batch(items, time_buckets=None, users=None):
+    items = torch.tensor(items)
+    zeros = torch.zeros_like(items)
+    buckets = zeros if time_buckets is None else torch.tensor(time_buckets)
+    users = None if users is None else torch.tensor(users)
+    return SequenceBatch(items=items, timestamps=zeros, time_buckets=buckets, mask=items > 0,
+                         targets=zeros, users=users)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "batch, match",
+    [
+        (_batch([[0, 3, 11], [1, 2, 3]]),
+         r"batch.items holds 11 \(row 0\), outside the model's \[0, V\] .* = \[0, 10\]"),
+        (_batch([[0, 3, 4], [1, -2, 3]]), r"batch.items holds -2 \(row 1\).*V\] \(items 1..V, 0 = padding\) = \[0, 10\]"),
+        (_batch([[0, 3, 4]], time_buckets=[[0, 2, 8]]),
+         r"batch.time_buckets holds 8 \(row 0\), outside the model's \[0, num_time_buckets - 1\] = \[0, 7\]"),
+        (_batch([[0, 3, 4], [1, 2, 3]], users=[2, 3]),
+         r"batch.users holds 3 \(row 1\), outside the model's \[-1, U - 1\] \(-1 = unseen\) = \[-1, 2\]"),
+    ],
+)  # fmt: skip
+def test_recommend_names_an_id_the_model_does_not_hold(batch, match):
+    """An id beyond the model's tables (e.g. a log with items the model was not trained on) is a
+    ValueError naming the batch's field, the value and the bound, not a bare IndexError."""
+    with pytest.raises(ValueError, match=match):
+        _tiny_model().recommend(batch, 3)
+
+
+def test_recommend_of_a_log_with_more_items_than_the_model():
+    offsets, items = np.array([0, 4, 8]), np.array([1, 5, 12, 2, 3, 4, 9, 10])
+    batch = encode_batch(offsets, items, np.arange(8) * 60, np.array([0, 1]), np.array([4, 4]), 4,
+                         num_items=12)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"batch.items holds 12 \(row 0\), outside the model's \[0, V\]"
+    ):
+        _tiny_model().recommend(batch, 3)
+    fine = _tiny_model().recommend(_batch([[0, 3, 10], [1, 2, 3]], users=[-1, 2]), 3)
+    assert fine.items.shape == (2, 3) and bool((fine.items > 0).all())
 
 
 # --- the command ---------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from _utils import DEVICE, check_compiled, kernel_stats, needs_triton
 
 import spnn_fast.functional as SF
 from spnn_fast import limits
+from spnn_fast.functional.topk import TopK
 from spnn_fast.metrics import ranks_from_scores
 from spnn_fast.reference import topk as ref
 
@@ -56,7 +58,7 @@ def exclude_all_but(keep, n, v, seed=0):
 
 def assert_topk_equal(got, want, name=""):
     (gv, gi), (wv, wi) = got, want
-    assert gv.dtype == torch.float32 and gi.dtype == torch.int64, (gv.dtype, gi.dtype)
+    assert gv.dtype == wv.dtype and gi.dtype == torch.int64, (gv.dtype, wv.dtype, gi.dtype)
     assert gi.shape == wi.shape, f"{name}: shape {tuple(gi.shape)} != {tuple(wi.shape)}"
     if not torch.equal(gi.cpu(), wi.cpu()):
         row = int((gi != wi).any(1).nonzero()[0, 0])
@@ -173,13 +175,13 @@ def test_chunk_plan_bounds():
 # --- top-k: both backends ---------------------------------------------------------------------
 
 
-def _topk(backend, h, w, k, exclude=None, splits=None, block=None):
+def _topk(backend, h, w, k, exclude=None, splits=None, block=None, padding_idx=0):
     if backend == "triton" and (splits or block):
         from spnn_fast.kernels.topk import topk_fwd
 
         ex = exclude or (None, None)
-        return topk_fwd(h, w, k, *ex, splits=splits, block=block)
-    return SF.topk_scores(h, w, k, exclude=exclude, backend=backend)
+        return topk_fwd(h, w, k, *ex, padding_idx=padding_idx, splits=splits, block=block)
+    return SF.topk_scores(h, w, k, exclude=exclude, padding_idx=padding_idx, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -353,6 +355,165 @@ def test_rank_half_precision_on_torch_path():
         assert torch.equal(SF.target_rank(h, w, target, backend="torch"), want)
 
 
+# --- padding_idx: tables with the padding row elsewhere, or without one --------------------------
+
+
+def _table(r, d=16, seed=0):
+    """``hidden [9, d]`` and a table of ``r`` rows of small integers (many ties), no zero row."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-2, 3, (9, d), generator=g).float()
+    w = torch.randint(-2, 3, (r, d), generator=g).float()
+    return h.to(DEVICE), w.to(DEVICE)
+
+
+def _item_exclusions(r, pad, seed=0):
+    """CSR lists of ids of the items of a table of ``r`` rows (every row but ``pad``)."""
+    off, ids = make_exclude(9, r - 1, [0, 3, 40, 1, 0, 7, 2, 60, 5], seed=seed)
+    ids = ids - 1  # in [0, r - 2]
+    if pad is not None:
+        ids = ids + (ids >= pad).long()  # skip the padding row
+    return off, ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_without_a_padding_row_is_the_padded_tables_shifted(backend):
+    """``padding_idx=None``: every row is an item; the answer is that of the same table behind a
+    padding row 0, ids one lower, and empty slots hold -1."""
+    h, w = _table(70)
+    padded = torch.cat([torch.zeros_like(w[:1]), w])
+    off, ids = _item_exclusions(71, 0)
+    for k in (1, 9, 70):
+        got = SF.topk_scores(h, w, k, exclude=(off, ids - 1), padding_idx=None, backend=backend)
+        want = ref.topk_scores_reference(h, padded, k, off, ids)
+        values, idx = want
+        want = values, torch.where(values == float("-inf"), -1, idx - 1)
+        assert_topk_equal(got, want, f"k={k}")
+        assert_topk_equal(got, ref.topk_scores_reference(h, w, k, off, ids - 1, None), f"k={k}")
+    assert bool((got.indices == 0).any()), "row 0 is an item here"
+    assert bool((got.indices == -1).any()), "some rows have fewer than k items left"
+    target = torch.randint(0, 70, (9,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ranks = SF.target_rank(h, w, target, padding_idx=None, backend=backend)
+    assert torch.equal(ranks.cpu(), ref.target_rank_reference(h, padded, target + 1).cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pad", [5, 69, -1], ids=lambda p: f"pad={p}")
+def test_topk_and_rank_with_the_padding_row_elsewhere(backend, pad):
+    """The padding row in the middle or last (-1 counts from the end): never returned or ranked,
+    empty slots hold its id; the same as the table with that row moved to 0 and ids renumbered."""
+    h, w = _table(70, seed=2)
+    p = pad % 70
+    off, ids = _item_exclusions(70, p, seed=3)
+    for k in (1, 12, 69):
+        got = SF.topk_scores(h, w, k, exclude=(off, ids), padding_idx=pad, backend=backend)
+        want = ref.topk_scores_reference(h, w, k, off, ids, p)
+        assert_topk_equal(got, want, f"k={k}")
+        assert not bool(((got.indices == p) & (got.values > float("-inf"))).any())
+    assert bool((got.indices == p).any())  # the empty slots
+    # Moved to row 0: the same scores, and the rank rule of the evaluation
+    order = torch.cat([torch.tensor([p]), torch.arange(70)[torch.arange(70) != p]]).to(DEVICE)
+    target = torch.randint(0, 69, (9,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    target = target + (target >= p).long()
+    moved = (order == target[:, None]).long().argmax(1)
+    want = ranks_from_scores(ref.full_scores(h, w[order]).float(), moved)
+    got = SF.target_rank(h, w, target, padding_idx=pad, backend=backend)
+    assert torch.equal(got.cpu(), want.cpu())
+    assert torch.equal(ref.target_rank_reference(h, w, target, p).cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("chunk", [(2, 2), (3, 5), (4, 64)], ids=lambda c: f"{c}")
+@pytest.mark.parametrize("pad", [None, 0, 33, 299])
+def test_chunked_paths_with_any_padding_row(chunk, pad):
+    """The padding row inside a later column chunk, or none: small chunks, exclusions, ranks."""
+    h, w = _table(300, seed=5)
+    off, ids = _item_exclusions(300, pad, seed=6)
+    want = ref.topk_scores_reference(h, w, 17, off, ids, pad)
+    got = ref.topk_scores_chunked(h, w, 17, off, ids, padding_idx=pad, chunk=chunk)
+    assert_topk_equal(got, want, f"pad={pad}")
+    target = ids[:9] if pad is None else torch.where(ids[:9] == pad, ids[:9] - 1, ids[:9])
+    want = ref.target_rank_reference(h, w, target, pad)
+    assert torch.equal(ref.target_rank_chunked(h, w, target, padding_idx=pad, chunk=chunk), want)
+
+
+@needs_triton
+@pytest.mark.parametrize("pad", [None, 0, 40, 256])
+def test_triton_padding_row_across_splits_and_tiles(pad):
+    from spnn_fast.kernels.topk import target_rank_fwd
+
+    h, w = _table(257, seed=7)
+    off, ids = _item_exclusions(257, pad, seed=8)
+    got = _topk("triton", h, w, 12, (off, ids), splits=3, block=(16, 16), padding_idx=pad)
+    assert_topk_equal(got, ref.topk_scores_reference(h, w, 12, off, ids, pad), f"pad={pad}")
+    target = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    if pad is not None:
+        target = target + (target >= pad).long()
+    got = target_rank_fwd(h, w, target, padding_idx=pad, splits=3, block=(16, 16))
+    assert torch.equal(got.cpu(), ref.target_rank_reference(h, w, target, pad).cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_returns_named_values_in_the_input_dtype(backend):
+    """``(values, indices)`` named as torch.topk's; values in the dtype of the input, the scores
+    ``hidden @ items.T`` computed in it (float32 for every input before)."""
+    dtypes = [torch.float32] if backend == "triton" else [torch.float32, torch.float64,
+                                                          torch.bfloat16, torch.float16]  # fmt: skip
+    for dtype in dtypes:
+        h, w = make_inputs(6, 90, d=32, dtype=dtype)
+        got = SF.topk_scores(h, w, 7, backend=backend)
+        assert isinstance(got, TopK) and isinstance(got, tuple)
+        values, indices = got
+        assert (
+            values is got.values and indices is got.indices and got._fields == ("values", "indices")
+        )
+        assert values.dtype == dtype and indices.dtype == torch.int64
+        scores = (h @ w.T).gather(1, indices)
+        if backend == "torch":  # the same matmul
+            assert torch.equal(values, scores), str(dtype)
+        else:  # another summation order
+            assert torch.allclose(values, scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_takes_numpy_arrays(backend):
+    n, v, k = 6, 150, 8
+    h, w = make_inputs(n, v, integer=True, seed=1)
+    off, ids = make_exclude(n, v, [140, 75, 0, 149, 1, 30])
+    want = SF.topk_scores(h, w, k, exclude=(off, ids), backend=backend)
+    for cast in (np.int64, np.int32, np.uint16):
+        ex = (off.cpu().numpy().astype(cast), ids.cpu().numpy().astype(cast))
+        assert_topk_equal(SF.topk_scores(h, w, k, exclude=ex, backend=backend), want, str(cast))
+    mixed = (off.cpu().numpy(), ids)
+    assert_topk_equal(SF.topk_scores(h, w, k, exclude=mixed, backend=backend), want, "mixed")
+    with pytest.raises(ValueError, match="exclude item_ids must be an integer tensor or numpy "
+                       r"array 1-D, got a float64 numpy array of shape \(395,\)"):  # fmt: skip
+        SF.topk_scores(h, w, k, exclude=(off, ids.cpu().numpy().astype(float)), backend=backend)
+    with pytest.raises(ValueError, match=r"item_ids must lie in \[1, V\] = \[1, 150\]"):
+        SF.topk_scores(h, w, k, exclude=(off.cpu().numpy(), ids.cpu().numpy() * 2), backend=backend)
+
+
+def test_padding_idx_bad_input_raises():
+    h, w = make_inputs(4, 6)  # 7 rows
+    off, ids = make_exclude(4, 6, [1, 0, 2, 1])
+    rows = r"an int in \[-7, 6\]"
+    for bad in (7, -8, True, 1.0, "0"):
+        with pytest.raises(ValueError, match="padding_idx must be None .*" + rows):
+            SF.topk_scores(h, w, 2, padding_idx=bad)
+        with pytest.raises(ValueError, match="padding_idx must be None"):
+            SF.target_rank(h, w, torch.tensor([1, 2, 3, 4], device=DEVICE), padding_idx=bad)
+    with pytest.raises(ValueError, match=r"item_ids must lie in \[0, 6\] other than padding_idx=3"):
+        SF.topk_scores(h, w, 2, exclude=(off, torch.tensor([3, 1, 2, 4], device=DEVICE)),
+                       padding_idx=3)  # fmt: skip
+    with pytest.raises(ValueError, match=r"target must lie in \[0, V - 1\] = \[0, 6\] \(no pad"):
+        SF.target_rank(h, w, torch.tensor([1, 2, 7, 4], device=DEVICE), padding_idx=None)
+    with pytest.raises(ValueError, match=r"must lie in \[0, V - 1\] = \[0, 5\] \(row 6 is padding"):
+        SF.target_rank(h, w, torch.tensor([1, 2, 6, 4], device=DEVICE), padding_idx=-1)
+    with pytest.raises(ValueError, match=r"k must be in \[1, V=7\]"):
+        SF.topk_scores(h, w, 8, padding_idx=None)
+    with pytest.raises(ValueError, match=r"items must be \[V, D\] with V >= 1"):
+        SF.topk_scores(h, w[:0], 1, padding_idx=None)
+    assert SF.topk_scores(h, w[:1], 1, padding_idx=None).indices.tolist() == [[0]] * 4
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 
@@ -375,7 +536,10 @@ def _bad_topk_cases():
         (dict(exclude=(off[:-1], ids)), r"exclude offsets must have shape \[5\]"),
         (dict(exclude=(off.float(), ids)), "exclude offsets must be an integer tensor"),
         (dict(exclude=(off, ids.float())), "exclude item_ids must be an integer tensor"),
-        (dict(exclude=(off, ids[None])), "exclude item_ids must be an integer tensor 1-D"),
+        (
+            dict(exclude=(off, ids[None])),
+            "exclude item_ids must be an integer tensor or numpy array 1-D",
+        ),
         (dict(exclude=(t(1, 1, 2, 3, 4), ids)), "must start at 0"),
         (dict(exclude=(t(0, 2, 1, 3, 4), ids)), r"non-decreasing; offsets\[2\] = 1"),
         (dict(exclude=(t(0, 1, 1, 3, 3), ids)), r"must end at len\(item_ids\) = 4"),
@@ -447,9 +611,12 @@ def test_opcheck(backend):
     h, w = make_inputs(9, 40)
     off, ids = make_exclude(9, 40, [2, 0, 5, 1, 1, 0, 3, 8, 2])
     target = torch.randint(1, 41, (9,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    torch.library.opcheck(torch.ops.spnn_fast.topk_scores.default, (h, w, 5, off, ids, backend))
-    torch.library.opcheck(torch.ops.spnn_fast.topk_scores.default, (h, w, 3, None, None, backend))
-    torch.library.opcheck(torch.ops.spnn_fast.target_rank.default, (h, w, target, backend))
+    topk, rank = torch.ops.spnn_fast.topk_scores.default, torch.ops.spnn_fast.target_rank.default
+    torch.library.opcheck(topk, (h, w, 5, off, ids, 0, backend))
+    torch.library.opcheck(topk, (h, w, 3, None, None, 0, backend))
+    torch.library.opcheck(topk, (h, w, 4, off, (ids + 3) % 41, None, backend))
+    torch.library.opcheck(rank, (h, w, target, 0, backend))
+    torch.library.opcheck(rank, (h, w, target - 1, 40, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -460,7 +627,9 @@ def test_torch_compile_fullgraph(backend):
 
     def fn(h, w, off, ids, target):
         values, idx = SF.topk_scores(h, w, 7, exclude=(off, ids), backend=backend)
-        return values, idx, SF.target_rank(h, w, target, backend=backend)
+        top = SF.topk_scores(h, w, 3, padding_idx=None, backend=backend)
+        rank = SF.target_rank(h, w, target, backend=backend)
+        return values, idx, top.values, top.indices, rank
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")

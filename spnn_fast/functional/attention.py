@@ -117,7 +117,13 @@ def semantic_attention(
             boolean ``attn_mask``; None = every key. ``key_padding_mask=`` (PyTorch's
             ``nn.MultiheadAttention`` name, whose True means padding) raises a TypeError.
         causal: a bool; query i attends to keys ``j <= i`` only.
-        timestamps: ``[B, L]`` integer seconds; required with ``time_bias``, ignored without.
+        timestamps: ``[B, L]`` integer seconds (int64 Unix time, as the package's loaders and
+            encoder give them); required with ``time_bias``, ignored without. The gap
+            ``g = |t_i - t_j|`` falls in bucket ``min(NB - 1, bit_length(g))``: bucket ``b >= 1``
+            holds gaps in ``[2**(b - 1), 2**b)`` seconds, so with ``NB = 32`` only gaps over
+            2**30 s (34 years) share the last bucket. Milliseconds would shift every gap by 10
+            buckets and put all gaps over 2**30 ms (12.4 days) into the last one: divide them
+            by 1000 first.
         time_bias: ``[H, NB]`` floating, ``1 <= NB <= 64``: the learned bias table.
         scale: multiplies ``<q, k>``; default ``1 / sqrt(D)``.
         backend: None / "auto" / "triton" / "torch" (see :mod:`spnn_fast.backends`).

@@ -32,32 +32,33 @@ def topk_scores(
     k: int,
     exclude_offsets: Optional[Tensor],
     exclude_ids: Optional[Tensor],
+    padding_idx: Optional[int],
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    """(values [N, k] float32, indices [N, k] int64)."""
+    """(values [N, k] in the dtype of ``hidden``, indices [N, k] int64); the row
+    ``padding_idx`` (None: none) is never returned."""
     args = (hidden, items, k, exclude_offsets, exclude_ids)
     if backend == "triton":
-        return _kernels().topk_fwd(*args)
-    return _ref.topk_scores_chunked(*args)
+        return _kernels().topk_fwd(*args, padding_idx=padding_idx)
+    return _ref.topk_scores_chunked(*args, padding_idx=padding_idx)
 
 
 @topk_scores.register_fake
-def _(hidden, items, k, exclude_offsets, exclude_ids, backend):
+def _(hidden, items, k, exclude_offsets, exclude_ids, padding_idx, backend):
     n = hidden.shape[0]
-    return (
-        hidden.new_empty((n, k), dtype=torch.float32),
-        hidden.new_empty((n, k), dtype=torch.int64),
-    )
+    return hidden.new_empty((n, k)), hidden.new_empty((n, k), dtype=torch.int64)
 
 
 @torch.library.custom_op("spnn_fast::target_rank", mutates_args=())
-def target_rank(hidden: Tensor, items: Tensor, target: Tensor, backend: str) -> Tensor:
-    """1-based ranks [N] int64."""
+def target_rank(
+    hidden: Tensor, items: Tensor, target: Tensor, padding_idx: Optional[int], backend: str
+) -> Tensor:
+    """1-based ranks [N] int64 among every row of ``items`` but ``padding_idx``."""
     if backend == "triton":
-        return _kernels().target_rank_fwd(hidden, items, target)
-    return _ref.target_rank_chunked(hidden, items, target)
+        return _kernels().target_rank_fwd(hidden, items, target, padding_idx=padding_idx)
+    return _ref.target_rank_chunked(hidden, items, target, padding_idx=padding_idx)
 
 
 @target_rank.register_fake
-def _(hidden, items, target, backend):
+def _(hidden, items, target, padding_idx, backend):
     return hidden.new_empty((hidden.shape[0],), dtype=torch.int64)

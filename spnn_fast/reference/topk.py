@@ -1,13 +1,16 @@
 """Top-k items and the target's rank over an item catalogue, in plain PyTorch.
 
-Shapes: hidden ``h [N, D]``, items ``W [V + 1, D]`` (row ``i`` is item id ``i``; row 0 is padding
-and is never returned nor ranked, as in ``SPNN.score``). The scores are ``s = h @ W.T`` computed
-in the input dtype (as model code writes it), then compared in that precision.
+Shapes: hidden ``h [N, D]``, items ``W [R, D]`` (row ``i`` is item id ``i``). The row
+``padding_idx`` (0 by default, as ``SPNN.item_emb``; None for a table without one) is never
+returned nor ranked, as in ``SPNN.score``; the items are the other rows. The scores are
+``s = h @ W.T`` computed in the input dtype (as model code writes it), then compared in that
+precision.
 
-* ``topk``: per row, the ``k`` highest-scoring items among ``1..V`` minus the row's excluded
-  items, in descending score, ties broken by the lower item id. Slots that no item fills (fewer
-  than ``k`` items remain, or the rest score ``-inf``) hold id 0 and ``-inf``. Values are float32.
-* ``rank``: per row with target ``t``, ``1 + #{v in 1..V, v != t : s_v >= s_t}`` (ties count
+* ``topk``: per row, the ``k`` highest-scoring items minus the row's excluded items, in
+  descending score, ties broken by the lower item id. Slots that no item fills (fewer than ``k``
+  items remain, or the rest score ``-inf``) hold id ``padding_idx`` (-1 without one) and
+  ``-inf``. Values are in the input dtype (the scores' own values).
+* ``rank``: per row with target ``t``, ``1 + #{items v != t : s_v >= s_t}`` (ties count
   against the target), the rule of :func:`spnn_fast.metrics.ranks_from_scores`.
 
 Three kinds of function live here:
@@ -22,8 +25,8 @@ Three kinds of function live here:
   extra memory is ``O(budget + N k)``, never ``O(N V)``.
 
 Matching the evaluation's ranks: the evaluation ranks ``model.score(hidden)``, one matmul over
-the whole table. When a row chunk holds the whole table (the first chunk always starts at
-column 0, the padding row), the chunked path makes that same matmul call, so its scores, and
+the whole table. When a row chunk holds the whole table, the chunked path makes that same matmul
+call, so its scores, and
 its ranks, are bitwise the evaluation's. With several column chunks, the target's score is
 still taken from the chunk matmul that holds the target (:func:`target_rank_chunked`), so every
 comparison is between scores of one kind; a BLAS may round a chunk's product differently from
@@ -45,6 +48,7 @@ __all__ = [
     "MIN_CHUNK_ROWS",
     "TOPK_BUDGET_BYTES",
     "chunk_plan",
+    "empty_id",
     "full_scores",
     "target_rank_chunked",
     "target_rank_naive",
@@ -67,10 +71,17 @@ _NEG_INF = float("-inf")
 
 
 # ---------------------------------------------------------------------------- oracles, baseline
-def full_scores(hidden: Tensor, items: Tensor) -> Tensor:
-    """``hidden @ items.T`` (input dtype) with column 0 set to -inf: ``SPNN.score``'s values."""
+def empty_id(padding_idx: Optional[int]) -> int:
+    """The id of a slot no item fills: the padding row's, -1 for a table without one."""
+    return -1 if padding_idx is None else padding_idx
+
+
+def full_scores(hidden: Tensor, items: Tensor, padding_idx: Optional[int] = 0) -> Tensor:
+    """``hidden @ items.T`` (input dtype) with column ``padding_idx`` set to -inf: with the
+    default 0, ``SPNN.score``'s values."""
     scores = hidden @ items.T
-    scores[:, 0] = _NEG_INF
+    if padding_idx is not None:
+        scores[:, padding_idx] = _NEG_INF
     return scores
 
 
@@ -90,13 +101,16 @@ def topk_scores_reference(
     k: int,
     exclude_offsets: Optional[Tensor] = None,
     exclude_ids: Optional[Tensor] = None,
+    padding_idx: Optional[int] = 0,
 ) -> Tuple[Tensor, Tensor]:
     """The definition: full scores, excluded items at -inf, a stable descending sort (so equal
-    scores keep the lower id first), the first ``k``; -inf slots become id 0. No validation."""
-    scores = _exclude_dense(full_scores(hidden, items), exclude_offsets, exclude_ids)
+    scores keep the lower id first), the first ``k``; -inf slots take the id
+    :func:`empty_id`. No validation."""
+    scores = full_scores(hidden, items, padding_idx)
+    scores = _exclude_dense(scores, exclude_offsets, exclude_ids)
     values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
-    values, indices = values[:, :k].float(), indices[:, :k]
-    return values, indices.masked_fill(values == _NEG_INF, 0)
+    values, indices = values[:, :k], indices[:, :k]
+    return values, indices.masked_fill(values == _NEG_INF, empty_id(padding_idx))
 
 
 def topk_scores_naive(hidden: Tensor, items: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -112,10 +126,23 @@ def target_rank_naive(hidden: Tensor, items: Tensor, target: Tensor) -> Tensor:
     return (scores[:, 1:] >= scores.gather(1, target[:, None])).sum(dim=1)
 
 
-def target_rank_reference(hidden: Tensor, items: Tensor, target: Tensor) -> Tensor:
+def target_rank_reference(
+    hidden: Tensor, items: Tensor, target: Tensor, padding_idx: Optional[int] = 0
+) -> Tensor:
     """The evaluation's ranks: :func:`~spnn_fast.metrics.ranks_from_scores` of the full scores
-    (as ``evaluate`` calls it on ``model.score(hidden).float()``). Oracle and baseline."""
-    return ranks_from_scores(full_scores(hidden, items).float(), target)
+    (as ``evaluate`` calls it on ``model.score(hidden).float()``). Oracle and baseline. Another
+    ``padding_idx`` moves the padding column first (a column of -inf without one) and renumbers
+    the targets to match, so the rule is the same function's."""
+    scores = full_scores(hidden, items, padding_idx).float()
+    if padding_idx is None:
+        pad = scores.new_full((scores.shape[0], 1), _NEG_INF)
+        return ranks_from_scores(torch.cat([pad, scores], dim=1), target + 1)
+    if padding_idx != 0:
+        order = torch.arange(scores.shape[1], device=scores.device)
+        order = torch.cat([order[padding_idx : padding_idx + 1], order[order != padding_idx]])
+        target = target + (target < padding_idx).long()  # the columns before it move up by one
+        scores = scores[:, order]
+    return ranks_from_scores(scores, target)
 
 
 # ---------------------------------------------------------------------------- chunking
@@ -250,13 +277,16 @@ def topk_scores_chunked(
     k: int,
     exclude_offsets: Optional[Tensor] = None,
     exclude_ids: Optional[Tensor] = None,
+    padding_idx: Optional[int] = 0,
     chunk: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """``(values [N, k] float32, indices [N, k] int64)`` chunk by chunk (see the module
-    docstring). ``chunk=(rows, cols)`` overrides :func:`chunk_plan`. Inputs are assumed valid."""
+    """``(values [N, k] in the input dtype, indices [N, k] int64)`` chunk by chunk (see the
+    module docstring). ``chunk=(rows, cols)`` overrides :func:`chunk_plan`. Inputs are assumed
+    valid."""
     n = hidden.shape[0]
-    values = torch.full((n, k), _NEG_INF, dtype=torch.float32, device=hidden.device)
-    indices = torch.zeros((n, k), dtype=torch.int64, device=hidden.device)
+    values = torch.full((n, k), _NEG_INF, dtype=hidden.dtype, device=hidden.device)
+    fill = empty_id(padding_idx)
+    indices = torch.full((n, k), fill, dtype=torch.int64, device=hidden.device)
     if n == 0:
         return values, indices
     row_spans, col_spans, rows, cols = _plan(hidden, items, chunk, mask_bytes=0)
@@ -267,8 +297,8 @@ def topk_scores_chunked(
         cand_v, cand_i = [], []  # each column chunk's best k: the row chunk's best k is among them
         for c0, c1 in col_spans:
             z = torch.matmul(h, items[c0:c1].T, out=buf.take(r1 - r0, c1 - c0))
-            if c0 == 0:
-                z[:, 0] = _NEG_INF  # the padding row
+            if padding_idx is not None and c0 <= padding_idx < c1:
+                z[:, padding_idx - c0] = _NEG_INF
             excluded.apply(z, c0, c1)
             v, i = _chunk_topk(z, k)
             cand_v.append(v)
@@ -278,8 +308,8 @@ def topk_scores_chunked(
                 cand_v, cand_i = [v], [i]
         v, i = _select(torch.cat(cand_v, 1), torch.cat(cand_i, 1), k)
         got = v.shape[1]  # < k only when the whole table has fewer than k columns after all
-        values[r0:r1, :got] = v.float()
-        indices[r0:r1, :got] = i.masked_fill(v == _NEG_INF, 0)
+        values[r0:r1, :got] = v
+        indices[r0:r1, :got] = i.masked_fill(v == _NEG_INF, fill)
     return values, indices
 
 
@@ -296,6 +326,7 @@ def target_rank_chunked(
     hidden: Tensor,
     items: Tensor,
     target: Tensor,
+    padding_idx: Optional[int] = 0,
     chunk: Optional[Tuple[int, int]] = None,
 ) -> Tensor:
     """1-based ranks ``[N]`` int64 chunk by chunk (see the module docstring).
@@ -322,27 +353,35 @@ def target_rank_chunked(
         if len(col_spans) == 1:
             z = torch.matmul(h, items.T, out=buf.take(r1 - r0, items.shape[0]))
             s_t = z.gather(1, t[:, None])
-            ge = torch.ge(z[:, 1:], s_t, out=mask.take(r1 - r0, items.shape[0] - 1))
-            ranks[r0:r1] = ge.sum(dim=1).long()  # the target's own column gives the "1 +"
+            ge = torch.ge(z, s_t, out=mask.take(r1 - r0, items.shape[0]))
+            # the target's own column gives the "1 +"; the padding column is never counted
+            ranks[r0:r1] = (ge.sum(dim=1) - _padding_column(ge, padding_idx, 0)).long()
             continue
         guess = _target_score_guess(h, items, t)
-        count, exact = _count_at_least(h, items, t, guess, col_spans, buf, mask)
+        args = (h, items, t, col_spans, buf, mask, padding_idx)
+        count, exact = _count_at_least(guess, *args)
         if not torch.equal(exact, guess):
-            count, _ = _count_at_least(h, items, t, exact, col_spans, buf, mask)
+            count, _ = _count_at_least(exact, *args)
         ranks[r0:r1] = count
     return ranks
 
 
-def _count_at_least(h, items, t, s_t, col_spans, buf, mask) -> Tuple[Tensor, Tensor]:
-    """(#{v in 1..V : s_v >= s_t[row]} per row, each target's score as its chunk computed it)."""
+def _padding_column(ge: Tensor, padding_idx: Optional[int], c0: int):
+    """The padding column of a chunk ``ge`` whose first column is ``c0`` (0 if it has none)."""
+    if padding_idx is None or not c0 <= padding_idx < c0 + ge.shape[1]:
+        return 0
+    return ge[:, padding_idx - c0]
+
+
+def _count_at_least(s_t, h, items, t, col_spans, buf, mask, padding_idx):
+    """(#{items v : s_v >= s_t[row]} per row, each target's score as its chunk computed it)."""
     r = h.shape[0]
     count = torch.zeros(r, dtype=torch.int64, device=h.device)
     exact = s_t.clone()
     for c0, c1 in col_spans:
         z = torch.matmul(h, items[c0:c1].T, out=buf.take(r, c1 - c0))
-        first = 1 if c0 == 0 else 0  # the padding column is never counted
-        ge = torch.ge(z[:, first:], s_t[:, None], out=mask.take(r, c1 - c0 - first))
-        count += ge.sum(dim=1).long()
+        ge = torch.ge(z, s_t[:, None], out=mask.take(r, c1 - c0))
+        count += (ge.sum(dim=1) - _padding_column(ge, padding_idx, c0)).long()
         here = ((t >= c0) & (t < c1)).nonzero().squeeze(1)
         exact[here] = z[here, t[here] - c0]
     return count, exact
