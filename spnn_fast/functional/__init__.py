@@ -6,9 +6,10 @@ from spnn_fast.functional.losses import (
     feature_distillation_loss,
     linear_cross_entropy,
 )
-from spnn_fast.functional.topk import target_rank, topk_scores
+from spnn_fast.functional.topk import TopK, target_rank, topk_scores
 
 __all__ = [
+    "TopK",
     "distillation_loss",
     "feature_distillation_loss",
     "linear_cross_entropy",
