@@ -6,6 +6,10 @@ catalogue, and NegativeSampler's distribution."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -256,3 +260,389 @@ def test_chunk_rows_bounds():
         assert 1 <= rows <= n
         assert rows == 1 or rows * k * 4 * ref._N_TEMPS <= ref._distill.LOGIT_BUDGET_BYTES
     assert ref.chunk_rows(4096, 1000, 4) == 4096  # small problems stay whole
+
+
+# --- the public functions ---------------------------------------------------------------------
+
+
+def call(fn_name, inp, **kw):
+    """``SF.sampled_softmax_loss`` (alpha absent) or ``SF.sampled_distillation_loss``."""
+    import spnn_fast.functional as SF
+
+    if fn_name == "ce":
+        return SF.sampled_softmax_loss(inp["h"], inp["w"], inp["y"], inp["neg"],
+                                       log_q=inp["log_q"], **kw)  # fmt: skip
+    return SF.sampled_distillation_loss(inp["h"], inp["w"], inp["ht"], inp["wt"], inp["y"],
+                                        inp["neg"], log_q=inp["log_q"], **kw)  # fmt: skip
+
+
+def reference_call(fn_name, inp, **kw):
+    """The formed-logits reference of :func:`call`, on the flattened rows."""
+    flat = dict(inp, h=inp["h"].reshape(-1, inp["h"].shape[-1]), y=inp["y"].reshape(-1).long(),
+                ht=inp["ht"].reshape(-1, inp["ht"].shape[-1]))  # fmt: skip
+    kw.pop("backend", None)
+    reduction = kw.get("reduction", "mean")
+    if fn_name == "ce":
+        out = ref.sampled_softmax_loss_reference(flat["h"], flat["w"], flat["y"], flat["neg"],
+                                                 log_q=flat["log_q"], **kw)  # fmt: skip
+    else:
+        out = ref.sampled_distillation_loss_reference(
+            flat["h"], flat["w"], flat["ht"], flat["wt"], flat["y"], flat["neg"],
+            log_q=flat["log_q"], **kw,
+        )  # fmt: skip
+    return out.reshape(inp["y"].shape) if reduction == "none" else out
+
+
+def run_loss(fn, inp, *, out_sum=False, **kw):
+    """Forward + backward; (loss, d_h, d_w) in float64 on the CPU."""
+    inp = dict(inp, h=inp["h"].detach().clone().requires_grad_(),
+               w=inp["w"].detach().clone().requires_grad_())  # fmt: skip
+    out = fn(inp, **kw)
+    if out.dim() == 0 or out_sum:
+        out.sum().backward()
+    else:
+        go = torch.rand(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out * go.to(out.dtype).to(out.device)).sum().backward()
+    return out.detach().double().cpu(), inp["h"].grad.double().cpu(), inp["w"].grad.double().cpu()
+
+
+def check_against_reference(fn_name, inp, backend, rtol=1e-4, atol=1e-5, **kw):
+    got = run_loss(lambda i, **k: call(fn_name, i, **k), inp, backend=backend, **kw)
+    want = run_loss(lambda i, **k: reference_call(fn_name, i, **k), to64(inp), **kw)
+    for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
+        assert_close(a, e, f"{backend} {fn_name} {kw} {name}", rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("log_q", [True, False])
+@pytest.mark.parametrize("n, k, d", [(1, 1, 8), (7, 5, 24), (129, 130, 64), (129, 5, 8)])
+def test_sampled_softmax_loss_torch(n, k, d, log_q, reduction):
+    inp = make_inputs(n, k, d=d, seed=n * k + d, log_q=log_q)
+    check_against_reference("ce", inp, "torch", reduction=reduction)
+    check_against_reference("ce", inp, "torch", reduction=reduction,
+                            remove_accidental_hits=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("alpha, temperature", [(0.0, 1.0), (0.5, 1.0), (0.5, 4.0), (1.0, 2.0)])
+@pytest.mark.parametrize("n, k, d", [(1, 1, 8), (7, 130, 24), (129, 5, 64)])
+def test_sampled_distillation_loss_torch(n, k, d, alpha, temperature, reduction):
+    inp = make_inputs(n, k, d=d, seed=n * k + d)
+    check_against_reference("kd", inp, "torch", alpha=alpha, temperature=temperature,
+                            reduction=reduction)  # fmt: skip
+
+
+@pytest.mark.parametrize("fn_name", ["ce", "kd"])
+def test_leading_shapes_and_integer_targets(fn_name):
+    inp = make_inputs(12, 7, lead=(3, 4))
+    kw = dict(reduction="none", backend="torch")
+    shaped = call(fn_name, inp, **kw)
+    assert shaped.shape == (3, 4)
+    flat = call(fn_name, dict(inp, h=inp["h"].reshape(12, -1), ht=inp["ht"].reshape(12, -1),
+                              y=inp["y"].reshape(12)), **kw)  # fmt: skip
+    assert torch.equal(shaped.reshape(-1), flat)
+    for dtype in (torch.int32, torch.int16):
+        assert torch.equal(call(fn_name, dict(inp, y=inp["y"].to(dtype)), **kw), shaped)
+    assert torch.equal(call(fn_name, dict(inp, neg=inp["neg"].int()), **kw), shaped)
+    check_against_reference(fn_name, inp, "torch", reduction="none")
+
+
+@pytest.mark.parametrize("fn_name", ["ce", "kd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(fn_name, reduction):
+    """No counted row: zero gradients; the mean is NaN for the cross-entropy (as
+    F.cross_entropy's) and 0 for the distillation loss (as distillation_loss's)."""
+    inp = make_inputs(9, 6)
+    inp["y"][:] = IGNORE
+    loss, d_h, d_w = run_loss(lambda i, **k: call(fn_name, i, **k), inp, reduction=reduction,
+                              backend="torch")  # fmt: skip
+    if fn_name == "ce" and reduction == "mean":
+        want = torch.nn.functional.cross_entropy(torch.zeros(9, 5), inp["y"].cpu())
+        assert torch.isnan(want) and torch.isnan(loss)
+    else:
+        assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(d_h, torch.zeros_like(d_h)) and torch.equal(d_w, torch.zeros_like(d_w))
+
+
+@pytest.mark.parametrize("fn_name", ["ce", "kd"])
+def test_empty_batch(fn_name):
+    inp = make_inputs(0, 5)
+    for reduction in ("sum", "none"):
+        loss, d_h, d_w = run_loss(lambda i, **k: call(fn_name, i, **k), inp, reduction=reduction,
+                                  backend="torch")  # fmt: skip
+        assert loss.numel() in (0, 1) and torch.all(loss == 0)
+        assert d_h.shape == (0, 24) and torch.equal(d_w, torch.zeros_like(d_w))
+
+
+def test_full_catalogue_through_the_public_functions():
+    """Negatives = every class once and log_q uniform: sampled_softmax_loss is
+    linear_cross_entropy, sampled_distillation_loss is distillation_loss (torch path)."""
+    import spnn_fast.functional as SF
+
+    inp = make_inputs(33, 1, c=40, log_q=False)
+    inp["neg"] = torch.randperm(40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    inp["log_q"] = torch.full((40,), math.log(1 / 40), device=DEVICE)
+    got = run_loss(lambda i, **k: call("ce", i, **k), inp, backend="torch")
+    want = run_loss(lambda i, **k: SF.linear_cross_entropy(i["h"], i["w"], i["y"], **k), inp,
+                    backend="torch")  # fmt: skip
+    for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
+        assert_close(a, e, f"CE {name}")
+    got = run_loss(lambda i, **k: call("kd", i, **k), inp, temperature=3.0, backend="torch")
+    want = run_loss(lambda i, **k: SF.distillation_loss(i["h"], i["w"], i["ht"], i["wt"], i["y"],
+                                                        **k), inp, temperature=3.0,
+                    backend="torch")  # fmt: skip
+    for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
+        assert_close(a, e, f"distillation {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_torch_path_dtypes(dtype):
+    inp = make_inputs(33, 40, dtype=dtype)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=1e-2)
+    check_against_reference("ce", inp, "torch", reduction="sum", **tol)
+    check_against_reference("kd", inp, "torch", reduction="sum", **tol)
+    out = call("ce", inp, backend="torch")
+    assert out.dtype == dtype  # cross_entropy's: the logits' dtype
+    assert call("kd", inp, backend="torch").dtype == (
+        torch.float64 if dtype == torch.float64 else torch.float32
+    )
+
+
+def test_autocast_like_linear_cross_entropy():
+    """Under CPU autocast the dot products run in bfloat16 (the inputs cast, as linear's) and
+    the loss is float32, as linear_cross_entropy's; float64 is left alone."""
+    import spnn_fast.functional as SF
+
+    inp = make_inputs(17, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = call("ce", inp, backend="torch")
+        lce = SF.linear_cross_entropy(inp["h"], inp["w"], inp["y"], backend="torch")
+        kd = call("kd", inp, backend="torch")
+        f64 = call("ce", to64(inp), backend="torch")
+    assert got.dtype == lce.dtype == kd.dtype == torch.float32 and f64.dtype == torch.float64
+    bf16 = dict(inp, h=inp["h"].bfloat16(), w=inp["w"].bfloat16(), ht=inp["ht"].bfloat16(),
+                wt=inp["wt"].bfloat16())  # fmt: skip
+    # The same rows as from bfloat16 inputs, in float32 (the distillation loss at alpha 0 is the
+    # sampled cross-entropy in float32 whatever the inputs).
+    assert torch.equal(got, call("kd", bf16, alpha=0.0, backend="torch"))
+    assert torch.equal(kd, call("kd", bf16, backend="torch"))
+
+
+def test_teacher_and_log_q_get_no_gradient():
+    inp = make_inputs(9, 6)
+    ht = inp["ht"].clone().requires_grad_()
+    wt = inp["wt"].clone().requires_grad_()
+    lq = inp["log_q"].clone().requires_grad_()
+    h = inp["h"].clone().requires_grad_()
+    call("kd", dict(inp, h=h, ht=ht, wt=wt, log_q=lq), backend="torch").backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+    assert ht.grad is None and wt.grad is None and lq.grad is None
+
+
+def test_backward_with_expanded_grad():
+    """``out.sum().backward()`` hands the op a stride-0 gradient."""
+    inp = make_inputs(33, 20)
+    got = run_loss(lambda i, **k: call("kd", i, **k), inp, reduction="none", out_sum=True,
+                   backend="torch")  # fmt: skip
+    want = run_loss(lambda i, **k: reference_call("kd", i, **k), to64(inp), reduction="none",
+                    out_sum=True)  # fmt: skip
+    for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
+        assert_close(a, e, name)
+
+
+def test_gradcheck_torch_path(monkeypatch):
+    import spnn_fast.functional as SF
+    from spnn_fast.reference import distill
+
+    # A tiny budget forces chunks of one row through the public functions.
+    monkeypatch.setattr(distill, "LOGIT_BUDGET_BYTES", 8 * ref._N_TEMPS * 7)
+    assert ref.chunk_rows(5, 7, 8) == 1
+    inp = to64(make_inputs(5, 7, c=11, d=3, dt=4, ignore_frac=0.0, seed=2))
+    y = inp["y"].clone()
+    y[1] = IGNORE
+    for alpha, reduction in [(0.5, "none"), (0.0, "mean"), (1.0, "sum")]:
+        f = lambda h, w, alpha=alpha, reduction=reduction: SF.sampled_distillation_loss(
+            h, w, inp["ht"], inp["wt"], y, inp["neg"], log_q=inp["log_q"], temperature=1.5,
+            alpha=alpha, reduction=reduction, backend="torch",
+        )  # fmt: skip
+        h = inp["h"].clone().requires_grad_()
+        w = inp["w"].clone().requires_grad_()
+        assert torch.autograd.gradcheck(f, (h, w))
+    g = lambda h, w: SF.sampled_softmax_loss(h, w, y, inp["neg"], log_q=inp["log_q"],
+                                             reduction="sum", backend="torch")  # fmt: skip
+    h = inp["h"].clone().requires_grad_()
+    w = inp["w"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(g, (h, w))
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    inp = make_inputs(4, 3, c=6, ignore_frac=0.0, hits=False)
+    inp["y"] = torch.tensor([1, 2, 3, IGNORE], device=DEVICE)
+    inp["neg"] = torch.tensor([1, 4, 5], device=DEVICE)
+    lq = inp["log_q"].clone()
+    lq[0] = -math.inf  # the padding row: fine while no counted target or negative is 0
+    inp["log_q"] = lq
+    h, w, y, neg = inp["h"], inp["w"], inp["y"], inp["neg"]
+    inf_at = lambda i, v: lq.clone().index_fill_(0, torch.tensor([i], device=DEVICE), v)
+    shared = [
+        ({"neg": neg.float()}, ValueError, "negatives must be an integer tensor"),
+        ({"neg": neg.bool()}, ValueError, "negatives must be an integer tensor"),
+        ({"neg": neg[:0]}, ValueError, r"negatives must be 1-D \[K >= 1\]"),
+        ({"neg": neg[None]}, ValueError, r"negatives must be 1-D"),
+        ({"neg": torch.tensor([1, 6], device=DEVICE)}, ValueError, r"negatives holds 6, outside"),
+        ({"neg": torch.tensor([-1, 2], device=DEVICE)}, ValueError, r"outside \[0, C=6\)"),
+        ({"neg": neg.to("meta")}, ValueError, "different devices"),
+        ({"y": torch.tensor([1, 2, 6, 0], device=DEVICE)}, ValueError, r"outside \[0, V=6\)"),
+        ({"y": y.float()}, ValueError, "integer tensor of class indices"),
+        ({"y": y[:3]}, ValueError, r"leading shape \(4,\)"),
+        ({"log_q": lq[:5]}, ValueError, r"log_q must be a float tensor \[C=6\]"),
+        ({"log_q": lq.long()}, ValueError, "log_q must be a float tensor"),
+        ({"log_q": inf_at(2, math.nan)}, ValueError, "log_q holds nan at class 2"),
+        ({"log_q": inf_at(3, math.inf)}, ValueError, "log_q holds inf at class 3"),
+        ({"log_q": inf_at(4, -math.inf)}, ValueError, r"-inf at negatives\[1\] = 4"),
+        ({"log_q": inf_at(3, -math.inf)}, ValueError, "-inf at the target 3 of row 2"),
+        ({"remove_accidental_hits": 1}, TypeError, "remove_accidental_hits must be a bool"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"ignore_index": 1.5}, ValueError, "ignore_index must be an int"),
+        ({"backend": "cpp"}, ValueError, "does not apply"),
+        ({"backend": "cuda"}, ValueError, "not a backend"),
+    ]
+    ce = shared + [
+        ({"w": w[:, :5]}, ValueError, r"weight must be \[C >= 1, D=24\]"),
+        ({"w": w.double()}, ValueError, "differ in dtype"),
+        ({"h": h[:, :0]}, ValueError, r"input must be \[\.\.\., D\] with D >= 1"),
+        ({"h": h.int()}, ValueError, "input must be float16/bfloat16/float32/float64"),
+        ({"h": h.to("meta")}, ValueError, "different devices"),
+    ]
+    kd = shared + [
+        ({"w": w[:, :5]}, ValueError, "student_items must be"),
+        ({"ht": inp["ht"][:3]}, ValueError, "teacher_hidden must be"),
+        ({"wt": inp["wt"][:5]}, ValueError, "teacher_items must be"),
+        ({"ht": [inp["ht"]], "wt": [inp["wt"]]}, ValueError, "takes one teacher"),
+        ({"ht": None, "wt": None, "alpha": 0.5}, ValueError, "teacher_hidden and teacher_items"),
+        ({"y": None}, ValueError, "target is required"),
+        ({"neg": None}, ValueError, "negatives is required"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"alpha": 1.5}, ValueError, "alpha must be a number in"),
+    ]
+    return inp, ce, kd
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases()[1])))
+def test_sampled_softmax_loss_bad_input(case):
+    inp, cases, _ = _bad_cases()
+    change, error, match = cases[case]
+    kw = {k: change.pop(k) for k in list(change) if k not in inp}
+    with pytest.raises(error, match=match):
+        call("ce", dict(inp, **change), **{"backend": "torch", **kw})
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases()[2])))
+def test_sampled_distillation_loss_bad_input(case):
+    inp, _, cases = _bad_cases()
+    change, error, match = cases[case]
+    kw = {k: change.pop(k) for k in list(change) if k not in inp}
+    with pytest.raises(error, match=match):
+        call("kd", dict(inp, **change), **{"backend": "torch", **kw})
+
+
+def test_log_q_minus_inf_at_ignored_rows_and_unused_classes_is_fine():
+    """The sampler's log_q is -inf at the padding row: harmless where no counted target and no
+    negative is that class (an ignored row's target may be anything)."""
+    inp, _, _ = _bad_cases()
+    got = run_loss(lambda i, **k: call("ce", i, **k), inp, backend="torch")
+    want = run_loss(lambda i, **k: reference_call("ce", i, **k), to64(inp))
+    for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
+        assert_close(a, e, name)
+
+
+# --- the registered op: opcheck and torch.compile ---------------------------------------------
+
+
+def _op_args(backend, teacher=True, log_q=True):
+    inp = make_inputs(9, 7, c=20, log_q=log_q)
+    h = inp["h"].clone().requires_grad_()
+    w = inp["w"].clone().requires_grad_()
+    ht, wt = (inp["ht"], inp["wt"]) if teacher else (None, None)
+    lq = None if inp["log_q"] is None else inp["log_q"].float()
+    return (h, w, ht, wt, inp["y"], inp["neg"], lq, 2.0, 0.5 if teacher else 0.0, True, IGNORE,
+            backend)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("teacher, log_q", [(True, True), (False, True), (False, False)])
+def test_opcheck(backend, teacher, log_q):
+    import spnn_fast.ops.sampled_softmax  # noqa: F401  (registers the op)
+
+    torch.library.opcheck(torch.ops.spnn_fast.sampled_softmax_rows.default,
+                          _op_args(backend, teacher, log_q))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("fn_name", ["ce", "kd"])
+def test_torch_compile_fullgraph(backend, fn_name):
+    inp = make_inputs(17, 12)
+
+    def fn(i, **kw):
+        return call(fn_name, i, temperature=2.0, **kw) if fn_name == "kd" else call("ce", i, **kw)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = run_loss(compiled, inp, backend=backend)
+    want = run_loss(fn, inp, backend=backend)
+    for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
+        assert_close(a, e, name, rtol=1e-6, atol=1e-7)
+
+
+# --- memory: the torch path never holds N x K -------------------------------------------------
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import spnn_fast.functional as SF
+    from spnn_fast.sampling import NegativeSampler
+
+    torch.set_num_threads(1)  # the peak does not depend on it; the run time stays predictable
+
+    def status_bytes(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+
+    n, k, c, d = 65536, 4096, 100_000, 32
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g).requires_grad_()
+    w = (torch.randn(c, d, generator=g) * 0.1).requires_grad_()
+    ht, wt = torch.randn(n, d, generator=g), torch.randn(c, d, generator=g) * 0.1
+    y = torch.randint(1, c, (n,), generator=g)
+    sampler = NegativeSampler(c, torch.randint(1, 1000, (c,), generator=g), power=0.75)
+    neg, log_q = sampler.sample(k, generator=g), sampler.log_q
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_bytes("VmRSS")
+    assert status_bytes("VmHWM") - base < 16 * 2**20, "VmHWM was not reset"
+    loss = SF.sampled_distillation_loss(h, w, ht, wt, y, neg, log_q=log_q, backend="torch")
+    loss.backward()
+    assert torch.isfinite(loss) and w.grad is not None
+    print(status_bytes("VmHWM") - base)
+    """
+)
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read peak RSS"
+)
+def test_torch_path_memory_is_bounded():
+    """N=65536 rows, K=4096 negatives, D=32, alpha=0.5, forward + backward: one [N, K] fp32
+    buffer alone would be 1.07 GB (the formed-logits reference holds several)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = int(proc.stdout.strip().splitlines()[-1])
+    print(f"peak extra RSS of the chunked path: {peak / 2**20:.0f} MiB")
+    assert peak < 0.4e9, f"peak extra RSS {peak / 2**20:.0f} MiB >= 0.4 GB"

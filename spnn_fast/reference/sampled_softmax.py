@@ -51,7 +51,8 @@ __all__ = [
     "sampled_softmax_loss_reference",
 ]
 
-# [rows, K] temporaries the chunked forward and backward hold at once.
+# [rows, K] buffers of the chunked path: three of the accumulation dtype and a bool one (the hits),
+# counted as one more, with room for what the reductions allocate ([rows] each).
 _N_TEMPS = 4
 
 
@@ -164,57 +165,78 @@ def sampled_distillation_loss_reference(
 
 
 def chunk_rows(n: int, k: int, elem_size: int, budget: Optional[int] = None) -> int:
-    """Rows per chunk so that the ``[rows, K]`` temporaries stay within ``budget`` bytes
-    (default :data:`spnn_fast.reference.distill.LOGIT_BUDGET_BYTES`, read at call time); at
-    least one row."""
+    """Rows per chunk so that the ``[rows, K]`` workspace stays within ``budget`` bytes (default
+    :data:`spnn_fast.reference.distill.LOGIT_BUDGET_BYTES`, read at call time); at least one."""
     budget = _distill.LOGIT_BUDGET_BYTES if budget is None else budget
     return max(1, min(max(n, 1), budget // (elem_size * _N_TEMPS * max(k, 1))))
 
 
-class _Operands:
-    """What the forward and the backward share: operands in the accumulation dtype, the
-    negatives' rows and corrections, the positives' logits."""
+class _Chunks:
+    """What the forward and the backward share: the negatives' rows and corrections (gathered
+    once), the positives' corrections, the row chunks and a workspace of three ``[rows, K]``
+    buffers (and a bool one for the hits) allocated once per call and reused by every chunk:
+    fresh temporaries per chunk fragment the CPU heap."""
 
     def __init__(self, h, w, ht, wt, target, negatives, log_q, temperature, alpha, remove_hits,
                  ignore_index, rows):  # fmt: skip
         self.cdt = cdt = compute_dtype(h.dtype)
         self.has_ce, self.has_kd = alpha < 1, alpha > 0
-        self.inv_t, self.alpha, self.temperature = 1.0 / temperature, alpha, temperature
+        self.inv_t = 1.0 / temperature
         self.target, self.negatives, self.remove_hits = target, negatives, remove_hits
         self.counted = target != ignore_index
         self.y = torch.where(self.counted, target, torch.zeros_like(target))
-        self.lq_n = None if log_q is None else log_q.to(cdt)[negatives]
-        lq_y = None if log_q is None else _positive_log_q(log_q.to(cdt), self.y, self.counted)
-        self.h, self.w = h.to(cdt), w
-        self.wn = w[negatives].to(cdt)  # [K, D]: the shared negatives' rows, once
-        self.s0 = self._positive(self.h, w, lq_y)
+        self.lq_n = self.lq_y = None
+        if log_q is not None:
+            self.lq_n = log_q.to(cdt)[negatives]
+            self.lq_y = _positive_log_q(log_q.to(cdt), self.y, self.counted)
+        self.h, self.w, self.wn = h.to(cdt), w, w[negatives].to(cdt)  # [K, D], once
         if self.has_kd:
-            self.ht, self.wtn = ht.to(cdt), wt[negatives].to(cdt)
-            self.t0 = self._positive(self.ht, wt, lq_y)
+            self.ht, self.wt, self.wtn = ht.to(cdt), wt, wt[negatives].to(cdt)
         n, k = h.shape[0], negatives.shape[0]
         self.rows = rows or chunk_rows(n, k, torch.finfo(cdt).bits // 8)
-
-    def _positive(self, h: Tensor, w: Tensor, lq_y: Optional[Tensor]) -> Tensor:
-        s0 = (h * w[self.y].to(self.cdt)).sum(1)  # [N], one row dot product each
-        return s0 if lq_y is None else s0 - lq_y
-
-    def logits(self, h: Tensor, wn: Tensor, sl: slice) -> Tensor:
-        """``[rows, K]`` corrected logits of the negatives, -inf at removed hits."""
-        z = h[sl] @ wn.T
-        if self.lq_n is not None:
-            z.sub_(self.lq_n)
-        if self.remove_hits:
-            z.masked_fill_(self.negatives[None, :] == self.target[sl, None], float("-inf"))
-        return z
+        size = min(self.rows, n) * k
+        self.bufs = [torch.empty(size, dtype=cdt, device=h.device) for _ in range(3)]
+        self.hit_buf = torch.empty(size if remove_hits else 0, dtype=torch.bool, device=h.device)
 
     def spans(self):
         n = self.h.shape[0]
         return [slice(a, min(a + self.rows, n)) for a in range(0, n, self.rows)]
 
+    def take(self, i: int, sl: slice) -> Tensor:
+        r = sl.stop - sl.start
+        return self.bufs[i][: r * self.negatives.shape[0]].view(r, -1)
 
-def _lse_with(first: Tensor, z: Tensor) -> Tensor:
-    """``logsumexp`` over a row's candidates: the positive ``first [r]`` and ``z [r, K]``."""
-    return torch.logaddexp(first, torch.logsumexp(z, dim=1))
+    def hits(self, sl: slice) -> Optional[Tensor]:
+        """``[rows, K]`` bool, True where a negative is the row's target (None: hits stay)."""
+        if not self.remove_hits:
+            return None
+        out = self.hit_buf[: (sl.stop - sl.start) * self.negatives.shape[0]].view(
+            -1, len(self.negatives)
+        )
+        return torch.eq(self.negatives[None, :], self.target[sl, None], out=out)
+
+    def logits(self, i: int, h: Tensor, wn: Tensor, sl: slice) -> Tensor:
+        """The negatives' corrected logits ``[rows, K]`` in buffer ``i``. Hits are not masked
+        here: a hit's logit is its row's positive logit, so it never sets a softmax's maximum
+        apart; the exponentials are zeroed at hits instead (no -inf, so no -inf - -inf)."""
+        z = torch.matmul(h[sl], wn.T, out=self.take(i, sl))
+        return z if self.lq_n is None else z.sub_(self.lq_n)
+
+    def positive(self, h: Tensor, w: Tensor, sl: slice) -> Tensor:
+        """The positives' corrected logits ``[rows]``: one row dot product each."""
+        s0 = (h[sl] * w[self.y[sl]].to(self.cdt)).sum(1)
+        return s0 if self.lq_y is None else s0 - self.lq_y[sl]
+
+
+def _lse(first: Tensor, z: Tensor, tmp: Tensor, hit: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(lse, m)``: the log-sum-exp over a row's candidates (the positive ``first [r]`` and
+    ``z [r, K]`` but its hits), and the shift ``m`` (>= the positive: finite); leaves the
+    candidates' ``exp(z - m)`` (0 at hits) in ``tmp``."""
+    m = torch.maximum(z.amax(dim=1), first)
+    torch.sub(z, m[:, None], out=tmp).exp_()
+    if hit is not None:
+        tmp.masked_fill_(hit, 0.0)
+    return m + torch.log(tmp.sum(dim=1) + torch.exp(first - m)), m
 
 
 @torch.no_grad()
@@ -236,33 +258,37 @@ def sampled_rows_chunked(
     ``lse_sT`` (of ``s / T``), ``lse_tT`` (of ``t / T``) over each row's candidates; a statistic
     the call does not need is 0. ``rows`` overrides :func:`chunk_rows`. Inputs are validated by
     the caller; ``target`` and ``negatives`` are int64, ``log_q`` is in the accumulation dtype."""
-    op = _Operands(hidden, items, teacher_hidden, teacher_items, target, negatives, log_q,
-                   temperature, alpha, remove_accidental_hits, ignore_index, rows)  # fmt: skip
-    n, inv_t = hidden.shape[0], op.inv_t
-    lse_s, lse_st, lse_tt, kd = (op.h.new_zeros(n) for _ in range(4))
-    for sl in op.spans():
-        zs = op.logits(op.h, op.wn, sl)
-        if op.has_ce:
-            lse_s[sl] = _lse_with(op.s0[sl], zs)
-        if op.has_kd:
-            zs.mul_(inv_t)
-            zt = op.logits(op.ht, op.wtn, sl).mul_(inv_t)
-            s0, t0 = op.s0[sl] * inv_t, op.t0[sl] * inv_t
-            lse_st[sl] = _lse_with(s0, zs)
-            lse_tt[sl] = _lse_with(t0, zt)
-            # KL = E_{p_t}[t/T - s/T] - lse_tT + lse_sT; removed hits have p_t = 0 (and t - s
-            # = -inf - -inf there, so the difference is taken where p_t > 0 only).
-            pt = zt.sub(lse_tt[sl, None]).exp_()
-            diff = zt.sub_(zs).masked_fill_(pt == 0, 0.0)
-            e = (pt * diff).sum(1) + (t0 - lse_tt[sl]).exp() * (t0 - s0)
-            kd[sl] = e - lse_tt[sl] + lse_st[sl]
-    loss = op.h.new_zeros(n)
-    if op.has_ce:
-        loss += (1.0 - alpha) * (lse_s - op.s0)
-    if op.has_kd:
-        loss += (alpha * temperature**2) * kd
-    loss = torch.where(op.counted, loss, torch.zeros_like(loss))
-    return loss, lse_s, lse_st, lse_tt
+    with _no_autocast(hidden):
+        c = _Chunks(hidden, items, teacher_hidden, teacher_items, target, negatives, log_q,
+                    temperature, alpha, remove_accidental_hits, ignore_index, rows)  # fmt: skip
+        n, inv_t = hidden.shape[0], c.inv_t
+        loss, lse_s, lse_st, lse_tt = (c.h.new_zeros(n) for _ in range(4))
+        for sl in c.spans():
+            hit, tmp = c.hits(sl), c.take(2, sl)
+            zs, s0 = c.logits(0, c.h, c.wn, sl), c.positive(c.h, c.w, sl)
+            if c.has_ce:
+                lse_s[sl] = _lse(s0, zs, tmp, hit)[0]
+                loss[sl] = (1.0 - alpha) * (lse_s[sl] - s0)
+            if c.has_kd:
+                zs.mul_(inv_t)
+                s0 = s0 * inv_t
+                lse_st[sl] = _lse(s0, zs, tmp, hit)[0]
+                zt = c.logits(1, c.ht, c.wtn, sl).mul_(inv_t)
+                t0 = c.positive(c.ht, c.wt, sl) * inv_t
+                lse_tt[sl], m = _lse(t0, zt, tmp, hit)
+                # KL = E_{p_t}[t/T - s/T] - lse_tT + lse_sT, with p_t = tmp * exp(m - lse_tT)
+                # over the negatives (0 at hits) and exp(t0 - lse_tT) at the positive.
+                e = tmp.mul_(zt.sub_(zs)).sum(dim=1) * torch.exp(m - lse_tt[sl])
+                e += torch.exp(t0 - lse_tt[sl]) * (t0 - s0)
+                loss[sl] += (alpha * temperature**2) * (e - lse_tt[sl] + lse_st[sl])
+        loss = torch.where(c.counted, loss, torch.zeros_like(loss))
+        return loss, lse_s, lse_st, lse_tt
+
+
+def _no_autocast(t: Tensor):
+    """Autocast off: the chunked path computes in its accumulation dtype, also when called
+    inside ``torch.autocast`` (a custom op's body runs under the caller's autocast)."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 @torch.no_grad()
@@ -286,33 +312,37 @@ def sampled_rows_chunked_backward(
 ) -> Tuple[Tensor, Tensor]:
     """``(d_hidden [N, D], d_items [C, D])`` for ``grad_rows [N]`` on the row losses, the
     candidates' probabilities re-formed chunk by chunk from the saved log-sum-exps."""
-    op = _Operands(hidden, items, teacher_hidden, teacher_items, target, negatives, log_q,
-                   temperature, alpha, remove_accidental_hits, ignore_index, rows)  # fmt: skip
-    inv_t, a_ce, a_kd = op.inv_t, 1.0 - alpha, alpha * temperature
-    g = grad_rows.to(op.cdt)
-    g = torch.where(op.counted, g, torch.zeros_like(g))
-    # The positive's share of ds (one per row), then the negatives' chunk by chunk.
-    d0 = op.h.new_zeros(hidden.shape[0])
-    if op.has_ce:
-        d0 += a_ce * ((op.s0 - lse_s).exp() - 1.0)
-    if op.has_kd:
-        d0 += a_kd * ((op.s0 * inv_t - lse_st).exp() - (op.t0 * inv_t - lse_tt).exp())
-    d0 *= g
-    d_h = d0[:, None] * op.w[op.y].to(op.cdt)
-    d_wn = torch.zeros_like(op.wn)
-    for sl in op.spans():
-        zs = op.logits(op.h, op.wn, sl)
-        dz = None
-        if op.has_kd:
-            pt = op.logits(op.ht, op.wtn, sl).mul_(inv_t).sub_(lse_tt[sl, None]).exp_()
-            dz = zs.mul(inv_t).sub_(lse_st[sl, None]).exp_().sub_(pt).mul_(a_kd)
-        if op.has_ce:
-            ps = zs.sub_(lse_s[sl, None]).exp_().mul_(a_ce)
-            dz = ps if dz is None else dz.add_(ps)
-        dz.mul_(g[sl, None])
-        d_h[sl].addmm_(dz, op.wn)
-        d_wn.addmm_(dz.T, op.h[sl])
-    d_w = torch.zeros(items.shape, dtype=op.cdt, device=items.device)
-    d_w.index_add_(0, op.y, d0[:, None] * op.h)
-    d_w.index_add_(0, negatives, d_wn)  # duplicated negatives accumulate
-    return d_h.to(hidden.dtype), d_w.to(items.dtype)
+    with _no_autocast(hidden):
+        c = _Chunks(hidden, items, teacher_hidden, teacher_items, target, negatives, log_q,
+                    temperature, alpha, remove_accidental_hits, ignore_index, rows)  # fmt: skip
+        inv_t, a_ce, a_kd = c.inv_t, 1.0 - alpha, alpha * temperature
+        g = grad_rows.to(c.cdt)
+        g = torch.where(c.counted, g, torch.zeros_like(g))
+        d_h = torch.empty_like(c.h)
+        d_wn = torch.zeros_like(c.wn)
+        d_w = torch.zeros(items.shape, dtype=c.cdt, device=items.device)
+        for sl in c.spans():
+            zs, s0 = c.logits(0, c.h, c.wn, sl), c.positive(c.h, c.w, sl)
+            d0 = s0.new_zeros(s0.shape)  # the positive's share of ds, then the negatives'
+            dz = None
+            if c.has_kd:
+                t0 = c.positive(c.ht, c.wt, sl) * inv_t
+                d0 += a_kd * ((s0 * inv_t - lse_st[sl]).exp() - (t0 - lse_tt[sl]).exp())
+                pt = c.logits(2, c.ht, c.wtn, sl).mul_(inv_t).sub_(lse_tt[sl, None]).exp_()
+                dz = torch.mul(zs, inv_t, out=c.take(1, sl)).sub_(lse_st[sl, None]).exp_()
+                dz.sub_(pt).mul_(a_kd)
+            if c.has_ce:
+                d0 += a_ce * ((s0 - lse_s[sl]).exp() - 1.0)
+                ps = zs.sub_(lse_s[sl, None]).exp_().mul_(a_ce)
+                dz = ps if dz is None else dz.add_(ps)
+            hit = c.hits(sl)
+            if hit is not None:
+                dz.masked_fill_(hit, 0.0)
+            dz.mul_(g[sl, None])
+            d0.mul_(g[sl])
+            w_y = c.w[c.y[sl]].to(c.cdt)
+            torch.addmm(w_y.mul_(d0[:, None]), dz, c.wn, out=d_h[sl])
+            d_wn.addmm_(dz.T, c.h[sl])
+            d_w.index_add_(0, c.y[sl], c.h[sl] * d0[:, None])
+        d_w.index_add_(0, negatives, d_wn)  # duplicated negatives accumulate
+        return d_h.to(hidden.dtype), d_w.to(items.dtype)
