@@ -5,6 +5,7 @@ catalogue, and NegativeSampler's distribution."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -13,7 +14,14 @@ import textwrap
 
 import pytest
 import torch
-from _utils import DEVICE, assert_close
+from _utils import (
+    DEVICE,
+    KERNEL_STATS,
+    assert_close,
+    check_compiled,
+    load_kernel_stats,
+    needs_triton,
+)
 
 from spnn_fast.reference import sampled_softmax as ref
 from spnn_fast.sampling import NegativeSampler
@@ -347,15 +355,16 @@ def test_leading_shapes_and_integer_targets(fn_name):
     check_against_reference(fn_name, inp, "torch", reduction="none")
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("fn_name", ["ce", "kd"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_rows_ignored(fn_name, reduction):
+def test_all_rows_ignored(fn_name, reduction, backend):
     """No counted row: zero gradients; the mean is NaN for the cross-entropy (as
     F.cross_entropy's) and 0 for the distillation loss (as distillation_loss's)."""
     inp = make_inputs(9, 6)
     inp["y"][:] = IGNORE
     loss, d_h, d_w = run_loss(lambda i, **k: call(fn_name, i, **k), inp, reduction=reduction,
-                              backend="torch")  # fmt: skip
+                              backend=backend)  # fmt: skip
     if fn_name == "ce" and reduction == "mean":
         want = torch.nn.functional.cross_entropy(torch.zeros(9, 5), inp["y"].cpu())
         assert torch.isnan(want) and torch.isnan(loss)
@@ -364,12 +373,13 @@ def test_all_rows_ignored(fn_name, reduction):
     assert torch.equal(d_h, torch.zeros_like(d_h)) and torch.equal(d_w, torch.zeros_like(d_w))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("fn_name", ["ce", "kd"])
-def test_empty_batch(fn_name):
+def test_empty_batch(fn_name, backend):
     inp = make_inputs(0, 5)
     for reduction in ("sum", "none"):
         loss, d_h, d_w = run_loss(lambda i, **k: call(fn_name, i, **k), inp, reduction=reduction,
-                                  backend="torch")  # fmt: skip
+                                  backend=backend)  # fmt: skip
         assert loss.numel() in (0, 1) and torch.all(loss == 0)
         assert d_h.shape == (0, 24) and torch.equal(d_w, torch.zeros_like(d_w))
 
@@ -428,22 +438,24 @@ def test_autocast_like_linear_cross_entropy():
     assert torch.equal(kd, call("kd", bf16, backend="torch"))
 
 
-def test_teacher_and_log_q_get_no_gradient():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_teacher_and_log_q_get_no_gradient(backend):
     inp = make_inputs(9, 6)
     ht = inp["ht"].clone().requires_grad_()
     wt = inp["wt"].clone().requires_grad_()
     lq = inp["log_q"].clone().requires_grad_()
     h = inp["h"].clone().requires_grad_()
-    call("kd", dict(inp, h=h, ht=ht, wt=wt, log_q=lq), backend="torch").backward()
+    call("kd", dict(inp, h=h, ht=ht, wt=wt, log_q=lq), backend=backend).backward()
     assert h.grad is not None and h.grad.abs().sum() > 0
     assert ht.grad is None and wt.grad is None and lq.grad is None
 
 
-def test_backward_with_expanded_grad():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_backward_with_expanded_grad(backend):
     """``out.sum().backward()`` hands the op a stride-0 gradient."""
     inp = make_inputs(33, 20)
     got = run_loss(lambda i, **k: call("kd", i, **k), inp, reduction="none", out_sum=True,
-                   backend="torch")  # fmt: skip
+                   backend=backend)  # fmt: skip
     want = run_loss(lambda i, **k: reference_call("kd", i, **k), to64(inp), reduction="none",
                     out_sum=True)  # fmt: skip
     for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
@@ -473,6 +485,122 @@ def test_gradcheck_torch_path(monkeypatch):
     h = inp["h"].clone().requires_grad_()
     w = inp["w"].clone().requires_grad_()
     assert torch.autograd.gradcheck(g, (h, w))
+
+
+# --- Triton kernels (the interpreter on the CPU: fp32, small sizes) ---------------------------
+
+TRITON_CASES = [
+    # fn, n, k, d, alpha, log_q, hits, reduction
+    ("ce", 1, 1, 8, 0.0, True, True, "mean"),
+    ("ce", 7, 5, 24, 0.0, False, True, "none"),
+    ("ce", 129, 130, 64, 0.0, True, False, "sum"),
+    ("ce", 129, 5, 8, 0.0, True, True, "none"),
+    ("kd", 7, 130, 24, 0.5, True, True, "none"),
+    ("kd", 129, 1, 8, 0.5, False, True, "mean"),
+    ("kd", 1, 130, 64, 1.0, True, False, "sum"),
+    ("kd", 129, 5, 24, 1.0, True, True, "none"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("fn_name, n, k, d, alpha, log_q, hits, reduction", TRITON_CASES)
+def test_triton_matches_reference(fn_name, n, k, d, alpha, log_q, hits, reduction):
+    inp = make_inputs(n, k, d=d, seed=n + k + d, log_q=log_q)
+    kw = dict(reduction=reduction, remove_accidental_hits=hits)
+    if fn_name == "kd":
+        kw.update(alpha=alpha, temperature=3.0)
+    check_against_reference(fn_name, inp, "triton", **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("d, dt", [(1, 256), (256, 17)])
+def test_triton_hidden_sizes(d, dt):
+    inp = make_inputs(9, 37, d=d, dt=dt)
+    check_against_reference("kd", inp, "triton", temperature=2.0, alpha=0.5, reduction="sum")
+
+
+@needs_triton
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("block", [(16, 16), (32, 64)])
+def test_triton_tile_edges(block, alpha):
+    """Row and negative tiles that do not divide N and K; the backward takes the forward's
+    d_hidden and d_positive, or recomputes them."""
+    from spnn_fast.kernels import sampled_softmax as K
+
+    inp = make_inputs(37, 45, c=30, d=20, dt=33)
+    args = (inp["h"], inp["w"], inp["ht"], inp["wt"], inp["y"], inp["neg"],
+            inp["log_q"].float(), 3.0, alpha, True, IGNORE)  # fmt: skip
+    loss, *stats, d_rows, d_pos = K.sampled_softmax_fwd(*args, block=block)
+    args64 = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in args]  # fmt: skip
+    want = ref.sampled_rows_chunked(*args64)
+    counted = inp["y"] != IGNORE  # (an ignored row's statistics may be anything finite)
+    needed = {"loss": True, "lse_s": alpha < 1, "lse_sT": alpha > 0, "lse_tT": alpha > 0}
+    for name, a, e in zip(("loss", "lse_s", "lse_sT", "lse_tT"), (loss, *stats), want):
+        if needed[name]:
+            assert_close(a[counted], e[counted], name)
+    g = torch.rand(37, dtype=torch.float32, device=DEVICE)
+    e_h, e_w = ref.sampled_rows_chunked_backward(g.double(), *args64[:7], *want[1:], *args64[7:])
+    for given in ((d_rows, d_pos), (None, None)):
+        d_h, d_w = K.sampled_softmax_bwd(g, *args[:7], *stats, *args[7:], block=block,
+                                         d_hidden_rows=given[0], d_positive=given[1])  # fmt: skip
+        assert_close(d_h, e_h, "d_hidden")
+        assert_close(d_w, e_w, "d_items")
+
+
+@needs_triton
+def test_scatter_rows_sums_duplicates_in_order():
+    from spnn_fast.kernels.sampled_softmax import scatter_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(300, 24, generator=g).to(DEVICE)
+    ids = torch.randint(0, 40, (300,), generator=g).to(DEVICE)
+    ids[:50] = 7  # a long run
+    out = scatter_rows(rows, ids, 45, torch.float32)
+    want = torch.zeros(45, 24, dtype=torch.float64).index_add_(0, ids.cpu(), rows.double().cpu())
+    assert_close(out, want, "scatter", rtol=1e-6, atol=1e-6)
+    assert torch.equal(out, scatter_rows(rows, ids, 45, torch.float32))  # bitwise the same
+    assert torch.equal(out[40:], torch.zeros_like(out[40:]))  # no candidate: 0
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("alpha, temperature", [(0.0, 1.0), (0.5, 4.0), (1.0, 1.0)])
+def test_large_logits_stable(backend, alpha, temperature):
+    """Logits spanning +-1e4: finite, and equal to the float64 reference up to fp32 rounding."""
+    inp = make_inputs(33, 60, c=70, seed=5)
+    scale = 1e4 / (inp["h"].double() @ inp["w"].double().T).abs().max()
+    inp["h"] = (inp["h"].double() * scale).float()
+    inp["ht"] = (inp["ht"].double() * scale).float()
+    kw = dict(alpha=alpha, temperature=temperature, reduction="none")
+    got = run_loss(lambda i, **k: call("kd", i, **k), inp, backend=backend, **kw)
+    want = run_loss(lambda i, **k: reference_call("kd", i, **k), to64(inp), **kw)
+    assert want[0].abs().max() > 100  # the case really is extreme
+    for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
+        assert_close(a, e, f"{backend} {name}", rtol=1e-3, atol=1e-4)
+
+
+@needs_triton
+def test_triton_rejects_what_it_cannot_run():
+    inp = make_inputs(3, 5, d=300)
+    with pytest.raises(ValueError, match="<= 256"):
+        call("ce", inp, backend="triton")
+    inp = make_inputs(3, 5, dt=300)
+    with pytest.raises(ValueError, match="<= 256, got 300"):
+        call("kd", inp, backend="triton")
+    assert call("ce", inp, backend="triton").dtype == torch.float32  # no teacher read
+    inp = to64(make_inputs(3, 5))
+    with pytest.raises(ValueError, match="float64"):  # backend names are case-insensitive
+        call("ce", inp, backend="TRITON")
+
+
+def test_auto_picks_torch_on_cpu(monkeypatch):
+    from spnn_fast import backends
+
+    inp = {k: (t.cpu() if t is not None else t) for k, t in make_inputs(5, 9).items()}
+    want = call("kd", inp, backend="torch")
+    assert torch.equal(call("kd", inp, backend="auto"), want)
+    monkeypatch.setenv(backends.ENV_VAR, "cpp")  # a backend this op lacks: falls back to auto
+    assert torch.equal(call("kd", inp), want)
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -572,7 +700,7 @@ def _op_args(backend, teacher=True, log_q=True):
             backend)  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("teacher, log_q", [(True, True), (False, True), (False, False)])
 def test_opcheck(backend, teacher, log_q):
     import spnn_fast.ops.sampled_softmax  # noqa: F401  (registers the op)
@@ -581,7 +709,7 @@ def test_opcheck(backend, teacher, log_q):
                           _op_args(backend, teacher, log_q))  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("fn_name", ["ce", "kd"])
 def test_torch_compile_fullgraph(backend, fn_name):
     inp = make_inputs(17, 12)
@@ -646,3 +774,103 @@ def test_torch_path_memory_is_bounded():
     peak = int(proc.stdout.strip().splitlines()[-1])
     print(f"peak extra RSS of the chunked path: {peak / 2**20:.0f} MiB")
     assert peak < 0.4e9, f"peak extra RSS {peak / 2**20:.0f} MiB >= 0.4 GB"
+
+
+# --- GPU only: half precision in the kernels, memory, determinism -----------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_triton_low_precision_within_reference_error(dtype, alpha):
+    """The kernels' error at a dtype stays within a small multiple of the formed-logits
+    reference's own error at that dtype (both against float64)."""
+    inp = make_inputs(1031, 2053, c=5000, d=64, dt=128, dtype=dtype)
+    kw = dict(alpha=alpha, temperature=2.0, reduction="sum")
+    got = run_loss(lambda i, **k: call("kd", i, **k), inp, backend="triton", **kw)
+    naive = run_loss(lambda i, **k: reference_call("kd", i, **k), inp, **kw)
+    want = run_loss(lambda i, **k: reference_call("kd", i, **k), to64(inp), **kw)
+    for name, a, b, e in zip(("loss", "d_hidden", "d_items"), got, naive, want):
+        err, base = (a - e).abs().max().item(), (b - e).abs().max().item()
+        floor = 1e-6 * (1 + e.abs().max().item())
+        assert err <= 3 * base + floor, f"{dtype} {name}: kernel err {err:.3e}, naive {base:.3e}"
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.gpu
+def test_triton_memory_bounded_and_deterministic_on_gpu():
+    n, k, c = 65536, 8192, 200_000
+    inp = make_inputs(n, k, c=c, d=64, dt=64, ignore_frac=0.1)
+    inp["neg"][: k // 2] = inp["neg"][k // 2 :]  # many duplicates
+    grads = []
+    for _ in range(2):
+        h = inp["h"].clone().requires_grad_()
+        w = inp["w"].clone().requires_grad_()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call("kd", dict(inp, h=h, w=w), backend="triton").backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        # gradients, d_hidden rows and d_items' (N + K) x D fp32 rows; one N x K fp32 buffer
+        # alone would be 2.1 GB
+        assert extra < 6 * (n + k + c) * 64 * 4 + 2**20, f"peak extra {extra / 2**20:.0f} MiB"
+        grads.append((h.grad, w.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+# --- without a GPU: compile the kernels for sm_90 (catches what the interpreter does not) -------
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    import kernel_stats as ks
+    from spnn_fast.kernels import sampled_softmax as K
+
+    meta = torch.device("meta")
+    cases = []
+    for name, dtype, d, alphas in (("bf16", torch.bfloat16, 64, (0.0, 0.5)),
+                                   ("bf16", torch.bfloat16, 256, (0.5,)),
+                                   ("fp16", torch.float16, 256, (0.0,)),
+                                   ("fp32", torch.float32, 64, (0.5,))):
+        n, c, k = 4096, 100_000, 2048
+        e = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device=meta)
+        ops = (e(n, d), e(c, d), e(n, d), e(c, d), e(n, dt=torch.int64), e(k, dt=torch.int64),
+               e(c, dt=torch.float32))
+        stats = [e(n, dt=torch.float32) for _ in range(3)]
+        g, d_rows, d_pos = e(n, dt=torch.float32), e(n, d, dt=torch.float32), e(n, dt=torch.float32)
+        for alpha in alphas:
+            shape = dict(N=n, C=c, K=k, D=d, alpha=alpha)
+            fwd = lambda ops=ops, a=alpha: K.sampled_softmax_fwd(*ops, 2.0, a, True, -100)
+            bwd = lambda ops=ops, a=alpha: K.sampled_softmax_bwd(
+                g, *ops, *stats, 2.0, a, True, -100, d_hidden_rows=d_rows, d_positive=d_pos)
+            cases.append(ks.Case("sampled_softmax_fwd", "full", name, dict(shape), fwd))
+            cases.append(ks.Case("sampled_softmax_bwd", "full", name, dict(shape), bwd))
+    print(json.dumps(ks.run_cases(cases)))
+    """
+)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real")
+def test_kernels_compile_for_sm90_as_launched():
+    """Real (not interpreted) compilation to sm_90 cubins of the three kernels as the launchers
+    launch them (bf16 and fp16 up to D = 256, fp32, with and without a teacher): code
+    generation, ptxas, no half-precision spills, shared memory within an H100/H200 block's."""
+    reason = load_kernel_stats().compile_unavailable_reason(here=False)
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(KERNEL_STATS.parent)],
+                          env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    records = json.loads(proc.stdout.strip().splitlines()[-1])
+    check_compiled(records, ("sampled_softmax_fwd", "sampled_softmax_bwd", "scatter_rows"),
+                   {"bf16", "fp16", "fp32"})  # fmt: skip

@@ -12,9 +12,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from spnn_fast import backends
+from spnn_fast import limits
 from spnn_fast._checks import FLOAT_DTYPES, check_matrix, check_same, describe, is_int
-from spnn_fast.functional._dispatch import check_values
+from spnn_fast.functional._dispatch import check_values, triton_or_torch
 from spnn_fast.functional.losses import (
     _REDUCTIONS,
     _autocast_dtype,
@@ -113,7 +113,17 @@ def _autocast(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, bool]:
 
 
 def _backend(op: str, backend: Optional[str], h: Tensor, dt: Optional[int]) -> str:
-    return backends.select(op, backend, supported=("torch",), device=h.device)
+    """The backend of a call with teacher width ``dt`` (None without a teacher)."""
+
+    def why_not():
+        if h.dtype == torch.float64:
+            return "the kernels take fp32/fp16/bf16, got float64"
+        widest = max(h.shape[1], dt or 0)
+        if widest > limits.SAMPLED_MAX_DIM:
+            return f"the kernels take hidden sizes <= {limits.SAMPLED_MAX_DIM}, got {widest}"
+        return None
+
+    return triton_or_torch(op, backend, h.device, why_not)
 
 
 def sampled_softmax_loss(
@@ -148,7 +158,8 @@ def sampled_softmax_loss(
         ignore_index: a target that counts for nothing.
         reduction: ``"mean"`` over the counted rows (NaN when none counts, as
             ``cross_entropy``), ``"sum"``, or ``"none"`` (the leading shape, 0 at ignored rows).
-        backend: ``None``/``"auto"`` or ``"torch"`` (see :mod:`spnn_fast.backends`).
+        backend: ``None``/``"auto"``, ``"triton"`` (fp32/fp16/bf16, ``D <= 256``) or
+            ``"torch"`` (see :mod:`spnn_fast.backends`).
 
     Row ``i`` with target ``y`` scores ``s_c = input_i . weight[c] - log_q[c]`` for ``c`` in
     ``{y} + negatives`` and loses ``logsumexp(s) - s_y``. Gradients flow to ``input`` and
