@@ -386,3 +386,62 @@ class FeatureDistiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_student={self.d_student}, d_teacher={self.d_teacher}, d_knowledge={self.d_knowledge}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled softmax: SampledSoftmaxLoss, SampledDistillationLoss
+# --------------------------------------------------------------------------------------------
+
+
+class SampledSoftmaxLoss(nn.Module):
+    """Cross-entropy over each row's target and ``K`` shared negatives, logQ corrected:
+    ``forward(input [..., D], weight [C, D], target [...], negatives [K], log_q [C] = None)`` is
+    :func:`spnn_fast.functional.sampled_softmax_loss`. The negatives and ``log_q`` typically come
+    from a :class:`spnn_fast.sampling.NegativeSampler` (``sample(K)``, ``log_q``)."""
+
+    def __init__(self, remove_accidental_hits: bool = True, ignore_index: int = -100,
+                 reduction: str = "mean", backend: Optional[str] = None) -> None:  # fmt: skip
+        super().__init__()
+        self.remove_accidental_hits, self.ignore_index = remove_accidental_hits, ignore_index
+        self.reduction, self.backend = reduction, backend
+
+    def _options(self) -> dict:
+        return dict(remove_accidental_hits=self.remove_accidental_hits,
+                    ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)  # fmt: skip
+
+    def forward(self, input: Tensor, weight: Tensor, target: Tensor, negatives: Tensor,
+                log_q: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+        from spnn_fast.functional import sampled_softmax_loss
+
+        return sampled_softmax_loss(
+            input, weight, target, negatives, log_q=log_q, **self._options()
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._options().items() if k != "backend")
+
+
+class SampledDistillationLoss(SampledSoftmaxLoss):
+    """:class:`DistillationLoss` over sampled candidates (each row's target and the shared
+    negatives): ``forward(student_hidden, student_items, teacher_hidden=None, teacher_items=None,
+    target=None, negatives=None, log_q=None)`` is
+    :func:`spnn_fast.functional.sampled_distillation_loss` (``alpha = 0``: no teacher needed)."""
+
+    def __init__(self, temperature: float = 2.0, alpha: Optional[float] = None,
+                 remove_accidental_hits: bool = True, ignore_index: int = -100,
+                 reduction: str = "mean", backend: Optional[str] = None) -> None:  # fmt: skip
+        super().__init__(remove_accidental_hits, ignore_index, reduction, backend)
+        self.temperature, self.alpha = temperature, alpha
+
+    def _options(self) -> dict:
+        return dict(temperature=self.temperature, alpha=self.alpha, **super()._options())
+
+    def forward(self, student_hidden: Tensor, student_items: Tensor,
+                teacher_hidden: Optional[Tensor] = None, teacher_items: Optional[Tensor] = None,
+                target: Optional[Tensor] = None, negatives: Optional[Tensor] = None,
+                log_q: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+        from spnn_fast.functional import sampled_distillation_loss
+
+        return sampled_distillation_loss(student_hidden, student_items, teacher_hidden,
+                                         teacher_items, target, negatives, log_q=log_q,
+                                         **self._options())  # fmt: skip

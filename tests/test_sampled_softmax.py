@@ -874,3 +874,26 @@ def test_kernels_compile_for_sm90_as_launched():
     records = json.loads(proc.stdout.strip().splitlines()[-1])
     check_compiled(records, ("sampled_softmax_fwd", "sampled_softmax_bwd", "scatter_rows"),
                    {"bf16", "fp16", "fp32"})  # fmt: skip
+
+
+# --- the modules ----------------------------------------------------------------------------------
+
+
+def test_modules_wrap_the_functions():
+    import spnn_fast.nn as snn
+
+    inp = make_inputs(9, 7)
+    ce = snn.SampledSoftmaxLoss(remove_accidental_hits=False, reduction="sum", backend="torch")
+    assert "remove_accidental_hits=False" in repr(ce) and "reduction='sum'" in repr(ce)
+    args = (inp["h"], inp["w"], inp["y"], inp["neg"], inp["log_q"])
+    want = call("ce", inp, remove_accidental_hits=False, reduction="sum", backend="torch")
+    assert torch.equal(ce(*args), want)
+    kd = snn.SampledDistillationLoss(temperature=3.0, alpha=0.25, reduction="none",
+                                     backend="torch")  # fmt: skip
+    assert "temperature=3.0" in repr(kd) and "alpha=0.25" in repr(kd)
+    args = (inp["h"], inp["w"], inp["ht"], inp["wt"], inp["y"], inp["neg"], inp["log_q"])
+    want = call("kd", inp, temperature=3.0, alpha=0.25, reduction="none", backend="torch")
+    assert torch.equal(kd(*args), want)
+    no_teacher = snn.SampledDistillationLoss(backend="torch")  # alpha 0 without a teacher
+    assert torch.equal(no_teacher(inp["h"], inp["w"], target=inp["y"], negatives=inp["neg"]),
+                       call("kd", dict(inp, log_q=None), alpha=0.0, backend="torch"))  # fmt: skip
