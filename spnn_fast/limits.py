@@ -15,6 +15,7 @@ __all__ = [
     "DISTILL_MAX_DIM",
     "FEATURE_MAX_K",
     "MAX_TIME_BUCKETS",
+    "SAMPLED_MAX_DIM",
     "TOPK_MAX_DIM",
     "TOPK_MAX_K",
 ]
@@ -29,6 +30,10 @@ ATTN_TIMESTAMP_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torc
 
 # Distillation loss: the largest hidden size (student or teacher) the kernels hold in registers.
 DISTILL_MAX_DIM = 256
+
+# Sampled softmax losses: the largest hidden size (student or teacher) the kernels hold in
+# registers (the distillation kernels' tiles, whose configurations they share).
+SAMPLED_MAX_DIM = DISTILL_MAX_DIM
 
 # Feature distillation loss: the largest embedding size K (a whole row lives in registers).
 FEATURE_MAX_K = 8192

@@ -152,8 +152,8 @@ def test_dropout_acts_on_the_output_after_the_projection():
 def test_nn_names_its_public_modules():
     public = {
         name for name, obj in vars(snn).items()
-        if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == snn.__name__
-        and not name.startswith("_")
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+        and obj.__module__.startswith(snn.__name__ + ".") and not name.startswith("_")
     }  # fmt: skip
     assert sorted(public) == snn.__all__
     namespace = {}

@@ -6,6 +6,7 @@ from spnn_fast.functional.losses import (
     feature_distillation_loss,
     linear_cross_entropy,
 )
+from spnn_fast.functional.sampled import sampled_distillation_loss, sampled_softmax_loss
 from spnn_fast.functional.topk import TopK, target_rank, topk_scores
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "distillation_loss",
     "feature_distillation_loss",
     "linear_cross_entropy",
+    "sampled_distillation_loss",
+    "sampled_softmax_loss",
     "semantic_attention",
     "target_rank",
     "topk_scores",

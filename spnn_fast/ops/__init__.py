@@ -6,6 +6,20 @@ loads it finds them after ``import spnn_fast``. None of these modules imports Tr
 kernels load on the first Triton call).
 """
 
-from spnn_fast.ops import attention, distill, distill_ensemble, feature_distill, topk
+from spnn_fast.ops import (
+    attention,
+    distill,
+    distill_ensemble,
+    feature_distill,
+    sampled_softmax,
+    topk,
+)
 
-__all__ = ["attention", "distill", "distill_ensemble", "feature_distill", "topk"]
+__all__ = [
+    "attention",
+    "distill",
+    "distill_ensemble",
+    "feature_distill",
+    "sampled_softmax",
+    "topk",
+]

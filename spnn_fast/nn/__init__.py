@@ -1,0 +1,20 @@
+"""Modules of spnn_fast: each ``forward`` is one call into :mod:`spnn_fast.functional`."""
+
+from spnn_fast.nn.attention import SemanticAttention
+from spnn_fast.nn.distill import FeatureDistiller, KnowledgeDetector
+from spnn_fast.nn.losses import (
+    DistillationLoss,
+    LinearCrossEntropyLoss,
+    SampledDistillationLoss,
+    SampledSoftmaxLoss,
+)
+
+__all__ = [
+    "DistillationLoss",
+    "FeatureDistiller",
+    "KnowledgeDetector",
+    "LinearCrossEntropyLoss",
+    "SampledDistillationLoss",
+    "SampledSoftmaxLoss",
+    "SemanticAttention",
+]
