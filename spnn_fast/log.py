@@ -93,6 +93,38 @@ def _int64_seconds(ts: np.ndarray) -> np.ndarray:
     return ts.astype(np.int64, copy=False)
 
 
+def _csr(user_idx: np.ndarray, num_users: int, item_idx: np.ndarray, ts: np.ndarray):
+    """(offsets, items 1..V, timestamps) of events grouped by user and sorted by time."""
+    order = _order(user_idx, num_users, ts)
+    counts = np.bincount(user_idx, minlength=num_users)
+    offsets = np.zeros(num_users + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets, item_idx[order].astype(np.int64) + 1, ts[order]
+
+
+def _order(user_idx: np.ndarray, num_users: int, ts: np.ndarray) -> np.ndarray:
+    """The events in order of (user, time), ties in input order (stable sorts)."""
+    if len(ts) < 2 or (ts[1:] >= ts[:-1]).all():  # a log in time order: by user alone
+        return _stable_by(user_idx, num_users)
+    lo, hi = int(ts.min()), int(ts.max())
+    span_bits = (hi - lo).bit_length()
+    if span_bits + max(num_users - 1, 0).bit_length() <= 62:  # one sort of a packed key
+        return np.argsort((user_idx.astype(np.int64) << span_bits) | (ts - lo), kind="stable")
+    order = np.argsort(ts, kind="stable")
+    return order[_stable_by(user_idx[order], num_users)]
+
+
+def _stable_by(keys: np.ndarray, n: int) -> np.ndarray:
+    """A stable argsort of integer keys in [0, n): numpy radix-sorts 16-bit keys, so keys
+    below 2**32 are sorted in two 16-bit passes, low half first."""
+    if n <= 1 << 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    if n <= 1 << 32:
+        low = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+        return low[np.argsort((keys[low] >> 16).astype(np.uint16), kind="stable")]
+    return np.argsort(keys, kind="stable")
+
+
 class InteractionLog:
     """Interactions grouped by user and sorted by time, with items remapped to 1..V.
 
@@ -113,19 +145,17 @@ class InteractionLog:
         ts = _int64_seconds(ts)
         user_ids, user_idx = np.unique(users, return_inverse=True)
         item_ids, item_idx = np.unique(items, return_inverse=True)
-        # Stable two-pass sort: by time, then by user; ties keep input order.
-        order = np.argsort(ts, kind="stable")
-        order = order[np.argsort(user_idx[order], kind="stable")]
-        counts = np.bincount(user_idx, minlength=len(user_ids))
-        offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        self._set(
-            offsets,
-            item_idx[order].astype(np.int64) + 1,
-            ts[order],
-            user_ids,
-            item_ids,
-        )
+        self._set(*_csr(user_idx.reshape(-1), len(user_ids), item_idx.reshape(-1), ts),
+                  user_ids, item_ids)  # fmt: skip
+
+    @classmethod
+    def _from_codes(cls, user_idx: np.ndarray, user_ids: np.ndarray, item_idx: np.ndarray,
+                    item_ids: np.ndarray, timestamps: np.ndarray) -> InteractionLog:  # fmt: skip
+        """The log of factorized ids (``user_ids[user_idx[k]]`` is event k's user, ids sorted
+        and distinct as ``np.unique`` gives them): the constructor without its ``np.unique``."""
+        log = cls.__new__(cls)
+        log._set(*_csr(user_idx, len(user_ids), item_idx, timestamps), user_ids, item_ids)
+        return log
 
     def _set(self, offsets, items, timestamps, user_ids, item_ids) -> None:
         self.offsets = offsets

@@ -45,6 +45,18 @@ GENRE = [[0, 0, 0], [2, 3, 0], [1, 4, 5], [0, 0, 0], [3, 0, 0], [0, 0, 0], [0, 0
 GENRE_LABELS = ["", "Action", "Animation", "Comedy", "Crime", "Thriller"]
 
 
+@pytest.fixture(autouse=True, params=["pyarrow", "csv-reader"])
+def reader(request, monkeypatch):
+    """Every test runs with pyarrow reading the files and with the csv reader alone (pyarrow
+    hidden, as on a machine without it): both give the same logs and the same errors."""
+    if request.param == "pyarrow":
+        pytest.importorskip("pyarrow")
+    else:
+        for name in ("pyarrow", "pyarrow.compute", "pyarrow.csv", "pyarrow.parquet"):
+            monkeypatch.setitem(sys.modules, name, None)
+    return request.param
+
+
 def _write(folder: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name

@@ -54,23 +54,28 @@ def test_ties_keep_input_order():
     assert _events(log, 1) == [(13, 1), (10, 5), (12, 5), (15, 5), (16, 9)]
 
 
-def test_random_log_matches_a_python_sort():
+@pytest.mark.parametrize("times", ["narrow", "wide", "in order", "many users"])
+def test_random_log_matches_a_python_sort(times):
+    # Each takes another sort: narrow, (user, time) packed into one key; wide, times too far
+    # apart to pack; in order, a log sorted by time sorted by user alone; many users, in
+    # order, users sorted in two 16-bit passes.
     rng = np.random.default_rng(0)
     n = 2000
     users = rng.integers(0, 40, n) * 7 - 100
     items = rng.integers(0, 300, n) + 10**12
-    times = rng.integers(0, 50, n)  # many ties
+    if times == "many users":
+        users = np.arange(70_000)
+        users = np.concatenate([users, rng.choice(users, n)])
+        items = rng.integers(0, 300, len(users))
+    times = {"narrow": lambda: rng.integers(0, 50, len(users)),  # many ties
+             "wide": lambda: np.array([-(2**62), -5, 0, 7, 2**62])[rng.integers(0, 5, n)],
+             "in order": lambda: np.sort(rng.integers(0, 50, n)),
+             "many users": lambda: np.sort(rng.integers(0, 50, len(users)))}[times]()  # fmt: skip
     log = InteractionLog(users, items, times)
     log.validate()
-    for u, raw in enumerate(log.user_ids.tolist()):
-        want = sorted(
-            [
-                (int(t), k, int(i))
-                for k, (r, i, t) in enumerate(zip(users, items, times))
-                if r == raw
-            ]
-        )
-        assert _events(log, u) == [(i, t) for t, _, i in want]
+    want = sorted(range(len(users)), key=lambda k: (users[k], times[k], k))
+    got = zip(np.repeat(log.user_ids, log.lengths), log.item_ids[log.items - 1], log.timestamps)
+    assert [tuple(map(int, e)) for e in got] == [(users[k], items[k], times[k]) for k in want]
 
 
 def test_string_and_other_ids():
