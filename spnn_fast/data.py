@@ -27,7 +27,12 @@ formats are read by Python's csv module (about 540 bytes per event); both reader
 same logs and the same errors.
 
 Timestamps become int64 seconds exactly: integers as written, floats only when finite, whole and
-below 2**53; anything else is an error naming the file and line. Raw ids that are all canonical
+below 2**53; anything else is an error naming the file and line. They are times since 1970 in
+seconds unless ``time_unit=`` says otherwise: values of 1e11 or more look like milliseconds,
+microseconds or nanoseconds and are refused, naming the unit to pass (``time_unit="ms"``
+orders the events by milliseconds and keeps whole seconds). They must be times, not time-gap
+buckets computed elsewhere: small integers cannot be told from seconds, and the buckets are
+computed from the gaps between timestamps. Raw ids that are all canonical
 integers become int64 ids, others stay strings. Users with fewer than ``min_events`` events are
 dropped (leave-one-out needs 3) and the log is built from what is left, so items seen only by
 dropped users vanish from the remapping.
@@ -79,7 +84,7 @@ from spnn_fast.download import (
     fetch,
     is_dataset_name,
 )
-from spnn_fast.log import InteractionLog
+from spnn_fast.log import InteractionLog, seconds_divisor
 
 __all__ = [
     "AGE_BUCKETS",
@@ -255,6 +260,7 @@ def load(
     item_col: Optional[str] = None,
     time_col: Optional[str] = None,
     delimiter: Optional[str] = None,
+    time_unit: Optional[str] = None,
 ) -> Dataset:
     """Load a named data set (``"ml-100k"``) or a file / folder (see the module docstring).
 
@@ -272,6 +278,11 @@ def load(
             files every ``token`` / ``token_seq`` field.
         user_col / item_col / time_col: column names in a CSV, Parquet or ``.inter`` file.
         delimiter: CSV delimiter (default ``","``, tab for ``.tsv``).
+        time_unit: the unit of the timestamps since 1970: ``None`` (default) seconds, refused
+            with a ValueError when they look like a finer unit (1e11 or more: milliseconds,
+            microseconds, nanoseconds); ``"ms"``, ``"us"``, ``"ns"`` order events by the
+            given values and floor them to seconds; ``"s"`` seconds, unchecked. A Parquet
+            timestamp column gives its own unit.
     """
     if not isinstance(min_events, (int, np.integer)) or isinstance(min_events, bool):
         raise TypeError(f"min_events must be an int, got {type(min_events).__name__}")
@@ -281,6 +292,7 @@ def load(
                         ("delimiter", delimiter), ("format", format)):  # fmt: skip
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
+    seconds_divisor(np.zeros(0, dtype=np.int64), time_unit)  # a bad time_unit, before reading
     text = os.fspath(source)
     named = is_dataset_name(text)
     if named:
@@ -307,10 +319,25 @@ def load(
             raw = read_parquet(file, user_col, item_col, time_col)
         else:
             raw = read_csv(file, delimiter, user_col, item_col, time_col)
-    return _build(raw, min_events, item_fields, user_fields)
+    return _build(raw, min_events, item_fields, user_fields, time_unit)
 
 
-def _build(raw: Raw, min_events: int, item_fields: Fields, user_fields: Fields) -> Dataset:
+def _divisor(raw: Raw, time_unit: Optional[str]) -> int:
+    """How many of the file's timestamp unit make a second (see :func:`load`'s time_unit)."""
+    unit = time_unit
+    if raw.time_unit is not None:  # a Parquet timestamp column
+        if time_unit not in (None, raw.time_unit):
+            names = {"s": "seconds", "ms": "milliseconds", "us": "microseconds",
+                     "ns": "nanoseconds"}  # fmt: skip
+            raise ValueError(f"{raw.path}: the timestamp column holds {names[raw.time_unit]} "
+                             f"(its Parquet type says so); time_unit={time_unit!r} disagrees")  # fmt: skip
+        unit = raw.time_unit
+    return seconds_divisor(raw.timestamps, unit, f"{raw.path}: the timestamps", "load")
+
+
+def _build(raw: Raw, min_events: int, item_fields: Fields, user_fields: Fields,
+           time_unit: Optional[str] = None) -> Dataset:  # fmt: skip
+    divisor = _divisor(raw, time_unit)
     counts = np.bincount(raw.users.codes, minlength=len(raw.users.values))
     keep = counts[raw.users.codes] >= min_events
     dropped = int((counts < min_events).sum())
@@ -340,7 +367,8 @@ def _build(raw: Raw, min_events: int, item_fields: Fields, user_fields: Fields) 
     users, items, ts = raw.users, raw.items, raw.timestamps
     if dropped:
         users, items, ts = users.subset(keep), items.subset(keep), ts[keep]
-    log = InteractionLog._from_codes(users.codes, users.values, items.codes, items.values, ts)
+    log = InteractionLog._from_codes(users.codes, users.values, items.codes, items.values, ts,
+                                     divisor)  # fmt: skip
     item_feats, item_vocab, item_labels = _features(
         raw.item_side, item_fields, "item", log.item_ids, 1
     )

@@ -11,19 +11,51 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from spnn_fast._io import atomic_write
 
-__all__ = ["InteractionLog"]
+__all__ = ["TIME_UNITS", "InteractionLog", "seconds_divisor"]
 
 _ARRAYS = ("offsets", "items", "timestamps", "user_ids", "item_ids")
 _FORMAT = "spnn_fast.InteractionLog/1"
 
 ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
+
+# Units of timestamps since 1970 and how many of each make a second.
+TIME_UNITS = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
+_UNIT_NAMES = {"ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+# Seconds since 1970 stay below 1e10 until the year 2286; 1e11 seconds is the year 5138, while
+# 1e11 milliseconds is 1973, so larger values are taken for a finer unit.
+_SECONDS_BELOW = 10**11
+
+
+def seconds_divisor(ts: np.ndarray, time_unit: Optional[str], what: str = "timestamps",
+                    call: str = "InteractionLog") -> int:  # fmt: skip
+    """How many ``time_unit`` make a second. ``None`` means seconds, checked: timestamps too
+    large to be seconds since 1970 (milliseconds, microseconds or nanoseconds: time buckets
+    would all saturate) are a ValueError naming the unit they look like. ``"s"`` means seconds,
+    unchecked."""
+    if time_unit is not None and not isinstance(time_unit, str):
+        raise TypeError(f"time_unit must be a str or None, got {type(time_unit).__name__}")
+    if time_unit is not None:
+        if time_unit not in TIME_UNITS:
+            raise ValueError(f"time_unit={time_unit!r} is not one of {list(TIME_UNITS)} (or "
+                             f"None: seconds, refused when they look like a finer unit)")  # fmt: skip
+        return TIME_UNITS[time_unit]
+    big = max(abs(int(ts.min())), abs(int(ts.max()))) if len(ts) else 0
+    if big >= _SECONDS_BELOW:
+        guess = "ms" if big < 10**14 else "us" if big < 10**17 else "ns"
+        raise ValueError(
+            f"{what} look like {_UNIT_NAMES[guess]} since 1970, not seconds (the largest "
+            f"magnitude is {big}; seconds stay below 1e10 until the year 2286, and time buckets "
+            f"count seconds): pass {call}(..., time_unit={guess!r}) to convert them, or "
+            f"time_unit='s' if they are seconds"
+        )
+    return 1
 
 
 def _as_numpy(name: str, x: ArrayLike) -> np.ndarray:
@@ -93,13 +125,16 @@ def _int64_seconds(ts: np.ndarray) -> np.ndarray:
     return ts.astype(np.int64, copy=False)
 
 
-def _csr(user_idx: np.ndarray, num_users: int, item_idx: np.ndarray, ts: np.ndarray):
-    """(offsets, items 1..V, timestamps) of events grouped by user and sorted by time."""
+def _csr(user_idx: np.ndarray, num_users: int, item_idx: np.ndarray, ts: np.ndarray,
+         divisor: int = 1):  # fmt: skip
+    """(offsets, items 1..V, timestamps) of events grouped by user and sorted by time; the
+    timestamps are ordered as given, then divided by ``divisor`` (floored) into seconds."""
     order = _order(user_idx, num_users, ts)
     counts = np.bincount(user_idx, minlength=num_users)
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    return offsets, item_idx[order].astype(np.int64) + 1, ts[order]
+    seconds = ts[order] if divisor == 1 else ts[order] // divisor
+    return offsets, item_idx[order].astype(np.int64) + 1, seconds
 
 
 def _order(user_idx: np.ndarray, num_users: int, ts: np.ndarray) -> np.ndarray:
@@ -129,11 +164,20 @@ class InteractionLog:
     """Interactions grouped by user and sorted by time, with items remapped to 1..V.
 
     Build it from three equal-length arrays of raw ``users``, ``items`` (ids of any integer or
-    string type) and ``timestamps`` in seconds: integers, or floats whose values are all integral
-    (the first that is not is named in the error).
+    string type) and ``timestamps``: integers, or floats whose values are all integral (the
+    first that is not is named in the error). Timestamps are times, not gap buckets (which
+    are computed from them), in seconds unless ``time_unit`` says otherwise:
+
+    * ``None`` (default): seconds; values of 1e11 or more (after the year 5138 in seconds, but
+      milliseconds, microseconds or nanoseconds since 1970) are a ValueError saying which unit
+      they look like.
+    * ``"ms"``, ``"us"``, ``"ns"``: events are ordered by the given values, which are then
+      floored to whole seconds.
+    * ``"s"``: seconds, unchecked.
     """
 
-    def __init__(self, users: ArrayLike, items: ArrayLike, timestamps: ArrayLike):
+    def __init__(self, users: ArrayLike, items: ArrayLike, timestamps: ArrayLike, *,
+                 time_unit: Optional[str] = None):  # fmt: skip
         users = _raw_ids("users", _as_numpy("users", users))
         items = _raw_ids("items", _as_numpy("items", items))
         ts = _as_numpy("timestamps", timestamps)
@@ -143,18 +187,22 @@ class InteractionLog:
                 f"{len(users)}, {len(items)} and {len(ts)}"
             )
         ts = _int64_seconds(ts)
+        divisor = seconds_divisor(ts, time_unit)
         user_ids, user_idx = np.unique(users, return_inverse=True)
         item_ids, item_idx = np.unique(items, return_inverse=True)
-        self._set(*_csr(user_idx.reshape(-1), len(user_ids), item_idx.reshape(-1), ts),
+        self._set(*_csr(user_idx.reshape(-1), len(user_ids), item_idx.reshape(-1), ts, divisor),
                   user_ids, item_ids)  # fmt: skip
 
     @classmethod
     def _from_codes(cls, user_idx: np.ndarray, user_ids: np.ndarray, item_idx: np.ndarray,
-                    item_ids: np.ndarray, timestamps: np.ndarray) -> InteractionLog:  # fmt: skip
+                    item_ids: np.ndarray, timestamps: np.ndarray,
+                    divisor: int = 1) -> InteractionLog:  # fmt: skip
         """The log of factorized ids (``user_ids[user_idx[k]]`` is event k's user, ids sorted
-        and distinct as ``np.unique`` gives them): the constructor without its ``np.unique``."""
+        and distinct as ``np.unique`` gives them): the constructor without its ``np.unique``;
+        ``divisor`` as :func:`seconds_divisor` gives it."""
         log = cls.__new__(cls)
-        log._set(*_csr(user_idx, len(user_ids), item_idx, timestamps), user_ids, item_ids)
+        log._set(*_csr(user_idx, len(user_ids), item_idx, timestamps, divisor), user_ids,
+                 item_ids)  # fmt: skip
         return log
 
     def _set(self, offsets, items, timestamps, user_ids, item_ids) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import spnn_fast._formats as formats
@@ -184,6 +185,24 @@ def test_parquet_gives_the_csv_log(tmp_path):
     folder.mkdir()
     _write_parquet(folder / "x.parquet", user=users, item=items, timestamp=times)
     assert _outcome(folder) == want
+
+
+def test_parquet_timestamp_columns_carry_their_unit(tmp_path):
+    ms = np.array([1_700_000_000_500, 1_700_000_000_100, 1_700_000_003_000])
+    path = _write_parquet(tmp_path / "t.parquet", user=[1, 1, 1], item=[1, 2, 3],
+                          timestamp=pa.array(ms, pa.timestamp("ms")))  # fmt: skip
+    log = load(path, min_events=1).log
+    # ordered by the milliseconds, stored as whole seconds
+    assert log.items.tolist() == [2, 1, 3]
+    assert log.timestamps.tolist() == [1_700_000_000, 1_700_000_000, 1_700_000_003]
+    assert load(path, min_events=1, time_unit="ms").log.items.tolist() == [2, 1, 3]
+    with pytest.raises(ValueError, match=r"t.parquet: the timestamp column holds milliseconds "
+                                         r"\(its Parquet type says so\); time_unit='s' disagrees"):  # fmt: skip
+        load(path, min_events=1, time_unit="s")
+    # integer milliseconds in Parquet are caught as in a CSV file
+    path = _write_parquet(tmp_path / "i.parquet", user=[1, 1, 1], item=[1, 2, 3], timestamp=ms)
+    with pytest.raises(ValueError, match=r"i.parquet: the timestamps look like milliseconds"):
+        load(path, min_events=1)
 
 
 @pytest.mark.parametrize(

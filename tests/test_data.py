@@ -296,7 +296,7 @@ def test_csv(tmp_path):
 
 def test_ids_and_timestamps(tmp_path):
     text = "user,item,timestamp\n007,1,881250949.0\n7,1,1700000000123\n007,2,-5\n7,2,1\n007,3,1e3\n7,3,2\n"
-    ds = load(_write(tmp_path, "t.csv", text))
+    ds = load(_write(tmp_path, "t.csv", text), time_unit="s")  # 1700000000123 s, as asked
     # "007" and "7" are different ids, so the user ids stay strings
     np.testing.assert_array_equal(ds.log.user_ids, ["007", "7"])
     np.testing.assert_array_equal(ds.log.timestamps, [-5, 1000, 881250949, 1, 2, 1700000000123])
@@ -327,6 +327,23 @@ def test_bad_timestamps(tmp_path, value, message):
     path = _write(tmp_path, "bad.inter", text)
     with pytest.raises(ValueError, match=f"bad.inter:3: timestamp '{value}' is {message}"):
         load(path)
+
+
+def test_millisecond_timestamps_are_refused_or_converted(tmp_path):
+    rows = "".join(f"{u},{i},{t}\n" for u, i, t in [(1, 5, 1_700_000_000_900), (1, 6, 1_700_000_000_100),
+                                                   (1, 7, 1_700_000_002_000), (2, 5, 1_600_000_000_000)])  # fmt: skip
+    path = _write(tmp_path, "ms.csv", "user,item,timestamp\n" + rows)
+    with pytest.raises(ValueError, match=r"ms.csv: the timestamps look like milliseconds since "
+                                         r"1970, not seconds \(the largest magnitude is "
+                                         r"1700000002000; .*pass load\(\.\.\., time_unit='ms'\) "
+                                         r"to convert them, or time_unit='s'"):  # fmt: skip
+        load(path, min_events=1)
+    ds = load(path, min_events=1, time_unit="ms")
+    np.testing.assert_array_equal(ds.log.items, [2, 1, 3, 1])  # in millisecond order
+    np.testing.assert_array_equal(ds.log.timestamps, [1_700_000_000, 1_700_000_000, 1_700_000_002,
+                                                      1_600_000_000])  # fmt: skip
+    with pytest.raises(ValueError, match=r"time_unit='sec' is not one of"):
+        load(path, time_unit="sec")
 
 
 def test_timestamps_may_carry_spaces(tmp_path):

@@ -71,7 +71,7 @@ def test_random_log_matches_a_python_sort(times):
              "wide": lambda: np.array([-(2**62), -5, 0, 7, 2**62])[rng.integers(0, 5, n)],
              "in order": lambda: np.sort(rng.integers(0, 50, n)),
              "many users": lambda: np.sort(rng.integers(0, 50, len(users)))}[times]()  # fmt: skip
-    log = InteractionLog(users, items, times)
+    log = InteractionLog(users, items, times, time_unit="s")
     log.validate()
     want = sorted(range(len(users)), key=lambda k: (users[k], times[k], k))
     got = zip(np.repeat(log.user_ids, log.lengths), log.item_ids[log.items - 1], log.timestamps)
@@ -232,3 +232,31 @@ def test_load_errors(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "format": "other/9"}))
     with pytest.raises(ValueError, match="unknown format 'other/9'"):
         InteractionLog.load(tmp_path)
+
+
+# ---------------------------------------------------------------------------- time units
+MS = np.array([1_700_000_000_900, 1_700_000_000_100, 1_700_000_002_000])
+
+
+@pytest.mark.parametrize(
+    ("scale", "name", "unit"),
+    [(1, "milliseconds", "ms"), (10**3, "microseconds", "us"), (10**6, "nanoseconds", "ns")],
+)
+def test_epoch_timestamps_in_a_finer_unit_are_refused(scale, name, unit):
+    with pytest.raises(ValueError, match=rf"timestamps look like {name} since 1970, not seconds "
+                                         rf".* pass InteractionLog\(\.\.\., time_unit='{unit}'\)"):  # fmt: skip
+        InteractionLog([1, 1, 1], [5, 6, 7], MS * scale)
+    log = InteractionLog([1, 1, 1], [5, 6, 7], MS * scale, time_unit=unit)
+    # ordered by the given timestamps, kept as whole seconds
+    assert log.item_ids[log.items - 1].tolist() == [6, 5, 7]
+    assert log.timestamps.tolist() == [1_700_000_000, 1_700_000_000, 1_700_000_002]
+
+
+def test_time_unit_s_keeps_large_seconds_and_checks_its_value():
+    log = InteractionLog([1, 1], [5, 6], MS[:2], time_unit="s")
+    assert log.timestamps.tolist() == sorted(MS[:2].tolist())
+    assert InteractionLog([1], [5], [-(10**10)]).timestamps.tolist() == [-(10**10)]  # year 1653
+    with pytest.raises(ValueError, match=r"time_unit='h' is not one of \['s', 'ms', 'us', 'ns'\]"):
+        InteractionLog([1], [5], [1], time_unit="h")
+    with pytest.raises(TypeError, match=r"time_unit must be a str or None, got int"):
+        InteractionLog([1], [5], [1], time_unit=1000)
