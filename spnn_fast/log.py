@@ -63,6 +63,10 @@ def _as_numpy(name: str, x: ArrayLike) -> np.ndarray:
         if x.device.type != "cpu":
             raise ValueError(f"{name} must be on the CPU, got device {x.device}")
         x = x.detach().numpy()
+    if isinstance(x, (list, tuple)) and len({isinstance(v, (str, bytes)) for v in x}) == 2:
+        # numpy writes [1, "1"] as the strings ["1", "1"]: read it as the object array it is,
+        # whose ids are checked one by one.
+        x = np.array(x, dtype=object)
     x = np.asarray(x)
     if x.size == 0 and x.dtype.kind == "f":  # np.asarray([]) is float64: an empty log
         x = x.astype(np.int64)

@@ -96,6 +96,19 @@ def test_string_and_other_ids():
     assert log.items.tolist() == [1, 2]  # user 2**63 first, with item 2**63 (id 1)
 
 
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_id_lists_mixing_integers_and_text_are_read_as_object_arrays(kind):
+    # numpy would turn [1, "1"] into the strings ["1", "1"]: two users become one.
+    with pytest.raises(ValueError, match=r"users holds the ids 1 and '1', one id once written"):
+        InteractionLog(kind([1, "1"]), [1, 1], [0, 0])
+    with pytest.raises(ValueError, match=r"items holds the ids '7' and 7, one id once written"):
+        InteractionLog([1, 1], kind(["7", 7]), [0, 0])
+    log = InteractionLog(kind([2, "a"]), [1, 1], [0, 0])  # no clash: text, as an object array
+    assert log.user_ids.tolist() == ["2", "a"]
+    with pytest.raises(TypeError, match=r"users must hold integer or string ids, got b'1'"):
+        InteractionLog(kind([b"1", 1]), [1, 1], [0, 0])
+
+
 def test_empty_log():
     log = InteractionLog([], [], [])
     assert (log.num_users, log.num_items, log.num_events) == (0, 0, 0)
