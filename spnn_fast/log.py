@@ -16,12 +16,13 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from spnn_fast._io import atomic_write
+from spnn_fast._io import DamagedFileError, atomic_write, read_json
 
 __all__ = ["TIME_UNITS", "InteractionLog", "seconds_divisor"]
 
 _ARRAYS = ("offsets", "items", "timestamps", "user_ids", "item_ids")
 _FORMAT = "spnn_fast.InteractionLog/1"
+_AGAIN = "save the log again"
 
 ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
 
@@ -341,12 +342,11 @@ class InteractionLog:
         meta_path = os.path.join(path, "meta.json")
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{path} holds no saved InteractionLog (no meta.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_json(meta_path, ("format", "num_users", "num_items", "num_events"), _AGAIN)
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
         mode = "r" if mmap else None
-        arrays = [np.load(os.path.join(path, f"{n}.npy"), mmap_mode=mode) for n in _ARRAYS]
+        arrays = [_load_array(os.path.join(path, f"{n}.npy"), mode) for n in _ARRAYS]
         log = cls.from_csr(*arrays, validate=validate)
         if (log.num_users, log.num_items, log.num_events) != (
             meta["num_users"],
@@ -357,3 +357,34 @@ class InteractionLog:
         if log.offsets[0] != 0 or log.offsets[-1] != log.num_events:
             raise ValueError(f"{path}: offsets do not span the {log.num_events} events")
         return log
+
+
+def _load_array(path: str, mode: Optional[str]) -> np.ndarray:
+    """A ``.npy`` array of a saved log, never unpickled; a damaged file is named."""
+    try:
+        return np.load(path, mmap_mode=mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: the saved log lacks it; {_AGAIN}") from None
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception:  # numpy raises many types for a damaged file (and suggests pickle)
+        raise DamagedFileError(f"{path} is damaged: {_npy_trouble(path)}; {_AGAIN}") from None
+
+
+def _npy_trouble(path: str) -> str:
+    """What is wrong with a ``.npy`` file that numpy does not load without pickle."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            return "it is empty" if f.tell() == 0 else "it is not a .npy array file"
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0
+            if version != (1, 0):
+                read = np.lib.format.read_array_header_2_0
+            dtype = read(f)[2]
+        except Exception:  # the header itself is damaged
+            return "it is cut short or not a .npy array the log wrote"
+    if dtype.hasobject:
+        return "it is not a .npy array of numbers or text (it holds Python objects)"
+    return "it is cut short or not a .npy array the log wrote"

@@ -273,3 +273,41 @@ def test_time_unit_s_keeps_large_seconds_and_checks_its_value():
         InteractionLog([1], [5], [1], time_unit="h")
     with pytest.raises(TypeError, match=r"time_unit must be a str or None, got int"):
         InteractionLog([1], [5], [1], time_unit=1000)
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "match"),
+    [
+        ("meta.json", b"", r"meta.json is damaged: it is empty"),
+        ("meta.json", b'{"format": "spnn_fast.Interac', r"meta.json is damaged: it is not valid JSON"),
+        ("meta.json", b"[1, 2]", r"meta.json does not hold a JSON object"),
+        ("meta.json", b'{"format": "spnn_fast.InteractionLog/1"}',
+         r"meta.json lacks num_users, num_items, num_events"),
+        ("items.npy", b"", r"items.npy is damaged: it is empty"),
+        ("items.npy", b"not an array at all", r"items.npy is damaged: it is not a \.npy array"),
+        ("timestamps.npy", "half", r"timestamps.npy is damaged: it is cut short or not a \.npy"),
+        ("user_ids.npy", "objects", r"user_ids.npy is damaged: it is not a \.npy array of "
+                                    r"numbers or text"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("mmap", [True, False])
+def test_load_names_a_damaged_file(tmp_path, file, damage, match, mmap):
+    InteractionLog([0, 1, 1], [1, 2, 3], [5, 6, 7]).save(tmp_path)
+    path = tmp_path / file
+    if damage == "half":
+        data = path.read_bytes()
+        damage = data[: len(data) - 8]
+    elif damage == "objects":
+        np.save(path, np.array(["a", 1], dtype=object), allow_pickle=True)
+        damage = path.read_bytes()
+    path.write_bytes(damage)
+    with pytest.raises(ValueError, match=match) as err:
+        InteractionLog.load(tmp_path, mmap=mmap)
+    assert "pickle" not in str(err.value) and "save the log again" in str(err.value)
+
+
+def test_load_names_a_missing_array(tmp_path):
+    InteractionLog([0, 1], [1, 2], [5, 6]).save(tmp_path)
+    (tmp_path / "items.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"items.npy: the saved log lacks it"):
+        InteractionLog.load(tmp_path)
