@@ -112,11 +112,27 @@ def _read_atomic_table(path: Path) -> Tuple[Table, List[str]]:
     return table, kinds
 
 
-def _read_atomic_side(path: Path, id_field: str) -> Side:
+def _one_row_per_id(table: Table, id_col: int, what: str) -> None:
+    """A ValueError naming the first row whose id an earlier row holds (its features would
+    silently replace the earlier row's)."""
+    ids = np.array(table.column(id_col))
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    again = np.flatnonzero(first[inverse.reshape(-1)] != np.arange(len(ids)))
+    if len(again):
+        i = int(again[0])
+        earlier = int(table.lines[first[inverse.reshape(-1)[i]]])
+        raise ValueError(
+            f"{table.where(i)}: {what} id {table.column(id_col)[i]!r} is listed again (first on "
+            f"line {earlier}); each {what} takes one row"
+        )
+
+
+def _read_atomic_side(path: Path, id_field: str, what: str) -> Side:
     table, kinds = _read_atomic_table(path)
     if id_field not in table.header:
         raise ValueError(f"{path}: no {id_field!r} field; the header has {table.header}")
     id_col = table.header.index(id_field)
+    _one_row_per_id(table, id_col, what)
     fields = {
         n: (k, j, " ")
         for j, (n, k) in enumerate(zip(table.header, kinds))
@@ -201,9 +217,9 @@ def read_atomic(path: Path, user_col, item_col, time_col) -> Raw:
     raw = Raw(path.stem, users, items, ts, path=path)
     item_path, user_path = _side_paths(path, "atomic")
     if item_path.is_file():
-        raw.item_side = _read_atomic_side(item_path, names[i])
+        raw.item_side = _read_atomic_side(item_path, names[i], "item")
     if user_path.is_file():
-        raw.user_side = _read_atomic_side(user_path, names[u])
+        raw.user_side = _read_atomic_side(user_path, names[u], "user")
     return raw
 
 
@@ -220,9 +236,11 @@ def read_ml1m(path: Path) -> Raw:
     movies, users = _side_paths(path, "ml-1m")
     if movies.is_file():
         t = read_table(movies, "::", ["item", "title", "genre"])
+        _one_row_per_id(t, 0, "item")
         raw.item_side = Side(t, 0, {"genre": ("token_seq", 2, "|")}, ("genre",))
     if users.is_file():
         t = read_table(users, "::", ["user", "gender", "age", "occupation", "zip_code"])
+        _one_row_per_id(t, 0, "user")
         fields = {n: ("token", j, "") for j, n in enumerate(t.header) if j > 0}
         raw.user_side = Side(t, 0, fields, ("gender", "age", "occupation"))
     return raw

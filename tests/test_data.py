@@ -375,6 +375,22 @@ def test_malformed_and_empty(tmp_path):
         load(_write(tmp_path, "i.csv", "user,item,time\n,2,3\n"))
 
 
+def test_a_side_file_listing_an_id_twice_is_an_error(tmp_path):
+    # The later row used to replace the earlier one silently.
+    _write(tmp_path, "mini.user", USER)
+    _write(tmp_path, "mini.item", ITEM.replace("40\tFour\t1995\tComedy", "20\tFour\t1995\tComedy"))
+    inter = _write(tmp_path, "mini.inter", INTER)
+    with pytest.raises(ValueError, match=r"mini.item:5: item id '20' is listed again \(first on "
+                                         r"line 3\); each item takes one row"):  # fmt: skip
+        load(inter)
+    folder = tmp_path / "ml-1m"
+    _write(folder, "ratings.dat", "1::10::5::1\n1::11::5::2\n2::10::5::3\n")
+    _write(folder, "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n\n1::M::1::10::1\n")
+    with pytest.raises(ValueError, match=r"users.dat:4: user id '1' is listed again \(first on "
+                                         r"line 1\)"):  # fmt: skip
+        load(folder, min_events=1)
+
+
 def test_names_paths_and_fields(tmp_path):
     with pytest.raises(
         ValueError, match=r"unknown dataset name 'ml-10m'; known names: \['ml-100k'\]"
