@@ -239,14 +239,31 @@ def _decimal_ints(col):
     return ints if np.array_equal(digits, lengths) else None
 
 
+def _dense_ids(values: np.ndarray) -> Optional[Ids]:
+    """Integer ids factorized through a table over their range (no sort, no hash), where the
+    range is not much larger than the rows; else None."""
+    lo, hi = (int(values.min()), int(values.max())) if len(values) else (0, 0)
+    if hi - lo > 4 * len(values) + (1 << 20):
+        return None
+    shifted = values - lo
+    present = np.zeros(hi - lo + 1, dtype=bool)
+    present[shifted] = True
+    rank = np.cumsum(present, dtype=np.int64) - 1
+    return Ids(rank[shifted], np.flatnonzero(present).astype(np.int64) + lo)
+
+
 def ids(col, what: str, where: Callable[[int], str], *, strip: bool = False) -> Ids:
     """Factorized raw ids of an arrow column (strings or integers): int64 ids when every
     string is a canonical integer, else the strings; ``strip`` drops whitespace around each
     (as ``str.strip``). An empty id is an error naming its row's place ``where(i)``."""
     pa, pc, _ = modules()
     ints = _decimal_ints(col) if pa.types.is_string(col.type) else None
-    if ints is not None:  # the common case, hashed as integers
+    if ints is not None:  # the common case, factorized as integers
         col = ints
+    if pa.types.is_int64(col.type):
+        dense = _dense_ids(to_numpy(col, np.int64))
+        if dense is not None:
+            return dense
     encoded = pc.dictionary_encode(col)
     codes = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in encoded.chunks])
     codes = codes.astype(np.int64, copy=False)

@@ -126,6 +126,22 @@ def test_quoted_and_spaced_csv(tmp_path, monkeypatch):
         assert used == (not name.startswith("odd")), name  # pyarrow reads the clean ones
 
 
+@pytest.mark.parametrize("spread", [1, 10**15])  # ids factorized over their range, or hashed
+def test_integer_ids_dense_and_sparse(tmp_path, monkeypatch, spread):
+    rng = np.random.default_rng(spread)
+    users, items = rng.integers(0, 50, 500) * spread, rng.integers(0, 400, 500) * spread + 3
+    path = tmp_path / "ids.csv"
+    path.write_text("user,item,time\n" + "".join(
+        f"{u},{i},{t}\n" for u, i, t in zip(users, items, rng.integers(0, 99, 500))))  # fmt: skip
+    got, want, used = _both(path, monkeypatch)
+    assert used and got == want and want["user_ids"][0] == "<i8"
+    pq.write_table(pa.table({"user": users, "item": items.astype(np.uint64),
+                             "timestamp": rng.integers(0, 99, 500)}), tmp_path / "ids.parquet")  # fmt: skip
+    log = load(tmp_path / "ids.parquet", min_events=1).log
+    assert log.user_ids.tolist() == np.unique(users).tolist()
+    assert log.item_ids.tolist() == np.unique(items).tolist()
+
+
 @pytest.mark.parametrize(
     ("data", "plain"),
     [
