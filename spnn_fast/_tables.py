@@ -1,22 +1,56 @@
-"""Delimited text files read into columns of strings (Python's ``csv`` reader), and the
-parsing of their id and timestamp columns, with errors that name the file and line."""
+"""Delimited text files read into columns of strings (Python's ``csv`` reader, a stream of the
+file's lines), and the parsing of their id and timestamp columns, with errors that name the file
+and line. This is the reader of every file where pyarrow is missing, and the one whose results
+and errors the pyarrow reader (``spnn_fast._arrow``) reproduces exactly."""
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["Table", "canonical_ints", "parse_ids", "parse_timestamps", "read_table"]
+__all__ = [
+    "Ids",
+    "Table",
+    "canonical_ints",
+    "check_rows",
+    "empty_id",
+    "is_number",
+    "iter_rows",
+    "line_of_row",
+    "not_a_number",
+    "not_whole",
+    "parse_ids",
+    "parse_timestamps",
+    "read_table",
+    "read_text",
+    "text_encoding",
+    "timestamp_values",
+]
 
 # A separator of several characters (MovieLens-1M's "::") is read as this one, which no text
 # field of those files holds.
 _UNIT_SEPARATOR = "\x1f"
+_BLOCK = 1 << 22
+
+
+def text_encoding(path: Path) -> str:
+    """How the loader decodes ``path``: ``"utf-8-sig"`` (UTF-8 without a leading BOM) when the
+    whole file is UTF-8, else ``"latin-1"`` (MovieLens .dat files). Read in blocks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            for block in iter(lambda: f.read(_BLOCK), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "latin-1"
+    return "utf-8-sig"
 
 
 def read_text(path: Path) -> str:
@@ -27,6 +61,16 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
     return text[1:] if text.startswith("\ufeff") else text
+
+
+def _blank(path: Path, encoding: str) -> bool:
+    """Whether the decoded file holds only whitespace."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            if decoder.decode(block).strip():
+                return False
+    return not decoder.decode(b"", final=True).strip()
 
 
 @dataclass
@@ -45,39 +89,103 @@ class Table:
         return self.columns[j]
 
 
+@dataclass
+class Ids:
+    """Raw ids factorized: ``values`` sorted and distinct (int64 or fixed-width strings, as
+    ``np.unique`` gives them), ``codes`` the int64 index of each row's id in ``values``."""
+
+    codes: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, raw: np.ndarray) -> Ids:
+        values, codes = np.unique(raw, return_inverse=True)
+        return cls(codes.reshape(-1).astype(np.int64, copy=False), values)
+
+    def subset(self, keep: np.ndarray) -> Ids:
+        """The ids of the rows ``keep`` (a bool mask), refactorized: ids no kept row holds go."""
+        codes = self.codes[keep]
+        used = np.zeros(len(self.values), dtype=bool)
+        used[codes] = True
+        remap = np.cumsum(used) - 1
+        return Ids(remap[codes], self.values[used])
+
+
+def _is_blank(row: List[str]) -> bool:
+    return not row or (len(row) == 1 and not row[0].strip())
+
+
+def iter_rows(
+    path: Path, sep: str, header: Optional[List[str]] = None, *, quoting: bool = False
+) -> Iterator:
+    """Yield the header, then ``(line number, fields)`` of each data row of ``path`` split at
+    ``sep``; with ``header=None`` the first row is the header (None when there is no row).
+    ``quoting``: fields may be quoted as in CSV (spaces after a separator are dropped). Blank
+    lines are skipped; any other row of the wrong width is an error naming its line."""
+    encoding = text_encoding(path)
+    if _blank(path, encoding):
+        raise ValueError(f"{path}: the file is empty")
+    options = dict(skipinitialspace=True) if quoting else dict(quoting=csv.QUOTE_NONE)
+    with open(path, encoding=encoding, newline="") as f:
+        lines, given = f, sep
+        if len(given) > 1:
+            lines, sep = (line.replace(given, _UNIT_SEPARATOR) for line in f), _UNIT_SEPARATOR
+        shown = "'::'" if sep == _UNIT_SEPARATOR else repr(sep)
+        reader = csv.reader(lines, delimiter=sep, **options)
+        if header is None:
+            header = next((row for row in reader if not _is_blank(row)), None)
+        yield header
+        for row in reader:
+            if _is_blank(row):
+                continue
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: malformed row: expected {len(header)} fields "
+                    f"separated by {shown}, got {len(row)}: {sep.join(row)[:120]!r}"
+                )
+            yield reader.line_num, row
+
+
 def read_table(
     path: Path, sep: str, header: Optional[List[str]] = None, *, quoting: bool = False
 ) -> Table:
-    """The rows of ``path`` split at ``sep``; with ``header=None`` the first row is the header.
-    ``quoting``: fields may be quoted as in CSV (spaces after a separator are dropped). Blank
-    lines are skipped; any other row of the wrong width is an error naming its line."""
-    text = read_text(path)
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty")
-    if len(sep) > 1:
-        text, sep = text.replace(sep, _UNIT_SEPARATOR), _UNIT_SEPARATOR
-    options = dict(skipinitialspace=True) if quoting else dict(quoting=csv.QUOTE_NONE)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, **options)
-    shown = "'::'" if sep == _UNIT_SEPARATOR else repr(sep)
-    rows: List[List[str]] = []
+    """The rows of ``path`` (see :func:`iter_rows`) as columns of strings."""
+    rows = iter_rows(path, sep, header, quoting=quoting)
+    header = next(rows)
     numbers: List[int] = []
-    for row in reader:
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if header is None:
-            header = row
-            continue
-        if len(row) != len(header):
-            raise ValueError(
-                f"{path}:{reader.line_num}: malformed row: expected {len(header)} fields "
-                f"separated by {shown}, got {len(row)}: {sep.join(row)[:120]!r}"
-            )
-        rows.append(row)
-        numbers.append(reader.line_num)
-    if not rows:
+    fields: List[List[str]] = []
+    for number, row in rows:
+        numbers.append(number)
+        fields.append(row)
+    if not fields:
         raise ValueError(f"{path}: the file holds no data rows")
-    columns = [list(c) for c in zip(*rows)]
+    columns = [list(c) for c in zip(*fields)]
     return Table(path, header, columns, np.asarray(numbers, dtype=np.int64))
+
+
+def check_rows(path: Path, sep: str, header: Optional[List[str]] = None, *,
+               quoting: bool = False) -> int:  # fmt: skip
+    """The number of data rows of ``path``, raising what :func:`read_table` raises (an empty
+    file, no data rows, a malformed row) without keeping any row."""
+    count = sum(1 for _ in _data_rows(path, sep, header, quoting))
+    if not count:
+        raise ValueError(f"{path}: the file holds no data rows")
+    return count
+
+
+def line_of_row(path: Path, sep: str, header: Optional[List[str]], quoting: bool, i: int) -> int:
+    """The line number of data row ``i`` (0-based) of ``path``."""
+    for k, (number, _) in enumerate(_data_rows(path, sep, header, quoting)):
+        if k == i:
+            return number
+    raise IndexError(f"{path} holds no data row {i}")
+
+
+def _data_rows(path: Path, sep: str, header: Optional[List[str]],
+               quoting: bool) -> Iterator[Tuple[int, List[str]]]:  # fmt: skip
+    rows = iter_rows(path, sep, header, quoting=quoting)
+    next(rows)
+    return rows
 
 
 _POW10 = 10 ** np.arange(1, 19, dtype=np.int64)
@@ -113,29 +221,48 @@ def parse_ids(table: Table, j: int, what: str) -> np.ndarray:
     """Raw ids: int64 when every value is a canonical integer, else the strings."""
     values = table.column(j)
     if "" in values:
-        raise ValueError(f"{table.where(values.index(''))}: empty {what} id")
+        raise ValueError(empty_id(table.where(values.index("")), what))
     ints = canonical_ints(values)
     return ints if ints is not None else np.array(values)
 
 
+def is_number(value: str) -> bool:
+    """Whether :func:`parse_timestamps` reads ``value`` as a number."""
+    return _ASCII_FLOAT.fullmatch(value) is not None
+
+
+def empty_id(where: str, what: str) -> str:
+    return f"{where}: empty {what} id"
+
+
+def not_a_number(where: str, value: str) -> str:
+    return f"{where}: timestamp {value!r} is not a number (seconds expected)"
+
+
+def not_whole(where: str, value: str) -> str:
+    return (
+        f"{where}: timestamp {value!r} is not a whole number of seconds "
+        f"(it must be finite, integral and below 2**53 to convert to int64 exactly)"
+    )
+
+
 def parse_timestamps(table: Table, j: int) -> np.ndarray:
     """int64 seconds, exactly; fractional, non-finite or huge float values are errors."""
-    values = table.column(j)
+    return timestamp_values(table.column(j), table.where)
+
+
+def timestamp_values(values: List[str], where: Callable[[int], str]) -> np.ndarray:
+    """:func:`parse_timestamps` of the strings ``values``; ``where(i)`` names row ``i``."""
     ints = _ints(values)
     if ints is not None:
         return ints
     for i, v in enumerate(values):
         if not _ASCII_FLOAT.fullmatch(v):
-            raise ValueError(
-                f"{table.where(i)}: timestamp {v!r} is not a number (seconds expected)"
-            )
+            raise ValueError(not_a_number(where(i), v))
     f = np.array(values).astype(np.float64)
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(f) | (f != np.floor(f)) | (np.abs(f) >= 2.0**53)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"{table.where(i)}: timestamp {values[i]!r} is not a whole number of seconds "
-            f"(it must be finite, integral and below 2**53 to convert to int64 exactly)"
-        )
+        raise ValueError(not_whole(where(i), values[i]))
     return f.astype(np.int64)

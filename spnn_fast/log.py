@@ -11,19 +11,52 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from spnn_fast._io import atomic_write
+from spnn_fast._io import DamagedFileError, atomic_write, read_json
 
-__all__ = ["InteractionLog"]
+__all__ = ["TIME_UNITS", "InteractionLog", "seconds_divisor"]
 
 _ARRAYS = ("offsets", "items", "timestamps", "user_ids", "item_ids")
 _FORMAT = "spnn_fast.InteractionLog/1"
+_AGAIN = "save the log again"
 
 ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
+
+# Units of timestamps since 1970 and how many of each make a second.
+TIME_UNITS = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}
+_UNIT_NAMES = {"ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+# Seconds since 1970 stay below 1e10 until the year 2286; 1e11 seconds is the year 5138, while
+# 1e11 milliseconds is 1973, so larger values are taken for a finer unit.
+_SECONDS_BELOW = 10**11
+
+
+def seconds_divisor(ts: np.ndarray, time_unit: Optional[str], what: str = "timestamps",
+                    call: str = "InteractionLog") -> int:  # fmt: skip
+    """How many ``time_unit`` make a second. ``None`` means seconds, checked: timestamps too
+    large to be seconds since 1970 (milliseconds, microseconds or nanoseconds: time buckets
+    would all saturate) are a ValueError naming the unit they look like. ``"s"`` means seconds,
+    unchecked."""
+    if time_unit is not None and not isinstance(time_unit, str):
+        raise TypeError(f"time_unit must be a str or None, got {type(time_unit).__name__}")
+    if time_unit is not None:
+        if time_unit not in TIME_UNITS:
+            raise ValueError(f"time_unit={time_unit!r} is not one of {list(TIME_UNITS)} (or "
+                             f"None: seconds, refused when they look like a finer unit)")  # fmt: skip
+        return TIME_UNITS[time_unit]
+    big = max(abs(int(ts.min())), abs(int(ts.max()))) if len(ts) else 0
+    if big >= _SECONDS_BELOW:
+        guess = "ms" if big < 10**14 else "us" if big < 10**17 else "ns"
+        raise ValueError(
+            f"{what} look like {_UNIT_NAMES[guess]} since 1970, not seconds (the largest "
+            f"magnitude is {big}; seconds stay below 1e10 until the year 2286, and time buckets "
+            f"count seconds): pass {call}(..., time_unit={guess!r}) to convert them, or "
+            f"time_unit='s' if they are seconds"
+        )
+    return 1
 
 
 def _as_numpy(name: str, x: ArrayLike) -> np.ndarray:
@@ -31,6 +64,10 @@ def _as_numpy(name: str, x: ArrayLike) -> np.ndarray:
         if x.device.type != "cpu":
             raise ValueError(f"{name} must be on the CPU, got device {x.device}")
         x = x.detach().numpy()
+    if isinstance(x, (list, tuple)) and len({isinstance(v, (str, bytes)) for v in x}) == 2:
+        # numpy writes [1, "1"] as the strings ["1", "1"]: read it as the object array it is,
+        # whose ids are checked one by one.
+        x = np.array(x, dtype=object)
     x = np.asarray(x)
     if x.size == 0 and x.dtype.kind == "f":  # np.asarray([]) is float64: an empty log
         x = x.astype(np.int64)
@@ -93,15 +130,59 @@ def _int64_seconds(ts: np.ndarray) -> np.ndarray:
     return ts.astype(np.int64, copy=False)
 
 
+def _csr(user_idx: np.ndarray, num_users: int, item_idx: np.ndarray, ts: np.ndarray,
+         divisor: int = 1):  # fmt: skip
+    """(offsets, items 1..V, timestamps) of events grouped by user and sorted by time; the
+    timestamps are ordered as given, then divided by ``divisor`` (floored) into seconds."""
+    order = _order(user_idx, num_users, ts)
+    counts = np.bincount(user_idx, minlength=num_users)
+    offsets = np.zeros(num_users + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    seconds = ts[order] if divisor == 1 else ts[order] // divisor
+    return offsets, item_idx[order].astype(np.int64) + 1, seconds
+
+
+def _order(user_idx: np.ndarray, num_users: int, ts: np.ndarray) -> np.ndarray:
+    """The events in order of (user, time), ties in input order (stable sorts)."""
+    if len(ts) < 2 or (ts[1:] >= ts[:-1]).all():  # a log in time order: by user alone
+        return _stable_by(user_idx, num_users)
+    lo, hi = int(ts.min()), int(ts.max())
+    span_bits = (hi - lo).bit_length()
+    if span_bits + max(num_users - 1, 0).bit_length() <= 62:  # one sort of a packed key
+        return np.argsort((user_idx.astype(np.int64) << span_bits) | (ts - lo), kind="stable")
+    order = np.argsort(ts, kind="stable")
+    return order[_stable_by(user_idx[order], num_users)]
+
+
+def _stable_by(keys: np.ndarray, n: int) -> np.ndarray:
+    """A stable argsort of integer keys in [0, n): numpy radix-sorts 16-bit keys, so keys
+    below 2**32 are sorted in two 16-bit passes, low half first."""
+    if n <= 1 << 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    if n <= 1 << 32:
+        low = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+        return low[np.argsort((keys[low] >> 16).astype(np.uint16), kind="stable")]
+    return np.argsort(keys, kind="stable")
+
+
 class InteractionLog:
     """Interactions grouped by user and sorted by time, with items remapped to 1..V.
 
     Build it from three equal-length arrays of raw ``users``, ``items`` (ids of any integer or
-    string type) and ``timestamps`` in seconds: integers, or floats whose values are all integral
-    (the first that is not is named in the error).
+    string type) and ``timestamps``: integers, or floats whose values are all integral (the
+    first that is not is named in the error). Timestamps are times, not gap buckets (which
+    are computed from them), in seconds unless ``time_unit`` says otherwise:
+
+    * ``None`` (default): seconds; values of 1e11 or more (after the year 5138 in seconds, but
+      milliseconds, microseconds or nanoseconds since 1970) are a ValueError saying which unit
+      they look like.
+    * ``"ms"``, ``"us"``, ``"ns"``: events are ordered by the given values, which are then
+      floored to whole seconds.
+    * ``"s"``: seconds, unchecked.
     """
 
-    def __init__(self, users: ArrayLike, items: ArrayLike, timestamps: ArrayLike):
+    def __init__(self, users: ArrayLike, items: ArrayLike, timestamps: ArrayLike, *,
+                 time_unit: Optional[str] = None):  # fmt: skip
         users = _raw_ids("users", _as_numpy("users", users))
         items = _raw_ids("items", _as_numpy("items", items))
         ts = _as_numpy("timestamps", timestamps)
@@ -111,21 +192,23 @@ class InteractionLog:
                 f"{len(users)}, {len(items)} and {len(ts)}"
             )
         ts = _int64_seconds(ts)
+        divisor = seconds_divisor(ts, time_unit)
         user_ids, user_idx = np.unique(users, return_inverse=True)
         item_ids, item_idx = np.unique(items, return_inverse=True)
-        # Stable two-pass sort: by time, then by user; ties keep input order.
-        order = np.argsort(ts, kind="stable")
-        order = order[np.argsort(user_idx[order], kind="stable")]
-        counts = np.bincount(user_idx, minlength=len(user_ids))
-        offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        self._set(
-            offsets,
-            item_idx[order].astype(np.int64) + 1,
-            ts[order],
-            user_ids,
-            item_ids,
-        )
+        self._set(*_csr(user_idx.reshape(-1), len(user_ids), item_idx.reshape(-1), ts, divisor),
+                  user_ids, item_ids)  # fmt: skip
+
+    @classmethod
+    def _from_codes(cls, user_idx: np.ndarray, user_ids: np.ndarray, item_idx: np.ndarray,
+                    item_ids: np.ndarray, timestamps: np.ndarray,
+                    divisor: int = 1) -> InteractionLog:  # fmt: skip
+        """The log of factorized ids (``user_ids[user_idx[k]]`` is event k's user, ids sorted
+        and distinct as ``np.unique`` gives them): the constructor without its ``np.unique``;
+        ``divisor`` as :func:`seconds_divisor` gives it."""
+        log = cls.__new__(cls)
+        log._set(*_csr(user_idx, len(user_ids), item_idx, timestamps, divisor), user_ids,
+                 item_ids)  # fmt: skip
+        return log
 
     def _set(self, offsets, items, timestamps, user_ids, item_ids) -> None:
         self.offsets = offsets
@@ -259,12 +342,11 @@ class InteractionLog:
         meta_path = os.path.join(path, "meta.json")
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{path} holds no saved InteractionLog (no meta.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_json(meta_path, ("format", "num_users", "num_items", "num_events"), _AGAIN)
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
         mode = "r" if mmap else None
-        arrays = [np.load(os.path.join(path, f"{n}.npy"), mmap_mode=mode) for n in _ARRAYS]
+        arrays = [_load_array(os.path.join(path, f"{n}.npy"), mode) for n in _ARRAYS]
         log = cls.from_csr(*arrays, validate=validate)
         if (log.num_users, log.num_items, log.num_events) != (
             meta["num_users"],
@@ -275,3 +357,34 @@ class InteractionLog:
         if log.offsets[0] != 0 or log.offsets[-1] != log.num_events:
             raise ValueError(f"{path}: offsets do not span the {log.num_events} events")
         return log
+
+
+def _load_array(path: str, mode: Optional[str]) -> np.ndarray:
+    """A ``.npy`` array of a saved log, never unpickled; a damaged file is named."""
+    try:
+        return np.load(path, mmap_mode=mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: the saved log lacks it; {_AGAIN}") from None
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception:  # numpy raises many types for a damaged file (and suggests pickle)
+        raise DamagedFileError(f"{path} is damaged: {_npy_trouble(path)}; {_AGAIN}") from None
+
+
+def _npy_trouble(path: str) -> str:
+    """What is wrong with a ``.npy`` file that numpy does not load without pickle."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            return "it is empty" if f.tell() == 0 else "it is not a .npy array file"
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0
+            if version != (1, 0):
+                read = np.lib.format.read_array_header_2_0
+            dtype = read(f)[2]
+        except Exception:  # the header itself is damaged
+            return "it is cut short or not a .npy array the log wrote"
+    if dtype.hasobject:
+        return "it is not a .npy array of numbers or text (it holds Python objects)"
+    return "it is cut short or not a .npy array the log wrote"

@@ -137,13 +137,23 @@ def resolve_checkpoint(source: str, model: Optional[str] = None, seed: Optional[
 
 def select_users(log, users: str) -> np.ndarray:
     """User rows of ``log`` for ``users``: ``"all"``, or a file of raw user ids, one per line
-    (blank lines skipped), in the file's order."""
+    (blank lines skipped), in the file's order. The file is decoded as the data loader decodes
+    data files (UTF-8 without a BOM, else latin-1), so its ids are spelled as the log's."""
+    import io
+    from pathlib import Path
+
+    from spnn_fast._tables import read_text
+
     if users == "all":
         return np.arange(log.num_users, dtype=np.int64)
     if not os.path.isfile(users):
         raise FileNotFoundError(f"--users {users}: no such file (or pass --users all)")
-    with open(users) as f:
-        wanted = [line.strip() for line in f if line.strip()]
+    try:
+        text = read_text(Path(users))
+    except OSError as e:
+        raise OSError(e.errno, f"--users {users}: cannot read it ({e.strerror})") from None
+    lines = io.StringIO(text, newline=None)  # line ends as the file's lines end: \n, \r\n, \r
+    wanted = [line.strip() for line in lines if line.strip()]
     if not wanted:
         raise ValueError(f"--users {users} lists no user ids")
     index = {str(u): i for i, u in enumerate(log.user_ids)}

@@ -45,6 +45,18 @@ GENRE = [[0, 0, 0], [2, 3, 0], [1, 4, 5], [0, 0, 0], [3, 0, 0], [0, 0, 0], [0, 0
 GENRE_LABELS = ["", "Action", "Animation", "Comedy", "Crime", "Thriller"]
 
 
+@pytest.fixture(autouse=True, params=["pyarrow", "csv-reader"])
+def reader(request, monkeypatch):
+    """Every test runs with pyarrow reading the files and with the csv reader alone (pyarrow
+    hidden, as on a machine without it): both give the same logs and the same errors."""
+    if request.param == "pyarrow":
+        pytest.importorskip("pyarrow")
+    else:
+        for name in ("pyarrow", "pyarrow.compute", "pyarrow.csv", "pyarrow.parquet"):
+            monkeypatch.setitem(sys.modules, name, None)
+    return request.param
+
+
 def _write(folder: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -284,7 +296,7 @@ def test_csv(tmp_path):
 
 def test_ids_and_timestamps(tmp_path):
     text = "user,item,timestamp\n007,1,881250949.0\n7,1,1700000000123\n007,2,-5\n7,2,1\n007,3,1e3\n7,3,2\n"
-    ds = load(_write(tmp_path, "t.csv", text))
+    ds = load(_write(tmp_path, "t.csv", text), time_unit="s")  # 1700000000123 s, as asked
     # "007" and "7" are different ids, so the user ids stay strings
     np.testing.assert_array_equal(ds.log.user_ids, ["007", "7"])
     np.testing.assert_array_equal(ds.log.timestamps, [-5, 1000, 881250949, 1, 2, 1700000000123])
@@ -317,6 +329,23 @@ def test_bad_timestamps(tmp_path, value, message):
         load(path)
 
 
+def test_millisecond_timestamps_are_refused_or_converted(tmp_path):
+    rows = "".join(f"{u},{i},{t}\n" for u, i, t in [(1, 5, 1_700_000_000_900), (1, 6, 1_700_000_000_100),
+                                                   (1, 7, 1_700_000_002_000), (2, 5, 1_600_000_000_000)])  # fmt: skip
+    path = _write(tmp_path, "ms.csv", "user,item,timestamp\n" + rows)
+    with pytest.raises(ValueError, match=r"ms.csv: the timestamps look like milliseconds since "
+                                         r"1970, not seconds \(the largest magnitude is "
+                                         r"1700000002000; .*pass load\(\.\.\., time_unit='ms'\) "
+                                         r"to convert them, or time_unit='s'"):  # fmt: skip
+        load(path, min_events=1)
+    ds = load(path, min_events=1, time_unit="ms")
+    np.testing.assert_array_equal(ds.log.items, [2, 1, 3, 1])  # in millisecond order
+    np.testing.assert_array_equal(ds.log.timestamps, [1_700_000_000, 1_700_000_000, 1_700_000_002,
+                                                      1_600_000_000])  # fmt: skip
+    with pytest.raises(ValueError, match=r"time_unit='sec' is not one of"):
+        load(path, time_unit="sec")
+
+
 def test_timestamps_may_carry_spaces(tmp_path):
     text = INTER.replace("\t101\n", "\t 101 \n").replace("\t201.0\n", "\t201.0 \n")
     np.testing.assert_array_equal(load(_write(tmp_path, "s.inter", text)).log.timestamps,
@@ -344,6 +373,22 @@ def test_malformed_and_empty(tmp_path):
         load(_write(tmp_path, "x.inter", "user_id\titem_id:token\n1\t2\n"))
     with pytest.raises(ValueError, match=r"i.csv:2: empty user id"):
         load(_write(tmp_path, "i.csv", "user,item,time\n,2,3\n"))
+
+
+def test_a_side_file_listing_an_id_twice_is_an_error(tmp_path):
+    # The later row used to replace the earlier one silently.
+    _write(tmp_path, "mini.user", USER)
+    _write(tmp_path, "mini.item", ITEM.replace("40\tFour\t1995\tComedy", "20\tFour\t1995\tComedy"))
+    inter = _write(tmp_path, "mini.inter", INTER)
+    with pytest.raises(ValueError, match=r"mini.item:5: item id '20' is listed again \(first on "
+                                         r"line 3\); each item takes one row"):  # fmt: skip
+        load(inter)
+    folder = tmp_path / "ml-1m"
+    _write(folder, "ratings.dat", "1::10::5::1\n1::11::5::2\n2::10::5::3\n")
+    _write(folder, "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n\n1::M::1::10::1\n")
+    with pytest.raises(ValueError, match=r"users.dat:4: user id '1' is listed again \(first on "
+                                         r"line 1\)"):  # fmt: skip
+        load(folder, min_events=1)
 
 
 def test_names_paths_and_fields(tmp_path):

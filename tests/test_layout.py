@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # __init__ and __main__ sit above all.
 LAYERS = [
     {"_C", "limits", "_checks", "_io", "_lock", "_threads", "_tables", "distributed", "metrics"},
-    {"_ext", "reference", "sampling"},
+    {"_ext", "reference", "sampling", "_arrow"},
     {"backends", "_formats", "download", "kernels"},
     {"ops", "encode", "log", "fingerprint"},
     {"functional", "protocol", "data"},

@@ -54,23 +54,28 @@ def test_ties_keep_input_order():
     assert _events(log, 1) == [(13, 1), (10, 5), (12, 5), (15, 5), (16, 9)]
 
 
-def test_random_log_matches_a_python_sort():
+@pytest.mark.parametrize("times", ["narrow", "wide", "in order", "many users"])
+def test_random_log_matches_a_python_sort(times):
+    # Each takes another sort: narrow, (user, time) packed into one key; wide, times too far
+    # apart to pack; in order, a log sorted by time sorted by user alone; many users, in
+    # order, users sorted in two 16-bit passes.
     rng = np.random.default_rng(0)
     n = 2000
     users = rng.integers(0, 40, n) * 7 - 100
     items = rng.integers(0, 300, n) + 10**12
-    times = rng.integers(0, 50, n)  # many ties
-    log = InteractionLog(users, items, times)
+    if times == "many users":
+        users = np.arange(70_000)
+        users = np.concatenate([users, rng.choice(users, n)])
+        items = rng.integers(0, 300, len(users))
+    times = {"narrow": lambda: rng.integers(0, 50, len(users)),  # many ties
+             "wide": lambda: np.array([-(2**62), -5, 0, 7, 2**62])[rng.integers(0, 5, n)],
+             "in order": lambda: np.sort(rng.integers(0, 50, n)),
+             "many users": lambda: np.sort(rng.integers(0, 50, len(users)))}[times]()  # fmt: skip
+    log = InteractionLog(users, items, times, time_unit="s")
     log.validate()
-    for u, raw in enumerate(log.user_ids.tolist()):
-        want = sorted(
-            [
-                (int(t), k, int(i))
-                for k, (r, i, t) in enumerate(zip(users, items, times))
-                if r == raw
-            ]
-        )
-        assert _events(log, u) == [(i, t) for t, _, i in want]
+    want = sorted(range(len(users)), key=lambda k: (users[k], times[k], k))
+    got = zip(np.repeat(log.user_ids, log.lengths), log.item_ids[log.items - 1], log.timestamps)
+    assert [tuple(map(int, e)) for e in got] == [(users[k], items[k], times[k]) for k in want]
 
 
 def test_string_and_other_ids():
@@ -89,6 +94,19 @@ def test_string_and_other_ids():
     log = InteractionLog(big, big, torch.tensor([1, 2]))
     assert log.user_ids.tolist() == [2**63, 2**64 - 1]
     assert log.items.tolist() == [1, 2]  # user 2**63 first, with item 2**63 (id 1)
+
+
+@pytest.mark.parametrize("kind", [list, tuple])
+def test_id_lists_mixing_integers_and_text_are_read_as_object_arrays(kind):
+    # numpy would turn [1, "1"] into the strings ["1", "1"]: two users become one.
+    with pytest.raises(ValueError, match=r"users holds the ids 1 and '1', one id once written"):
+        InteractionLog(kind([1, "1"]), [1, 1], [0, 0])
+    with pytest.raises(ValueError, match=r"items holds the ids '7' and 7, one id once written"):
+        InteractionLog([1, 1], kind(["7", 7]), [0, 0])
+    log = InteractionLog(kind([2, "a"]), [1, 1], [0, 0])  # no clash: text, as an object array
+    assert log.user_ids.tolist() == ["2", "a"]
+    with pytest.raises(TypeError, match=r"users must hold integer or string ids, got b'1'"):
+        InteractionLog(kind([b"1", 1]), [1, 1], [0, 0])
 
 
 def test_empty_log():
@@ -226,4 +244,70 @@ def test_load_errors(tmp_path):
         InteractionLog.load(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "format": "other/9"}))
     with pytest.raises(ValueError, match="unknown format 'other/9'"):
+        InteractionLog.load(tmp_path)
+
+
+# ---------------------------------------------------------------------------- time units
+MS = np.array([1_700_000_000_900, 1_700_000_000_100, 1_700_000_002_000])
+
+
+@pytest.mark.parametrize(
+    ("scale", "name", "unit"),
+    [(1, "milliseconds", "ms"), (10**3, "microseconds", "us"), (10**6, "nanoseconds", "ns")],
+)
+def test_epoch_timestamps_in_a_finer_unit_are_refused(scale, name, unit):
+    with pytest.raises(ValueError, match=rf"timestamps look like {name} since 1970, not seconds "
+                                         rf".* pass InteractionLog\(\.\.\., time_unit='{unit}'\)"):  # fmt: skip
+        InteractionLog([1, 1, 1], [5, 6, 7], MS * scale)
+    log = InteractionLog([1, 1, 1], [5, 6, 7], MS * scale, time_unit=unit)
+    # ordered by the given timestamps, kept as whole seconds
+    assert log.item_ids[log.items - 1].tolist() == [6, 5, 7]
+    assert log.timestamps.tolist() == [1_700_000_000, 1_700_000_000, 1_700_000_002]
+
+
+def test_time_unit_s_keeps_large_seconds_and_checks_its_value():
+    log = InteractionLog([1, 1], [5, 6], MS[:2], time_unit="s")
+    assert log.timestamps.tolist() == sorted(MS[:2].tolist())
+    assert InteractionLog([1], [5], [-(10**10)]).timestamps.tolist() == [-(10**10)]  # year 1653
+    with pytest.raises(ValueError, match=r"time_unit='h' is not one of \['s', 'ms', 'us', 'ns'\]"):
+        InteractionLog([1], [5], [1], time_unit="h")
+    with pytest.raises(TypeError, match=r"time_unit must be a str or None, got int"):
+        InteractionLog([1], [5], [1], time_unit=1000)
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "match"),
+    [
+        ("meta.json", b"", r"meta.json is damaged: it is empty"),
+        ("meta.json", b'{"format": "spnn_fast.Interac', r"meta.json is damaged: it is not valid JSON"),
+        ("meta.json", b"[1, 2]", r"meta.json does not hold a JSON object"),
+        ("meta.json", b'{"format": "spnn_fast.InteractionLog/1"}',
+         r"meta.json lacks num_users, num_items, num_events"),
+        ("items.npy", b"", r"items.npy is damaged: it is empty"),
+        ("items.npy", b"not an array at all", r"items.npy is damaged: it is not a \.npy array"),
+        ("timestamps.npy", "half", r"timestamps.npy is damaged: it is cut short or not a \.npy"),
+        ("user_ids.npy", "objects", r"user_ids.npy is damaged: it is not a \.npy array of "
+                                    r"numbers or text"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("mmap", [True, False])
+def test_load_names_a_damaged_file(tmp_path, file, damage, match, mmap):
+    InteractionLog([0, 1, 1], [1, 2, 3], [5, 6, 7]).save(tmp_path)
+    path = tmp_path / file
+    if damage == "half":
+        data = path.read_bytes()
+        damage = data[: len(data) - 8]
+    elif damage == "objects":
+        np.save(path, np.array(["a", 1], dtype=object), allow_pickle=True)
+        damage = path.read_bytes()
+    path.write_bytes(damage)
+    with pytest.raises(ValueError, match=match) as err:
+        InteractionLog.load(tmp_path, mmap=mmap)
+    assert "pickle" not in str(err.value) and "save the log again" in str(err.value)
+
+
+def test_load_names_a_missing_array(tmp_path):
+    InteractionLog([0, 1], [1, 2], [5, 6]).save(tmp_path)
+    (tmp_path / "items.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"items.npy: the saved log lacks it"):
         InteractionLog.load(tmp_path)
