@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 from spnn_fast import backends, limits
 from spnn_fast._checks import check_device, is_int, is_real, plain_number
+from spnn_fast.log import TIME_UNITS
 from spnn_fast.model import MODEL_BACKENDS, SPNN, SPNNConfig
 from spnn_fast.reference.distill_ensemble import ENSEMBLES
 from spnn_fast.trainconfig import (
@@ -73,6 +74,9 @@ class ExperimentConfig:
 
     dataset: str = setting("ml-100k", "a known data set name, or the path of a RecBole .inter "
                            "file, a MovieLens-1M ratings.dat or a CSV file", aliases=("--data",))  # fmt: skip
+    time_unit: Optional[str] = setting(None, "the unit of the data's timestamps, s, ms, us or "
+                                       "ns (None: seconds, refusing values that look like ms, "
+                                       "us or ns)")  # fmt: skip
     seeds: int = setting(3, "seeds 0..N-1; each trains the three models")
     epochs: int = setting(_T.epochs, "epoch budget; early stopping ends most runs before it")
     device: str = setting("cpu", "where to train: cpu, cuda or cuda:N")
@@ -146,6 +150,8 @@ class ExperimentConfig:
         report_fields("", self, {
             "dataset": (isinstance(self.dataset, str) and bool(self.dataset.strip()),
                         "a data set name or a path of data (a string that is not empty)"),
+            "time_unit": (self.time_unit is None or self.time_unit in TIME_UNITS,
+                          f"None or one of {', '.join(TIME_UNITS)}"),
             "seeds": (is_int(self.seeds, 1), "an integer >= 1"),
             "dropout": (is_real(self.dropout, 0.0) and self.dropout < 1.0, "a number in [0, 1)"),
             "teacher_dropout": (t is None or (is_real(t, 0.0) and t < 1.0),

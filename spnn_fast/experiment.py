@@ -94,7 +94,7 @@ def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, data, log,
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         save_checkpoint(model, os.path.join(out_dir, "best.pt"), name=name, seed=seed,
-                        dataset=cfg.dataset, data=data)  # fmt: skip
+                        dataset=cfg.dataset, data=data, time_unit=cfg.time_unit)  # fmt: skip
         write_json(result, result_path)
     if size > 1:  # the other ranks read best.pt next (the teacher of student_kd)
         torch.distributed.barrier()
@@ -164,7 +164,7 @@ def _prepare(cfg: ExperimentConfig, run_dir: str, allow_changed_data: bool,
     """The checks of a run that need its data, in the claimed folder, before run.json is
     written: (data set, its fingerprint, the config with its sizes chosen, the run.json
     extras)."""
-    ds = load(cfg.dataset)
+    ds = load(cfg.dataset, time_unit=cfg.time_unit)
     log(f"data: {ds}")
     data = data_fingerprint(cfg.dataset)
     sized = cfg.for_data(ds)
@@ -348,7 +348,8 @@ def checkpoint_data(path: str, ck: Dict, dataset: Optional[str] = None, *,
     if recorded is not None and not is_fingerprint(recorded):
         raise DamagedFileError(f"{path}: its data fingerprint is damaged; give --dataset and "
                                f"--allow-changed-data to use it anyway")  # fmt: skip
-    ds = load(source)  # first: a named data set may need its download
+    # first: a named data set may need its download
+    ds = load(source, time_unit=ck.get("time_unit"))
     check_same_data(recorded, data_fingerprint(source), path,
                     allow_changed=allow_changed_data, log=log)  # fmt: skip
     items = ck["config"]["num_items"]

@@ -312,13 +312,16 @@ def check_same_run(cfg: ExperimentConfig, run_dir: str, ds=None) -> None:
 
 # ------------------------------------------------------------------------------ models
 def save_checkpoint(model: SPNN, path: str, *, name: str, seed: int, dataset: str,
-                    data: Optional[Dict] = None) -> None:  # fmt: skip
+                    data: Optional[Dict] = None, time_unit: Optional[str] = None) -> None:  # fmt: skip
     """The selected model, as ``spnn-fast eval`` and :func:`load_checkpoint` read it (with
-    ``data``, the fingerprint of the data it was trained on)."""
+    ``data``, the fingerprint of the data it was trained on, and the unit its timestamps were
+    read in)."""
     ck = {"format": CHECKPOINT_FORMAT, "model": name, "seed": seed,
           "config": model.config.to_dict(), "state_dict": model.state_dict(), "dataset": dataset}  # fmt: skip
     if data is not None:
         ck["data"] = data
+    if time_unit is not None:
+        ck["time_unit"] = time_unit
     atomic_write(path, lambda f: torch.save(ck, f))
 
 
