@@ -131,9 +131,10 @@ class ExperimentConfig:
                                      "(None: $SPNN_FAST_BACKEND, else auto)")  # fmt: skip
     compile: bool = setting(_T.compile, "torch.compile each training step whole (fullgraph, "
                             "static shapes); the same losses to float tolerance")  # fmt: skip
-    teacher_cache_mb: float = setting(_T.teacher_cache_mb, "student_kd keeps its teacher's "
-                                      "outputs on every window when they fit in this many MiB "
-                                      "(0: the teacher runs on every batch; same results)")  # fmt: skip
+    teacher_cache_mb: Optional[float] = setting(
+        _T.teacher_cache_mb, "student_kd keeps its teacher's outputs on every window when they "
+        "fit in this many MiB (0: the teacher runs on every batch, same results; None: a quarter "
+        "of the memory available on the device)")  # fmt: skip
 
     # What may change when a run folder is reused: the device (a run may go on elsewhere), the
     # number of seeds (a run may gain seeds; the ones done are reused) and the teacher cache's

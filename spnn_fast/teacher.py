@@ -6,12 +6,16 @@ distillers read, over the student's columns) of this step's windows. With
 ``teacher_input="full"`` the teacher reads each window whole, so its view of a window never
 changes while the student trains: :class:`TeacherCache` computes it once for every training
 window and each step gathers its rows. Otherwise (``"cut"``: the teacher reads the student's own
-cut input; or a cache above ``teacher_cache_mb``) the teacher runs on every batch.
+cut input; or a cache over its budget) the teacher runs on every batch. The budget is
+``teacher_cache_mb``, or by default a quarter of the memory available on the training device when
+training starts (shared by the processes of one machine under torchrun); :attr:`TeacherOutputs.note`
+says in one line which way it went and why.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import os
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,7 +28,13 @@ from spnn_fast.encode import SequenceBatch
 from spnn_fast.model import SPNN
 from spnn_fast.objective import TeacherView
 
-__all__ = ["TeacherCache", "TeacherOutputs", "teacher_view"]
+__all__ = ["CACHE_SHARE", "TeacherCache", "TeacherOutputs", "available_memory", "cache_budget",
+           "teacher_view"]  # fmt: skip
+
+# The share of the memory available on the training device that the teacher cache may take when
+# TrainConfig.teacher_cache_mb is None.
+CACHE_SHARE = 0.25
+_MIB, _GIB = 2**20, 2**30
 
 # (rows, ends) of windows -> their batch, as long as the teacher's window, on the device
 BatchFn = Callable[[np.ndarray, np.ndarray], SequenceBatch]
@@ -45,6 +55,37 @@ def teacher_view(
         if i == own:
             outs = {k: v[:, -L:] for k, v in out.layers.items()}
     return hiddens, outs
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes of memory free for new tensors on ``device`` now: CUDA's free memory, or on the CPU
+    the kernel's MemAvailable (free plus reclaimable page cache); None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def cache_budget(teacher_cache_mb: Optional[float], device: torch.device) -> Tuple[int, str]:
+    """(bytes the teacher cache may take, where that figure comes from)."""
+    if teacher_cache_mb is not None:
+        return int(teacher_cache_mb * _MIB), f"teacher_cache_mb={teacher_cache_mb:g}"
+    free = available_memory(device)
+    if free is None:
+        return 0, f"the free memory of {device} cannot be read; set teacher_cache_mb"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    shared = f", shared by {local} processes" if local > 1 else ""
+    why = f"{CACHE_SHARE:g} of the {free / _GIB:.1f} GiB available on {device}{shared}"
+    return int(free * CACHE_SHARE / local), why
 
 
 class TeacherCache:
@@ -107,6 +148,7 @@ class TeacherOutputs:
         layers: the teacher layers the distillers read.
         tcfg: the student's training config (``teacher_input``, ``teacher_cache_mb``,
             ``eval_batch_size`` for building the cache).
+        device: the training device (the cache's budget reads its free memory).
         windows: ``(rows, ends)`` of every training window (a step names windows by index).
         L: the student's window length (the columns of a view).
         batch: builds the teachers' batch of some windows (see :data:`BatchFn`).
@@ -114,16 +156,28 @@ class TeacherOutputs:
 
     def __init__(
         self, teachers: Sequence[SPNN], own: int, layers: Sequence[str], tcfg: TrainConfig,
-        windows, L: int, batch: BatchFn,
+        windows, L: int, batch: BatchFn, device: Union[str, torch.device] = "cpu",
     ) -> None:  # fmt: skip
         self.teachers, self.own, self.layers, self.tcfg = list(teachers), own, tuple(layers), tcfg
         self.windows, self.L, self.batch = windows, L, batch
         self._cache: Optional[TeacherCache] = None
         n = len(windows[0])
-        self.cached = tcfg.teacher_input == "full" and (
-            TeacherCache.nbytes(self.teachers, own, self.layers, n, L)
-            <= tcfg.teacher_cache_mb * 2**20
-        )
+        if tcfg.teacher_input != "full":
+            self.cached = False
+            self.note = (f"the teacher runs on every batch: it reads the student's own cut "
+                         f"input (teacher_input={tcfg.teacher_input!r})")  # fmt: skip
+            return
+        need = TeacherCache.nbytes(self.teachers, own, self.layers, n, L)
+        budget, why = cache_budget(tcfg.teacher_cache_mb, torch.device(device))
+        self.cached = need <= budget
+        size = f"its outputs on the {n:,} training windows take {need / _MIB:,.0f} MiB"
+        if self.cached:
+            self.note = (
+                f"the teacher's outputs are cached: {size}, within {budget / _MIB:,.0f} MiB ({why})"
+            )
+        else:
+            self.note = (f"the teacher runs on every batch: {size}, over the {budget / _MIB:,.0f} "
+                         f"MiB allowed ({why}; --teacher-cache-mb sets it)")  # fmt: skip
 
     def cache(self) -> Optional[TeacherCache]:
         """The cache of every window's view, built on first use (a collective under

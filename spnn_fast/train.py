@@ -105,7 +105,7 @@ class Trainer:
         if teacher is not None:
             own = next(i for i, t in enumerate(teachers) if t is teacher)
             self.teacher = TeacherOutputs(teachers, own, self.objective.teacher_layers, tcfg,
-                                          self.windows, L, self._batch)  # fmt: skip
+                                          self.windows, L, self._batch, self.device)  # fmt: skip
         self.progress, self.desc = progress and self.rank == 0, desc
         self.history: List[Dict] = []
         self.epoch = 0
@@ -201,6 +201,8 @@ class Trainer:
                 )
             )
             log(f"{self.desc}: resumed after epoch {self.epoch}")
+        if self.teacher is not None and self.rank == 0:
+            log(f"{self.desc}: {self.teacher.note}")
         while self.epoch < self.tcfg.epochs and self.bad_epochs < self.tcfg.patience:
             self._fit_epoch(log)
             if last_path and self.rank == 0:

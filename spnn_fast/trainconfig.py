@@ -88,10 +88,11 @@ class TrainConfig:
     ensemble: str = "distributions"
     # With teacher_input="full" the frozen teacher's outputs on each window never change: they are
     # computed once, over every training window, and kept on the training device when they take
-    # at most this many MiB (0: the teacher runs on every batch). Same values either way (bitwise
+    # at most this many MiB (0: the teacher runs on every batch; None: a quarter of the memory
+    # available on the device, spnn_fast.teacher.cache_budget). Same values either way (bitwise
     # on the CPU; a GPU may round the last bit differently). Under DDP the ranks split the
     # teacher's work and each holds the whole cache (every rank meets every window).
-    teacher_cache_mb: float = 1024.0
+    teacher_cache_mb: Optional[float] = None
     d_knowledge: int = 64
     detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
     # torch.compile the training step (the model and its loss, forward and backward) whole:
@@ -122,7 +123,9 @@ class TrainConfig:
             "alpha": (is_real(self.alpha, 0.0, 1.0), "a number in [0, 1]"),
             "temperature": (is_real(self.temperature, 1e-6), "a finite number >= 1e-6"),
             "feature_weight": (is_real(self.feature_weight, 0.0), "a finite number >= 0"),
-            "teacher_cache_mb": (is_real(self.teacher_cache_mb, 0.0), "a finite number >= 0"),
+            "teacher_cache_mb": (self.teacher_cache_mb is None
+                                 or is_real(self.teacher_cache_mb, 0.0),
+                                 "None (a quarter of the free memory) or a finite number >= 0"),
             "d_knowledge": (is_int(self.d_knowledge, 1), "an integer >= 1"),
             "compile": (isinstance(self.compile, bool), "True or False"),
             "detector_weight": (is_real(self.detector_weight, 0.0), "a finite number >= 0"),

@@ -775,7 +775,8 @@ def test_a_teacher_reads_at_least_the_students_window(cycle_ds, tmp_path):
 
 
 def test_teacher_cache_flag_reaches_the_distilled_student():
-    for flag, want in (([], 1024.0), (["--teacher-cache-mb", "0"], 0.0)):
+    for flag, want in (([], None), (["--teacher-cache-mb", "0"], 0.0),
+                       (["--teacher-cache-mb", "None"], None)):  # fmt: skip
         assert _train_cli_config(*flag).train_configs()["student_kd"].teacher_cache_mb == want
     with pytest.raises(ValueError, match="teacher_cache_mb"):
         _train_cli_config("--teacher-cache-mb", "-1")
@@ -906,3 +907,35 @@ def test_every_setting_of_the_run_is_a_train_flag(capsys):
         assert f"(default: {f.default})" in " ".join(text.split()), f.name
     assert _train_cli_config("--teacher-max-len", "None").teacher_max_len is None
     assert _train_cli_config("--no-use-side-features").use_side_features is False
+
+
+def test_teacher_cache_budget_from_free_memory_and_its_log_line(cycle_ds, monkeypatch):
+    """teacher_cache_mb None: a quarter of the memory available on the device (shared by the
+    processes of one machine); one log line says whether the teacher is cached and why."""
+    import spnn_fast.teacher as T
+
+    assert T.available_memory(torch.device("cpu")) > 0
+    teacher = _tiny_model(cycle_ds, detector_layers=["layers.0"])
+    student = _tiny_model(cycle_ds)
+    n = len(Trainer(student, cycle_ds, TrainConfig(), seed=0).windows[0])
+    need = n * 8 * 16 * 2 * 4  # windows x L x d x (hidden + one layer) x fp32 bytes
+    tcfg = TrainConfig(layer_pairs=[("layers.0", "layers.0")])
+    assert tcfg.teacher_cache_mb is None
+    for free, local, cached in ((4 * need, "1", True), (4 * need - 4, "1", False),
+                                (8 * need, "2", True), (8 * need - 8, "2", False)):  # fmt: skip
+        monkeypatch.setattr(T, "available_memory", lambda device, free=free: free)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
+        assert tr.teacher.cached == cached, (free, local)
+        assert ("cached" in tr.teacher.note) == cached and "0.25 of the" in tr.teacher.note
+        assert ("shared by 2 processes" in tr.teacher.note) == (local == "2")
+    monkeypatch.setattr(T, "available_memory", lambda device: None)
+    tr = Trainer(student, cycle_ds, tcfg, teacher=teacher, seed=0)
+    assert not tr.teacher.cached and "cannot be read; set teacher_cache_mb" in tr.teacher.note
+    cut = dataclasses.replace(tcfg, teacher_input="cut")
+    note = Trainer(student, cycle_ds, cut, teacher=teacher, seed=0).teacher.note
+    assert note.startswith("the teacher runs on every batch: it reads the student's own cut")
+    lines = []
+    small = dataclasses.replace(tcfg, epochs=1, teacher_cache_mb=0)
+    Trainer(student, cycle_ds, small, teacher=teacher, seed=0).fit(log=lines.append)
+    assert any("over the 0 MiB allowed (teacher_cache_mb=0" in x for x in lines), lines
