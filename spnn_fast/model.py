@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from spnn_fast import backends
 from spnn_fast._checks import is_int, is_real, plain_number
 from spnn_fast.limits import MAX_TIME_BUCKETS
-from spnn_fast.nn import KnowledgeDetector, SemanticAttention
+from spnn_fast.nn import FastDropout, KnowledgeDetector, SemanticAttention
 
 __all__ = ["MODEL_BACKENDS", "SPNN", "SPNNConfig", "SPNNOutput", "Recommendations", "window_items"]
 
@@ -182,7 +182,7 @@ class SemanticPerceptionLayer(nn.Module):
         )
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.ff = _FeedForward(cfg.d_model, d_ff)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = FastDropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor, timestamps: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x), key_mask=mask, timestamps=timestamps)
@@ -230,7 +230,7 @@ class SPNN(nn.Module):
         )
         self.gate = nn.Linear(n_feats * d, n_feats)
         self.embed_norm = nn.LayerNorm(d)
-        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.embed_drop = FastDropout(cfg.dropout)
         self.layers = nn.ModuleList(SemanticPerceptionLayer(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d)
         # Knowledge detectors (teachers): attention-pooling heads over the named layers.

@@ -159,3 +159,30 @@ def test_nn_names_its_public_modules():
     namespace = {}
     exec("from spnn_fast.nn import *", namespace)
     assert sorted(n for n in namespace if n != "__builtins__") == snn.__all__
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.35, 0.9, 1.0])
+def test_fast_dropout_is_dropout(p):
+    """Each element kept with probability 1 - p and scaled by 1 / (1 - p), the gradient through
+    the same mask; identity in eval mode; the repr and state of nn.Dropout."""
+    from spnn_fast.nn import FastDropout
+
+    torch.manual_seed(0)
+    d = FastDropout(p)
+    assert repr(d) == repr(torch.nn.Dropout(p)).replace("Dropout", "FastDropout")
+    assert d.state_dict() == {}
+    x = torch.rand(200, 500) + 0.5  # no zeros: a zero output means dropped
+    x.requires_grad_(True)
+    y = d(x)
+    kept = y != 0
+    n = kept.numel()
+    rate = float(kept.sum()) / n
+    sd = ((1 - p) * p / n) ** 0.5
+    assert abs(rate - (1 - p)) <= 6 * sd + 1e-12, (rate, p)
+    if p < 1:
+        torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    y.sum().backward()
+    want = kept.float() / (1 - p) if p < 1 else torch.zeros_like(x)
+    torch.testing.assert_close(x.grad, want)
+    d.eval()
+    assert torch.equal(d(x), x)
