@@ -162,7 +162,7 @@ def _init_distributed(device: str, timeout: float) -> bool:
 
 
 def _cmd_train(args) -> int:
-    from spnn_fast._threads import fix_threads
+    from spnn_fast._threads import fix_threads, retain_freed_memory
     from spnn_fast.experiment import run
     from spnn_fast.report import markdown
 
@@ -174,6 +174,7 @@ def _cmd_train(args) -> int:
     # run's own when it goes on.
     threads, warning = _threads(args, out)
     fix_threads(threads)
+    retain_freed_memory()  # speed only: the same results either way
     distributed = _init_distributed(cfg.device, args.dist_timeout)
     log = lambda *a, **k: print(*a, **k, flush=True)  # noqa: E731  (seen at once through a pipe)
     if distributed:
