@@ -897,3 +897,39 @@ def test_modules_wrap_the_functions():
     no_teacher = snn.SampledDistillationLoss(backend="torch")  # alpha 0 without a teacher
     assert torch.equal(no_teacher(inp["h"], inp["w"], target=inp["y"], negatives=inp["neg"]),
                        call("kd", dict(inp, log_q=None), alpha=0.0, backend="torch"))  # fmt: skip
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.7, 1.0])
+def test_torch_path_scores_counted_rows_only(monkeypatch, alpha, ignore_frac):
+    """Every position of a batch may go in with ignore_index at the others (static shapes):
+    the chunked path forms the candidates' logits of the counted rows alone, same results."""
+    import spnn_fast.functional as SF
+
+    inp = make_inputs(37, 9, seed=3, ignore_frac=ignore_frac)
+    seen = []
+    chunks = ref._Chunks
+
+    class Spy(chunks):
+        def __init__(self, h, *rest):
+            seen.append(h.shape[0])
+            super().__init__(h, *rest)
+
+    monkeypatch.setattr(ref, "_Chunks", Spy)
+
+    def loss(i):
+        h = i["h"].detach().clone().requires_grad_()
+        w = i["w"].detach().clone().requires_grad_()
+        out = SF.sampled_distillation_loss(h, w, i["ht"], i["wt"], i["y"], i["neg"],
+                                           log_q=i["log_q"], alpha=alpha, reduction="sum",
+                                           backend="torch")  # fmt: skip
+        out.backward()
+        return out, h.grad, w.grad
+
+    got = loss(inp)
+    counted = int((inp["y"] != IGNORE).sum())
+    assert seen == [counted, counted], seen
+    monkeypatch.setattr(ref, "_Chunks", chunks)
+    want = loss(to64(inp))
+    for name, a, e in zip(("loss", "d_hidden", "d_items"), got, want):
+        assert_close(a, e, name)

@@ -40,7 +40,13 @@ import torch
 from torch import Tensor
 
 from spnn_fast.reference import distill as _distill
-from spnn_fast.reference.distill import compute_dtype, reduce_rows
+from spnn_fast.reference.distill import (
+    compute_dtype,
+    counted_rows,
+    pick_rows,
+    reduce_rows,
+    scatter_rows,
+)
 
 __all__ = [
     "chunk_rows",
@@ -257,7 +263,15 @@ def sampled_rows_chunked(
     """Row losses ``[N]`` (0 at ignored rows) and the log-sum-exps ``lse_s`` (of ``s``),
     ``lse_sT`` (of ``s / T``), ``lse_tT`` (of ``t / T``) over each row's candidates; a statistic
     the call does not need is 0. ``rows`` overrides :func:`chunk_rows`. Inputs are validated by
-    the caller; ``target`` and ``negatives`` are int64, ``log_q`` is in the accumulation dtype."""
+    the caller; ``target`` and ``negatives`` are int64, ``log_q`` is in the accumulation dtype.
+    Only the rows whose target counts are scored (the others' losses and statistics are 0)."""
+    idx = counted_rows(target, ignore_index)
+    if idx is not None:
+        h, ht, y = pick_rows(idx, hidden, teacher_hidden, target)
+        part = sampled_rows_chunked(h, items, ht, teacher_items, y, negatives, log_q,
+                                    temperature, alpha, remove_accidental_hits, ignore_index,
+                                    rows)  # fmt: skip
+        return scatter_rows(idx, hidden.shape[0], *part)
     with _no_autocast(hidden):
         c = _Chunks(hidden, items, teacher_hidden, teacher_items, target, negatives, log_q,
                     temperature, alpha, remove_accidental_hits, ignore_index, rows)  # fmt: skip
@@ -311,7 +325,17 @@ def sampled_rows_chunked_backward(
     rows: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``(d_hidden [N, D], d_items [C, D])`` for ``grad_rows [N]`` on the row losses, the
-    candidates' probabilities re-formed chunk by chunk from the saved log-sum-exps."""
+    candidates' probabilities re-formed chunk by chunk from the saved log-sum-exps (of the
+    rows whose target counts; the others get no gradient)."""
+    idx = counted_rows(target, ignore_index)
+    if idx is not None:
+        picked = pick_rows(idx, grad_rows, hidden, teacher_hidden, target, lse_s, lse_st, lse_tt)
+        g, h, ht, y, s1, s2, s3 = picked
+        d_part, d_w = sampled_rows_chunked_backward(
+            g, h, items, ht, teacher_items, y, negatives, log_q, s1, s2, s3, temperature, alpha,
+            remove_accidental_hits, ignore_index, rows,
+        )  # fmt: skip
+        return scatter_rows(idx, hidden.shape[0], d_part)[0], d_w
     with _no_autocast(hidden):
         c = _Chunks(hidden, items, teacher_hidden, teacher_items, target, negatives, log_q,
                     temperature, alpha, remove_accidental_hits, ignore_index, rows)  # fmt: skip
