@@ -105,20 +105,22 @@ class Objective(nn.Module):
     def teacher(self) -> Optional[SPNN]:
         return self._teacher[0] if self._teacher else None
 
-    def normalizers(self, b: SequenceBatch, device: torch.device) -> Dict[str, float]:
+    def normalizers(self, b: SequenceBatch, device: torch.device) -> Dict[str, Tensor]:
         """Global counts the losses are divided by (summed over ranks, so that N processes take
-        the steps one process takes with the same global batch): targets, rows, detector rows."""
+        the steps one process takes with the same global batch): targets, rows, detector rows,
+        each a 0-dim float32 tensor on ``device`` (a tensor, not a number: a compiled step
+        takes each batch's counts without compiling again)."""
         aux_rows = detector_targets(b)[2].sum() if self.model.config.detector_layers else 0
         local = torch.tensor(
             [float((b.targets > 0).sum()), float(b.items.shape[0]), float(aux_rows)],
             dtype=torch.float64,
         )
         g = all_sum(local.to(device) if device.type == "cuda" else local).cpu()
-        return {"targets": max(g[0].item(), 1.0), "rows": max(g[1].item(), 1.0),
-                "aux": max(g[2].item(), 1.0)}  # fmt: skip
+        counts = g.clamp(min=1.0).to(device=device, dtype=torch.float32)
+        return {"targets": counts[0], "rows": counts[1], "aux": counts[2]}
 
     def forward(
-        self, b: SequenceBatch, norm: Dict[str, float], t_view: Optional[TeacherView] = None
+        self, b: SequenceBatch, norm: Dict[str, Tensor], t_view: Optional[TeacherView] = None
     ) -> Tuple[Tensor, Dict]:
         """Loss of the student batch ``b`` (``t_view``: the teachers' view of the same windows,
         required with a teacher; its hidden states in the order of ``logit_teachers``) and its

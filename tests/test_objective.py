@@ -90,7 +90,7 @@ def test_static_loss_equals_the_selected_one(setup, name):
     b = _batch(ds, rows[:24], ends[:24], keep=np.r_[np.full(12, 8), np.arange(12) % 5])
     assert bool((b.targets == -100).any()) and bool((b.targets > 0).any())
     t_view = teacher_view([teacher], 0, b, 8, obj.teacher_layers) if teacher is not None else None
-    norm = {"targets": 1.0, "rows": float(b.batch_size), "aux": 1.0}
+    norm = {k: torch.tensor(v) for k, v in (("targets", 1.0), ("rows", b.batch_size), ("aux", 1.0))}
     got, _ = obj(b, norm, t_view)
     want = _selected_loss(obj, b, t_view)
     named = [(n, p) for n, p in obj.named_parameters() if p.requires_grad]
@@ -112,11 +112,11 @@ def test_the_step_compiles_whole_and_once(setup, name):
     teacher = models["teacher"] if name == "student_kd" else None
     obj = Objective(models[name], tcfgs[name], teacher)
     compiled = torch.compile(obj, fullgraph=True, dynamic=False, backend="aot_eager")
-    norm = {"targets": 1.0, "rows": 16.0, "aux": 1.0}
     torch._dynamo.reset()
     try:
         for i, keep in enumerate([np.full(16, 8), np.arange(16) % 6, np.ones(16, np.int64)]):
             b = _batch(ds, rows[16 * i : 16 * i + 16], ends[16 * i : 16 * i + 16], keep)
+            norm = obj.normalizers(b, torch.device("cpu"))  # other counts in each batch
             t_view = (teacher_view([teacher], 0, b, 8, obj.teacher_layers)
                       if teacher is not None else None)  # fmt: skip
             want, _ = obj(b, norm, t_view)
@@ -135,7 +135,8 @@ def test_norm_counts_the_targets(setup):
     obj = Objective(models["student"], dataclasses.replace(tcfgs["student"]), None)
     b = _batch(ds, rows[:10], ends[:10], keep=np.arange(10) % 4)
     norm = obj.normalizers(b, torch.device("cpu"))
-    assert norm["targets"] == float((b.targets > 0).sum()) and norm["rows"] == 10.0
+    assert float(norm["targets"]) == float((b.targets > 0).sum()) and float(norm["rows"]) == 10.0
+    assert all(t.dtype == torch.float32 and t.dim() == 0 for t in norm.values())
 
 
 def test_trainer_compile_setting_trains_the_same_steps(setup, monkeypatch):
