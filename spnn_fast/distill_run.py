@@ -1,0 +1,300 @@
+"""``spnn-fast distill RUN``: one model trained from the teachers of a finished ``spnn-fast
+train`` run, evaluated on every split, and reported next to them.
+
+The model is the run's student_kd but for its shape (``width``, ``layers``, ``heads``) and what it
+learns from (``teachers``): the ensemble of every seed's teacher, combined as the run's
+``kd_ensemble`` says (``"all"``), the teacher of its seed (``"seed"``), or nothing (``"none"``: the
+same model trained plainly, the baseline a distilled model is paired with, seed by seed). Every
+other setting (window, dropout, learning rate, epochs, patience, window stride, cuts, alpha,
+temperature, the feature term's weight and teacher input, side features, backend) is the run's,
+from its run.json. The feature term pairs the model's last layer with the last layer of its
+seed's teacher, as student_kd's does (both embedded into ``d_knowledge`` dims: any width pairs).
+Seed S initialises the model as seed S initialises the run's student_kd (a plain model: the run's
+student) and seeds its training, so a model of the students' shape is the run's own, bitwise.
+
+The model lives in the run folder, ``seed<S>/<name>/`` (:mod:`spnn_fast.distill_record`), under
+the run folder's guarantees: the run's lock for the whole command, the data checked against the
+run's fingerprint, every argument checked before anything is written, a stopped model resumed
+from its last.pt and a finished one reused, a damaged file named with its recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from spnn_fast._checks import is_int
+from spnn_fast._io import check_path_arg, file_sha256, same_file
+from spnn_fast.config import MAX_LAYERS, MAX_WIDTH, ExperimentConfig, num_parameters
+from spnn_fast.data import Dataset, load
+from spnn_fast.distill_record import (
+    TEACHERS,
+    check_name,
+    check_record,
+    default_name,
+    make_record,
+    write_record,
+)
+from spnn_fast.distill_report import REPORT_FORMAT, make_row, markdown, write_report
+from spnn_fast.experiment import (
+    ENSEMBLE,
+    METRICS,
+    MODELS,
+    _ensemble_result,
+    _train_one,
+    check_memory,
+)
+from spnn_fast.fingerprint import absolute_dataset, check_same_data, data_fingerprint
+from spnn_fast.model import SPNN
+from spnn_fast.runfolder import (
+    claim,
+    load_checkpoint,
+    model_dir,
+    read_result,
+    read_run_config,
+    read_run_data,
+    run_file,
+)
+
+__all__ = ["add_arguments", "distill", "main"]
+
+# The splits every row of the report holds (a result.json's, validation included).
+SPLITS = ("valid", "test", "cold@3", "cold@5", "cold@10")
+
+
+def _check_arguments(width, layers, heads, seed, teachers, name, out) -> None:
+    """ValueError naming the flag of the first argument that no run could take."""
+    for flag, value, low, high, default in (
+        ("--width", width, 1, MAX_WIDTH, "the teacher's width"),
+        ("--layers", layers, 1, MAX_LAYERS, "the run's"),
+        ("--heads", heads, 1, None, "the run's student_heads"),
+    ):
+        if value is not None and not (is_int(value, low) and (high is None or value <= high)):
+            bound = f"an integer in [1, {high}]" if high else "an integer >= 1"
+            raise ValueError(f"{flag} must be {bound} (default: {default}), got {value!r}")
+    if not is_int(seed, 0):
+        raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
+    if teachers not in TEACHERS:
+        raise ValueError(f"--teachers must be one of {', '.join(TEACHERS)}, got {teachers!r}")
+    if name is not None:
+        check_name(name)
+    if out is not None:
+        check_path_arg("--out", out, "a folder")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out} is a file: name a folder for report.json and report.md")
+
+
+def _check_finished(cfg: ExperimentConfig, run_dir: str) -> None:
+    """ValueError unless every model of every seed of the run has its result."""
+    missing = [os.path.join(model_dir(run_dir, s, m), "result.json")
+               for s in range(cfg.seeds) for m in MODELS
+               if not os.path.isfile(os.path.join(model_dir(run_dir, s, m), "result.json"))]  # fmt: skip
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{run_dir} is not a finished run: {missing[0]} is missing{more}; "
+                         f"finish it with spnn-fast train --resume {run_dir}")  # fmt: skip
+
+
+def _shape(cfg: ExperimentConfig, width, layers, heads) -> Tuple[int, int, int]:
+    """(width, layers, heads) of the model, the defaults taken from the run."""
+    w = cfg.teacher_d if width is None else width
+    if layers is None:
+        layers = cfg.teacher_layers if w == cfg.teacher_d else cfg.student_layers
+    h = cfg.student_heads if heads is None else heads
+    if w % h:
+        said = {"width": width is None and " (the teacher's, the default)",
+                "heads": heads is None and " (the run's student_heads, the default)"}  # fmt: skip
+        raise ValueError(f"--width {w}{said['width'] or ''} must be a multiple of --heads "
+                         f"{h}{said['heads'] or ''}: each head takes width / heads dims")  # fmt: skip
+    return w, layers, h
+
+
+def _check_run_args(cfg: ExperimentConfig, run_dir: str, seed: int, teachers: str) -> None:
+    if seed >= cfg.seeds:
+        raise ValueError(f"--seed {seed}: the run in {run_dir} has seeds 0..{cfg.seeds - 1}")
+    if teachers == "all" and cfg.seeds < 2:
+        raise ValueError(f"--teachers all distils from the ensemble of the run's teachers, one "
+                         f"per seed: the run in {run_dir} has one seed (use --teachers seed)")  # fmt: skip
+
+
+def _check_out(run_dir: str, out: Optional[str], folder: str) -> None:
+    """ValueError when the report files in ``out`` would replace files of the run other than
+    the model's own report."""
+    if out is None:
+        return
+    for f in ("report.json", "report.md"):
+        taken = run_file(run_dir, os.path.join(out, f))
+        if taken is not None and not same_file(taken, os.path.join(folder, f)):
+            raise ValueError(f"--out {out} would write over {taken}, a file of the run: name "
+                             f"another folder")  # fmt: skip
+
+
+def _data(cfg: ExperimentConfig, run_dir: str, allow_changed: bool, log) -> Tuple[Dataset, Dict]:
+    """The run's data set and its fingerprint, checked against the one run.json records."""
+    ds = load(cfg.dataset)
+    log(f"data: {ds}")
+    data = data_fingerprint(cfg.dataset)
+    recorded, _ = read_run_data(run_dir)
+    check_same_data(recorded, data, run_dir, allow_changed=allow_changed, log=log)
+    return ds, data
+
+
+def _teachers(cfg: ExperimentConfig, run_dir: str, ds: Dataset) -> Tuple[List[SPNN], List[str]]:
+    """Every seed's teacher (its best.pt, checked) and the paths they were read from."""
+    paths = [os.path.join(model_dir(run_dir, s, "teacher"), "best.pt") for s in range(cfg.seeds)]
+    nets = []
+    for path in paths:
+        net = load_checkpoint(path, cfg.device)[0]
+        if net.config.num_items != ds.log.num_items:
+            raise ValueError(f"{path} scores {net.config.num_items} items, the data set has "
+                             f"{ds.log.num_items}")  # fmt: skip
+        nets.append(net)
+    return nets, paths
+
+
+def distill(
+    run_dir: str, *, width: Optional[int] = None, layers: Optional[int] = None,
+    heads: Optional[int] = None, seed: int = 0, teachers: str = "all",
+    name: Optional[str] = None, out: Optional[str] = None, device: Optional[str] = None,
+    wait: bool = False, allow_changed_data: bool = False, log: Callable[[str], None] = print,
+) -> Dict:  # fmt: skip
+    """Train (or resume, or reuse) one model from the teachers of the finished run in
+    ``run_dir`` and write its report; returns the report (its rows hold the model's metrics and
+    standard errors on every split, next to its seed's teacher and the run's ensemble).
+
+    Args:
+        width, layers, heads: the model's shape (defaults: the teacher's width; the teacher's
+            layers at the teacher's width, else the run's student_layers; the run's
+            student_heads, which must divide the width).
+        seed: the run's seed whose teacher its feature term reads; it seeds the model's
+            initialisation and training as the run's seed does its student_kd.
+        teachers: ``"all"`` (the ensemble of every seed's teacher), ``"seed"`` or ``"none"``.
+        name: its folder ``seed<seed>/<name>`` (default
+            :func:`~spnn_fast.distill_record.default_name`).
+        out: the folder of report.json and report.md (default: the model's folder).
+        device: where to train (default: the run's).
+        wait: wait for another process that owns the run folder instead of failing.
+        allow_changed_data: go on with data whose fingerprint differs from the run's.
+    """
+    _check_arguments(width, layers, heads, seed, teachers, name, out)
+    check_path_arg("RUN", run_dir, "a run folder")
+    if not os.path.isfile(os.path.join(run_dir, "run.json")):
+        what = "a folder without run.json" if os.path.isdir(run_dir) else "no such folder"
+        raise ValueError(f"RUN {run_dir}: {what}; name the folder of a finished spnn-fast "
+                         f"train run")  # fmt: skip
+    t0 = time.perf_counter()
+    with claim(run_dir, wait=wait, log=log, elsewhere=""):
+        cfg = read_run_config(run_dir, device)
+        cfg = dataclasses.replace(cfg, dataset=absolute_dataset(cfg.dataset))
+        _check_finished(cfg, run_dir)
+        _check_run_args(cfg, run_dir, seed, teachers)
+        w, n_layers, h = _shape(cfg, width, layers, heads)
+        name = default_name(w, n_layers, h, teachers) if name is None else name
+        folder = model_dir(run_dir, seed, name)
+        _check_out(run_dir, out, folder)
+        shaped = dataclasses.replace(cfg, student_d=w, student_layers=n_layers, student_heads=h)
+        shaped.check_backend()
+        ds, data = _data(cfg, run_dir, allow_changed_data, log)
+        mcfgs = shaped.model_configs(ds)
+        check_memory(shaped, ds, {n: num_parameters(m, ds) for n, m in mcfgs.items()})
+        nets, paths = _teachers(cfg, run_dir, ds)
+        learn = {"all": range(cfg.seeds), "seed": [seed], "none": []}[teachers]
+        tcfg = shaped.train_configs()["student" if teachers == "none" else "student_kd"]
+        record = make_record(name, seed, teachers,
+                             [{"seed": s, "sha256": file_sha256(paths[s])} for s in learn],
+                             mcfgs["student_kd"], tcfg)  # fmt: skip
+        if not check_record(folder, record):  # the last check: from here on, files are written
+            write_record(folder, record)
+        _train_one(name, seed, ds, cfg, mcfgs["student_kd"], tcfg, run_dir,
+                   None if teachers == "none" else nets[seed], data, log,
+                   nets if teachers == "all" else None,
+                   init="student" if teachers == "none" else "student_kd")  # fmt: skip
+        rows = _rows(cfg, ds, run_dir, name, seed, teachers, nets, mcfgs["student_kd"], log)
+        report = {
+            "format": REPORT_FORMAT, "run": os.path.abspath(run_dir), "model": name,
+            "folder": os.path.abspath(folder), "seed": seed, "teachers": teachers,
+            "teacher_seeds": list(learn),
+            "ensemble": cfg.kd_ensemble if teachers == "all" else None,
+            "dataset": {"name": ds.name, "users": ds.log.num_users, "items": ds.log.num_items,
+                        "events": ds.log.num_events},
+            "rows": rows, "wall_seconds": time.perf_counter() - t0,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+        }  # fmt: skip
+        write_report(report, folder if out is None else out)
+    return report
+
+
+def _rows(cfg, ds, run_dir, name, seed, teachers, nets, mcfg, log) -> Dict[str, Dict]:
+    """The report's rows: the model, its seed's teacher, the run's teachers' ensemble (the
+    run's row, or evaluated as the run evaluates it, where the run has two seeds or more)."""
+
+    def result(model: str, s: int) -> Dict:
+        return read_result(os.path.join(model_dir(run_dir, s, model), "result.json"), SPLITS,
+                           METRICS)  # fmt: skip
+
+    own = result(name, seed)
+    taught = [result("teacher", s) for s in range(cfg.seeds)]
+    rows = {
+        name: make_row(own, "plain" if teachers == "none" else "distilled", mcfg.to_dict(),
+                       [seed]),
+        "teacher": make_row(taught[seed], "teacher", nets[seed].config.to_dict(), [seed]),
+    }  # fmt: skip
+    if cfg.seeds > 1:
+        ens = _ensemble_result(cfg, ds, nets, run_dir, log)
+        rows[ENSEMBLE] = make_row(ens, "ensemble", nets[0].config.to_dict(), range(cfg.seeds),
+                                  sum(r["train_seconds"] for r in taught))  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------- the command
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``spnn-fast distill`` on ``parser`` (a subcommand's parser)."""
+    parser.add_argument("run", metavar="RUN", help="the folder of a finished spnn-fast train run")
+    parser.add_argument("--width", type=int, default=None,
+                        help="the model's width (default: the teacher's)")  # fmt: skip
+    parser.add_argument("--layers", type=int, default=None,
+                        help="its layers (default: the teacher's at the teacher's width, else "
+                             "the run's student_layers)")  # fmt: skip
+    parser.add_argument("--heads", type=int, default=None,
+                        help="its attention heads, a divisor of the width (default: the run's "
+                             "student_heads)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the run's seed: its teacher is the one the feature term reads, "
+                             "and it seeds the model as it seeds the run's student_kd (default 0)")  # fmt: skip
+    parser.add_argument("--teachers", choices=TEACHERS, default="all",
+                        help="all: the ensemble of the run's teachers, combined as its "
+                             "kd_ensemble says; seed: the seed's teacher; none: no teachers, "
+                             "the baseline (default all)")  # fmt: skip
+    parser.add_argument("--name", default=None,
+                        help="the model's folder RUN/seed<S>/<NAME>, the name recommend --model "
+                             "takes (default from its shape and teachers: distill_d64_l2_h1_all, "
+                             "plain_d64_l2_h1)")  # fmt: skip
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="the folder of report.json and report.md (default: the model's)")  # fmt: skip
+    parser.add_argument("--device", default=None, help="where to train (default: the run's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the run's, kept in its run.json)")  # fmt: skip
+    parser.add_argument("--wait", action="store_true",
+                        help="when another process owns the run folder, wait for it instead of "
+                             "failing")  # fmt: skip
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="go on with data whose fingerprint differs from the run's")  # fmt: skip
+    return parser
+
+
+def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    """Run the command for parsed ``args`` (see :func:`add_arguments`); prints the report and
+    returns 0."""
+    report = distill(
+        args.run, width=args.width, layers=args.layers, heads=args.heads, seed=args.seed,
+        teachers=args.teachers, name=args.name, out=args.out, device=args.device,
+        wait=args.wait, allow_changed_data=args.allow_changed_data, log=log,
+    )  # fmt: skip
+    log(markdown(report))
+    log(f"report: {os.path.join(args.out or report['folder'], 'report.md')}")
+    return 0
