@@ -331,6 +331,13 @@ def test_bad_arguments_are_refused_before_anything_is_written(run_dir, capsys, s
     assert _hashes(run_dir) == before
 
 
+def test_a_one_seed_run_distils_from_its_teacher_without_an_ensemble_row(run_dir):
+    _one_seed(run_dir)
+    report = distill(str(run_dir), width=8, teachers="seed", log=_quiet)
+    assert set(report["rows"]) == {"distill_d8_l1_h1_seed", "teacher"}
+    assert report["teacher_seeds"] == [0] and report["ensemble"] is None
+
+
 def test_a_folder_that_holds_no_run_is_refused(tmp_path):
     for folder, what in ((tmp_path, "a folder without run.json"), (tmp_path / "no", "no such")):
         with pytest.raises(ValueError, match=f"RUN {folder}: {what}"):
