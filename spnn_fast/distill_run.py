@@ -50,7 +50,7 @@ from spnn_fast.experiment import (
     check_memory,
 )
 from spnn_fast.fingerprint import absolute_dataset, check_same_data, data_fingerprint
-from spnn_fast.model import SPNN
+from spnn_fast.model import SPNN, SPNNConfig
 from spnn_fast.runfolder import (
     claim,
     load_checkpoint,
@@ -60,6 +60,7 @@ from spnn_fast.runfolder import (
     read_run_data,
     run_file,
 )
+from spnn_fast.trainconfig import TrainConfig
 
 __all__ = ["add_arguments", "distill", "main"]
 
@@ -157,6 +158,17 @@ def _teachers(cfg: ExperimentConfig, run_dir: str, ds: Dataset) -> Tuple[List[SP
     return nets, paths
 
 
+def _teacher_results(cfg: ExperimentConfig, run_dir: str) -> List[Dict]:
+    """Every seed's teacher's result, and the run's ensemble row where there is one, checked
+    (a damaged one is named before anything is written)."""
+    taught = [read_result(os.path.join(model_dir(run_dir, s, "teacher"), "result.json"), SPLITS,
+                          METRICS) for s in range(cfg.seeds)]  # fmt: skip
+    ens = os.path.join(run_dir, "ensemble", "result.json")
+    if cfg.seeds > 1 and os.path.exists(ens):
+        read_result(ens, SPLITS, METRICS)
+    return taught
+
+
 def distill(
     run_dir: str, *, width: Optional[int] = None, layers: Optional[int] = None,
     heads: Optional[int] = None, seed: int = 0, teachers: str = "all",
@@ -189,66 +201,83 @@ def distill(
                          f"train run")  # fmt: skip
     t0 = time.perf_counter()
     with claim(run_dir, wait=wait, log=log, elsewhere=""):
-        cfg = read_run_config(run_dir, device)
-        cfg = dataclasses.replace(cfg, dataset=absolute_dataset(cfg.dataset))
-        _check_finished(cfg, run_dir)
-        _check_run_args(cfg, run_dir, seed, teachers)
-        w, n_layers, h = _shape(cfg, width, layers, heads)
-        name = default_name(w, n_layers, h, teachers) if name is None else name
-        folder = model_dir(run_dir, seed, name)
-        _check_out(run_dir, out, folder)
-        shaped = dataclasses.replace(cfg, student_d=w, student_layers=n_layers, student_heads=h)
-        shaped.check_backend()
-        ds, data = _data(cfg, run_dir, allow_changed_data, log)
-        mcfgs = shaped.model_configs(ds)
-        check_memory(shaped, ds, {n: num_parameters(m, ds) for n, m in mcfgs.items()})
-        nets, paths = _teachers(cfg, run_dir, ds)
-        learn = {"all": range(cfg.seeds), "seed": [seed], "none": []}[teachers]
-        tcfg = shaped.train_configs()["student" if teachers == "none" else "student_kd"]
-        record = make_record(name, seed, teachers,
-                             [{"seed": s, "sha256": file_sha256(paths[s])} for s in learn],
-                             mcfgs["student_kd"], tcfg)  # fmt: skip
-        if not check_record(folder, record):  # the last check: from here on, files are written
-            write_record(folder, record)
-        _train_one(name, seed, ds, cfg, mcfgs["student_kd"], tcfg, run_dir,
-                   None if teachers == "none" else nets[seed], data, log,
-                   nets if teachers == "all" else None,
-                   init="student" if teachers == "none" else "student_kd")  # fmt: skip
-        rows = _rows(cfg, ds, run_dir, name, seed, teachers, nets, mcfgs["student_kd"], log)
+        p = _plan(run_dir, device, width, layers, heads, seed, teachers, name, out,
+                  allow_changed_data, log)  # fmt: skip
+        if not check_record(p.folder, p.record):  # the last check: files are written from here
+            write_record(p.folder, p.record)
+        distilled = teachers != "none"
+        _train_one(p.name, seed, p.ds, p.cfg, p.mcfg, p.tcfg, run_dir,
+                   p.nets[seed] if distilled else None, p.data, log,
+                   p.nets if teachers == "all" else None,
+                   init="student_kd" if distilled else "student")  # fmt: skip
+        own = read_result(os.path.join(p.folder, "result.json"), SPLITS, METRICS)
+        rows = {
+            p.name: make_row(own, "distilled" if distilled else "plain", p.mcfg.to_dict(),
+                             [seed]),
+            "teacher": make_row(p.taught[seed], "teacher", p.nets[seed].config.to_dict(), [seed]),
+        }  # fmt: skip
+        if p.cfg.seeds > 1:  # the run's row, or evaluated as the run evaluates it
+            ens = _ensemble_result(p.cfg, p.ds, p.nets, run_dir, log)
+            rows[ENSEMBLE] = make_row(ens, "ensemble", p.nets[0].config.to_dict(),
+                                      range(p.cfg.seeds),
+                                      sum(r["train_seconds"] for r in p.taught))  # fmt: skip
+        events = p.ds.log
         report = {
-            "format": REPORT_FORMAT, "run": os.path.abspath(run_dir), "model": name,
-            "folder": os.path.abspath(folder), "seed": seed, "teachers": teachers,
-            "teacher_seeds": list(learn),
-            "ensemble": cfg.kd_ensemble if teachers == "all" else None,
-            "dataset": {"name": ds.name, "users": ds.log.num_users, "items": ds.log.num_items,
-                        "events": ds.log.num_events},
+            "format": REPORT_FORMAT, "run": os.path.abspath(run_dir), "model": p.name,
+            "folder": os.path.abspath(p.folder), "seed": seed, "teachers": teachers,
+            "teacher_seeds": p.record_seeds,
+            "ensemble": p.cfg.kd_ensemble if teachers == "all" else None,
+            "dataset": {"name": p.ds.name, "users": events.num_users,
+                        "items": events.num_items, "events": events.num_events},
             "rows": rows, "wall_seconds": time.perf_counter() - t0,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
         }  # fmt: skip
-        write_report(report, folder if out is None else out)
+        write_report(report, p.folder if out is None else out)
     return report
 
 
-def _rows(cfg, ds, run_dir, name, seed, teachers, nets, mcfg, log) -> Dict[str, Dict]:
-    """The report's rows: the model, its seed's teacher, the run's teachers' ensemble (the
-    run's row, or evaluated as the run evaluates it, where the run has two seeds or more)."""
+@dataclasses.dataclass
+class _Plan:
+    """What a distill command found and chose, every check made, nothing written yet."""
 
-    def result(model: str, s: int) -> Dict:
-        return read_result(os.path.join(model_dir(run_dir, s, model), "result.json"), SPLITS,
-                           METRICS)  # fmt: skip
+    cfg: ExperimentConfig  # the run's settings
+    name: str
+    folder: str  # the model's folder in the run
+    ds: Dataset
+    data: Dict  # the data's fingerprint
+    mcfg: SPNNConfig
+    tcfg: TrainConfig
+    nets: List[SPNN]  # every seed's teacher
+    taught: List[Dict]  # every seed's teacher's result
+    record: Dict  # the model's distill.json
+    record_seeds: List[int]  # the seeds whose teachers it learns from
 
-    own = result(name, seed)
-    taught = [result("teacher", s) for s in range(cfg.seeds)]
-    rows = {
-        name: make_row(own, "plain" if teachers == "none" else "distilled", mcfg.to_dict(),
-                       [seed]),
-        "teacher": make_row(taught[seed], "teacher", nets[seed].config.to_dict(), [seed]),
-    }  # fmt: skip
-    if cfg.seeds > 1:
-        ens = _ensemble_result(cfg, ds, nets, run_dir, log)
-        rows[ENSEMBLE] = make_row(ens, "ensemble", nets[0].config.to_dict(), range(cfg.seeds),
-                                  sum(r["train_seconds"] for r in taught))  # fmt: skip
-    return rows
+
+def _plan(run_dir, device, width, layers, heads, seed, teachers, name, out, allow_changed,
+          log) -> _Plan:  # fmt: skip
+    """Every check of a distill command, in the claimed run folder, before anything is
+    written."""
+    cfg = read_run_config(run_dir, device)
+    cfg = dataclasses.replace(cfg, dataset=absolute_dataset(cfg.dataset))
+    _check_finished(cfg, run_dir)
+    _check_run_args(cfg, run_dir, seed, teachers)
+    w, n_layers, h = _shape(cfg, width, layers, heads)
+    name = default_name(w, n_layers, h, teachers) if name is None else name
+    folder = model_dir(run_dir, seed, name)
+    _check_out(run_dir, out, folder)
+    shaped = dataclasses.replace(cfg, student_d=w, student_layers=n_layers, student_heads=h)
+    shaped.check_backend()
+    ds, data = _data(cfg, run_dir, allow_changed, log)
+    mcfgs = shaped.model_configs(ds)
+    check_memory(shaped, ds, {n: num_parameters(m, ds) for n, m in mcfgs.items()})
+    nets, paths = _teachers(cfg, run_dir, ds)
+    taught = _teacher_results(cfg, run_dir)
+    learn = {"all": list(range(cfg.seeds)), "seed": [seed], "none": []}[teachers]
+    tcfg = shaped.train_configs()["student" if teachers == "none" else "student_kd"]
+    files = [{"seed": s, "sha256": file_sha256(paths[s])} for s in learn]
+    record = make_record(name, seed, teachers, files, mcfgs["student_kd"], tcfg)
+    return _Plan(cfg, name, folder, ds, data, mcfgs["student_kd"], tcfg, nets, taught, record,
+                 learn)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the command

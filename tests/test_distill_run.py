@@ -271,9 +271,11 @@ def test_changed_data_are_refused_unless_allowed(run_dir, tmp_path, capsys):
     assert "going on (--allow-changed-data)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    "damaged", ["seed1/teacher/best.pt", "seed0/distill_d8_l1_h1_all/distill.json"]
-)
+_DAMAGED = ["seed1/teacher/best.pt", "seed0/teacher/result.json", "ensemble/result.json",
+            "seed0/distill_d8_l1_h1_all/distill.json"]  # fmt: skip
+
+
+@pytest.mark.parametrize("damaged", _DAMAGED)
 def test_a_damaged_file_is_named_with_its_recovery(run_dir, capsys, damaged):
     if damaged.endswith("distill.json"):
         assert main(["distill", str(run_dir), "--width", "8"]) == 0
@@ -282,8 +284,11 @@ def test_a_damaged_file_is_named_with_its_recovery(run_dir, capsys, damaged):
     capsys.readouterr()
     assert main(["distill", str(run_dir), "--width", "8"]) == 2
     line = _one_line_error(capsys.readouterr().err)
-    recovery = ("delete it (and its result.json) to train that model again" if "teacher" in damaged
-                else f"delete the folder {run_dir / damaged.rsplit('/', 1)[0]} to distil")  # fmt: skip
+    recovery = {
+        "best.pt": "delete it (and its result.json) to train that model again",
+        "result.json": "delete it to evaluate that model again",
+        "distill.json": f"delete the folder {run_dir / damaged.rsplit('/', 1)[0]} to distil",
+    }[damaged.rsplit("/", 1)[1]]
     assert str(run_dir / damaged) in line and recovery in line, line
     assert _hashes(run_dir) == before
 
