@@ -109,7 +109,8 @@ def check_record(folder: str, wanted: Dict) -> bool:
                                f"(format {saved['format']!r}); {recover}")  # fmt: skip
     differ = _differences(saved, wanted)
     if differ:
-        why = ("the run's teachers have changed since (their best.pt files differ)"
+        why = ("the run's teachers have changed since: their best.pt files differ, or there "
+               "are more of them"
                if differ == ["teacher_files"] else f"{', '.join(differ)} differ")  # fmt: skip
         raise ValueError(f"{folder} holds the model {saved['model']!r}, distilled with other "
                          f"settings ({why}): choose another --name, or delete the folder to "

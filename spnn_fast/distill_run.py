@@ -294,7 +294,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "student_heads)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0,
                         help="the run's seed: its teacher is the one the feature term reads, "
-                             "and it seeds the model as it seeds the run's student_kd (default 0)")  # fmt: skip
+                             "and it seeds the model as it seeds the run's student_kd (without "
+                             "teachers: its student) (default 0)")  # fmt: skip
     parser.add_argument("--teachers", choices=TEACHERS, default="all",
                         help="all: the ensemble of the run's teachers, combined as its "
                              "kd_ensemble says; seed: the seed's teacher; none: no teachers, "
