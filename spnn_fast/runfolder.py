@@ -7,7 +7,6 @@
     seed<S>/<model>/last.pt       trainer state after the last finished epoch (atomic)
     seed<S>/<model>/best.pt       the selected model (spnn-fast eval reads it)
     seed<S>/<model>/result.json   its metrics, history and timings
-    seed<S>/<name>/distill.json   a model distilled from its teachers, beside its report.json/md
     report.json, report.md, report.png
 
 One process at a time owns a folder: it takes ``run.lock`` before it reads or writes anything
@@ -71,9 +70,9 @@ RUN_FORMAT = "spnn_fast.run/2"
 CHECKPOINT_FORMAT = "spnn_fast.checkpoint/1"
 LOCK_NAME = "run.lock"
 # The files of a run folder, as patterns of their paths in it.
+# (seed*/*/*.json and report.md: also a distilled model's distill.json and report, in its folder)
 RUN_FILES = ("run.json", LOCK_NAME, "report.json", "report.md", "report.png", "seed*/*/last.pt",
-             "seed*/*/best.pt", "seed*/*/result.json", "ensemble/result.json",
-             "seed*/*/distill.json", "seed*/*/report.json", "seed*/*/report.md")  # fmt: skip
+             "seed*/*/best.pt", "seed*/*/*.json", "seed*/*/report.md", "ensemble/result.json")  # fmt: skip
 
 
 def model_dir(run_dir: str, seed: int, name: str) -> str:
@@ -163,12 +162,10 @@ def claim(run_dir: str, *, wait: bool = False, log: Callable[[str], None] = prin
           poll_seconds: float = 0.5, elsewhere: str = "write to another --out") -> Iterator[None]:  # fmt: skip
     """Own ``run_dir`` for the ``with`` block: create it if missing and take its ``run.lock``.
 
-    A folder another process owns raises :class:`FolderBusyError` naming that process (pid,
-    host, start time, command) and saying to wait or, when the command can, go ``elsewhere``;
-    or, with ``wait``, is waited for. Under torchrun rank 0 alone
-    takes the lock and every rank learns the outcome. When the block fails and the folder, which
-    this call created, holds nothing but the lock, the folder is removed again: a run refused by
-    its checks leaves nothing behind.
+    A folder another process owns raises :class:`FolderBusyError` naming that process (pid, host,
+    start time, command) and saying to wait (or go ``elsewhere``), or, with ``wait``, is waited
+    for. Under torchrun rank 0 alone takes the lock and every rank learns the outcome. When the
+    block fails and the folder, which it created, holds nothing but the lock, it is removed.
     """
     lock = LockFile(os.path.join(run_dir, LOCK_NAME))
     created = False
