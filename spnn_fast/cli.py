@@ -1,13 +1,13 @@
 """Command line: ``spnn-fast train`` (the main job), ``spnn-fast eval CHECKPOINT``,
-``spnn-fast recommend RUN_OR_CHECKPOINT``, ``spnn-fast info``.
+``spnn-fast recommend RUN_OR_CHECKPOINT``, ``spnn-fast distill RUN``, ``spnn-fast info``.
 
 Also runs as ``python -m spnn_fast ...`` and under ``torchrun --nproc_per_node=N -m spnn_fast
 train ...`` (DistributedDataParallel: gloo on the CPU, nccl on CUDA). The flags of ``train`` are
 the fields of :class:`spnn_fast.config.ExperimentConfig`, generated from it; the others
 (``--out``, ``--resume``, ``--wait``, ``--allow-changed-data``, ...) say how to run, and are not
 settings of the run (run.json keeps ``--threads`` beside them: a resumed run uses it again). An error a user can act on (a setting, the data, a damaged or busy run folder, the file
-system) is one line on stderr and exit status 2; Ctrl-C is one line (for ``train``, how to go
-on) and exit status 130.
+system) is one line on stderr and exit status 2; Ctrl-C is one line (for ``train`` and
+``distill``, how to go on) and exit status 130.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def _threads(args, folder: str) -> Tuple[Optional[int], str]:
     from spnn_fast.runfolder import has_models, read_run_threads
 
     saved = None
-    if os.path.isfile(os.path.join(folder, "run.json")) and (args.resume or has_models(folder)):
+    goes_on = getattr(args, "resume", None) or has_models(folder)  # distill: the run's models
+    if os.path.isfile(os.path.join(folder, "run.json")) and goes_on:
         saved = read_run_threads(folder)
     if args.threads is None or saved is None or args.threads == saved:
         return (saved if args.threads is None else args.threads), ""
@@ -203,6 +204,22 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from spnn_fast import distill_run
+    from spnn_fast._io import check_path_arg
+    from spnn_fast._threads import fix_threads
+
+    check_path_arg("RUN", args.run, "a run folder")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    threads, warning = _threads(args, args.run)  # the run's own, as its student_kd had
+    fix_threads(threads)
+    log = lambda *a, **k: print(*a, **k, flush=True)  # noqa: E731
+    if warning:
+        log(warning)
+    return distill_run.main(args, log=log)
+
+
 def _cmd_eval(args) -> int:
     from spnn_fast.experiment import evaluate_checkpoint
 
@@ -240,21 +257,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_data_check_flag(pe, "evaluate on data whose fingerprint differs from the one the "
                          "checkpoint records")  # fmt: skip
     sub.add_parser("info", help="print what runs here (backends)")
-    from spnn_fast import recommend
+    from spnn_fast import distill_run, recommend
 
     recommend.add_arguments(
         sub.add_parser("recommend", help="the top-k next items of users, from a trained run")
     )
+    distill_run.add_arguments(sub.add_parser(
+        "distill", help="train one model of any width from a finished run's teachers",
+        description="Train one model from the teachers of a finished run (their ensemble, its "
+                    "seed's teacher, or none), as the run's student_kd but for its shape, into "
+                    "RUN/seed<S>/<NAME>, and report it next to the teachers.",
+    ))  # fmt: skip
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info,
-                "recommend": recommend.main}  # fmt: skip
+                "recommend": recommend.main, "distill": _cmd_distill}  # fmt: skip
     try:
         return commands[args.command](args)
     except _user_errors() as e:
         print(f"spnn-fast: error: {_message(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: every file is written atomically, the lock given back
-        hint = f"; {_go_on(args)}" if args.command == "train" else ""
+        hint = f"; {_go_on(args)}" if args.command in ("train", "distill") else ""
         print(f"spnn-fast: interrupted{hint}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
 
@@ -274,7 +297,7 @@ def _message(e: BaseException, args) -> str:
     if not isinstance(e, OSError) or not e.strerror:
         return str(e)
     text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    if e.errno == errno.ENOSPC and args.command == "train":
+    if e.errno == errno.ENOSPC and args.command in ("train", "distill"):
         text += f"; free some space, then {_go_on(args)}"
     return text
 
@@ -282,7 +305,9 @@ def _message(e: BaseException, args) -> str:
 def _go_on(args) -> str:
     """How to go on with a train command that stopped: resume its run folder when it holds a
     run (run.json), else run the command again (a run refused by its checks leaves no
-    folder)."""
+    folder); a distill command goes on when run again."""
+    if args.command == "distill":
+        return "run the same command again to go on (its finished epochs are kept)"
     folder = getattr(args, "folder", None) or args.resume or args.out
     if folder and os.path.isfile(os.path.join(folder, "run.json")):
         return f"go on with --resume {folder} (finished models are kept)"

@@ -76,13 +76,16 @@ def seed_model(seed: int, name: str) -> None:
 
 
 def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, data, log,
-               ensemble=None) -> Dict:  # fmt: skip
+               ensemble=None, init=None) -> Dict:  # fmt: skip
+    """Train model ``name`` of seed ``seed`` into its folder (resumed from its last.pt, or its
+    result reused when it has one); ``init``: the model of MODELS whose initialisation it takes
+    (default ``name``; a model distilled later takes a student's)."""
     out_dir = model_dir(run_dir, seed, name)
     result_path = os.path.join(out_dir, "result.json")
     if os.path.exists(result_path):
         log(f"[seed {seed}] {name}: already done, reusing its result")
         return read_result(result_path, tuple(REPORT_SPLITS.values()), METRICS)
-    seed_model(seed, name)
+    seed_model(seed, init or name)
     model = SPNN(mcfg, ds.item_features, ds.user_features)
     trainer = Trainer(model, ds, tcfg, teacher=teacher, ensemble=ensemble, seed=seed,
                       device=cfg.device, progress=True, desc=f"[seed {seed}] {name}")  # fmt: skip

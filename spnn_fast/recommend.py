@@ -10,8 +10,9 @@
       spnn-fast recommend RUN_OR_CHECKPOINT [--model NAME] [--seed S] [--users all|FILE]
                           [--k 10] [--include-seen] [--out FILE]
 
-  A run folder serves ``RUN/seed<S>/<model>/best.pt`` (``--model`` default ``student_kd``,
-  ``--seed`` default 0); a ``best.pt`` is served as it is. The output has one row per user and
+  A run folder serves ``RUN/seed<S>/<model>/best.pt`` (``--model`` default ``student_kd``, or
+  the name of a model distilled in the run by ``spnn-fast distill``; ``--seed`` default 0); a
+  ``best.pt`` is served as it is. The output has one row per user and
   rank, ``user, rank, item, score``, in the data set's raw ids: CSV for ``.csv`` (and on stdout
   without ``--out``), JSON Lines for ``.jsonl``. A user with fewer than ``k`` unseen items gets
   fewer rows. An ``--out`` that names a file the run reads (its data, a file of its run folder,
@@ -100,7 +101,9 @@ def recommend_users(
 # ---------------------------------------------------------------------------- the command
 def resolve_checkpoint(source: str, model: Optional[str] = None, seed: Optional[int] = None) -> str:
     """The ``best.pt`` that ``source`` names: the file itself, or in a run folder
-    ``seed<seed>/<model>/best.pt`` (defaults ``student_kd`` and 0)."""
+    ``seed<seed>/<model>/best.pt`` (defaults ``student_kd`` and 0; ``model`` one of the run's
+    models or of those distilled in it)."""
+    from spnn_fast.distill_record import distilled_models
     from spnn_fast.experiment import MODELS
 
     if os.path.isfile(source):
@@ -115,8 +118,9 @@ def resolve_checkpoint(source: str, model: Optional[str] = None, seed: Optional[
         raise ValueError(f"RUN_OR_CHECKPOINT {source} is a folder without run.json: not a run")
     model = DEFAULT_MODEL if model is None else model
     seed = 0 if seed is None else seed
-    if model not in MODELS:
-        raise ValueError(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    known = (*MODELS, *distilled_models(source))
+    if model not in known:
+        raise ValueError(f"--model {model!r} is not one of {', '.join(known)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
     path = os.path.join(source, f"seed{seed}", model, "best.pt")
@@ -125,7 +129,7 @@ def resolve_checkpoint(source: str, model: Optional[str] = None, seed: Optional[
             f"{s}/{m}"
             for s in os.listdir(source)
             if s.startswith("seed") and os.path.isdir(os.path.join(source, s))
-            for m in MODELS
+            for m in known
             if os.path.isfile(os.path.join(source, s, m, "best.pt"))
         )
         raise FileNotFoundError(
@@ -320,8 +324,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                         help="a run folder (spnn-fast train --out) or a best.pt")  # fmt: skip
-    parser.add_argument("--model", default=None, choices=MODELS,
-                        help=f"the run's model to serve (default {DEFAULT_MODEL})")  # fmt: skip
+    parser.add_argument("--model", default=None,
+                        help=f"the run's model to serve: {', '.join(MODELS)} or the name of a "
+                             f"model distilled in it (default {DEFAULT_MODEL})")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="the run's seed (default 0)")
     parser.add_argument("--users", default="all",
                         help="all, or a file of raw user ids, one per line")  # fmt: skip

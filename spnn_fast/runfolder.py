@@ -70,8 +70,9 @@ RUN_FORMAT = "spnn_fast.run/2"
 CHECKPOINT_FORMAT = "spnn_fast.checkpoint/1"
 LOCK_NAME = "run.lock"
 # The files of a run folder, as patterns of their paths in it.
+# (seed*/*/*.json and report.md: also a distilled model's distill.json and report, in its folder)
 RUN_FILES = ("run.json", LOCK_NAME, "report.json", "report.md", "report.png", "seed*/*/last.pt",
-             "seed*/*/best.pt", "seed*/*/result.json", "ensemble/result.json")  # fmt: skip
+             "seed*/*/best.pt", "seed*/*/*.json", "seed*/*/report.md", "ensemble/result.json")  # fmt: skip
 
 
 def model_dir(run_dir: str, seed: int, name: str) -> str:
@@ -158,14 +159,13 @@ def _make_folder(run_dir: str) -> bool:
 
 @contextlib.contextmanager
 def claim(run_dir: str, *, wait: bool = False, log: Callable[[str], None] = print,
-          poll_seconds: float = 0.5) -> Iterator[None]:  # fmt: skip
+          poll_seconds: float = 0.5, elsewhere: str = "write to another --out") -> Iterator[None]:  # fmt: skip
     """Own ``run_dir`` for the ``with`` block: create it if missing and take its ``run.lock``.
 
-    A folder another process owns raises :class:`FolderBusyError` naming that process (pid,
-    host, start time, command), or, with ``wait``, is waited for. Under torchrun rank 0 alone
-    takes the lock and every rank learns the outcome. When the block fails and the folder, which
-    this call created, holds nothing but the lock, the folder is removed again: a run refused by
-    its checks leaves nothing behind.
+    A folder another process owns raises :class:`FolderBusyError` naming that process (pid, host,
+    start time, command) and saying to wait (or go ``elsewhere``), or, with ``wait``, is waited
+    for. Under torchrun rank 0 alone takes the lock and every rank learns the outcome. When the
+    block fails and the folder, which it created, holds nothing but the lock, it is removed.
     """
     lock = LockFile(os.path.join(run_dir, LOCK_NAME))
     created = False
@@ -187,8 +187,8 @@ def claim(run_dir: str, *, wait: bool = False, log: Callable[[str], None] = prin
         busy = f"the run folder {run_dir} is in use by {describe_holder(holder)}"
         if not wait:
             stale = f"; {holder['stale_hint']}" if holder.get("stale_hint") else ""
-            raise FolderBusyError(f"{busy}; wait for it with --wait, or write to another "
-                                  f"--out{stale}")  # fmt: skip
+            other = f", or {elsewhere}" if elsewhere else ""
+            raise FolderBusyError(f"{busy}; wait for it with --wait{other}{stale}")
         if not told:
             log(f"{busy}; waiting until it is free (--wait)")
             told = True

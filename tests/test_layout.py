@@ -21,11 +21,12 @@ LAYERS = [
     {"nn", "windows"},
     {"model", "trainconfig"},
     {"config", "evaluation"},
-    {"objective", "runfolder", "report"},
+    {"objective", "runfolder", "report", "distill_report"},
     {"teacher"},
     {"train"},
     {"experiment"},
-    {"recommend"},
+    {"distill_record"},
+    {"recommend", "distill_run"},
     {"cli"},
 ]  # fmt: skip
 MAX_LINES = 450
