@@ -137,7 +137,7 @@ def _check_out(run_dir: str, out: Optional[str], folder: str) -> None:
 
 def _data(cfg: ExperimentConfig, run_dir: str, allow_changed: bool, log) -> Tuple[Dataset, Dict]:
     """The run's data set and its fingerprint, checked against the one run.json records."""
-    ds = load(cfg.dataset)
+    ds = load(cfg.dataset, time_unit=cfg.time_unit)
     log(f"data: {ds}")
     data = data_fingerprint(cfg.dataset)
     recorded, _ = read_run_data(run_dir)

@@ -7,6 +7,7 @@ import pytest
 from test_train import _tiny_experiment
 
 from spnn_fast.config import ExperimentConfig
+from spnn_fast.distill_run import distill
 from spnn_fast.experiment import checkpoint_data, run
 from spnn_fast.runfolder import load_checkpoint
 
@@ -31,6 +32,9 @@ def test_a_run_reads_and_records_its_time_unit(tmp_path):
     assert ck["time_unit"] == "ms"
     ds = checkpoint_data(path, ck, log=lambda *a: None)
     assert int(ds.log.timestamps.max()) < 2 * 10**9  # seconds again
+    # spnn-fast distill reads the run's data in the run's unit too
+    report = distill(str(tmp_path / "run"), width=8, heads=2, teachers="seed", log=lambda *a: None)
+    assert report["rows"], report
 
 
 @pytest.mark.parametrize("bad", ["sec", "MS", 1000])
