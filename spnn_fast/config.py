@@ -20,6 +20,9 @@ from spnn_fast.log import TIME_UNITS
 from spnn_fast.model import MODEL_BACKENDS, SPNN, SPNNConfig
 from spnn_fast.reference.distill_ensemble import ENSEMBLES
 from spnn_fast.trainconfig import (
+    LOSSES,
+    SAMPLED_ABOVE,
+    SAMPLINGS,
     SCHEDULES,
     TEACHER_INPUTS,
     TrainConfig,
@@ -129,6 +132,13 @@ class ExperimentConfig:
     use_side_features: bool = setting(True, "item and user features where the data has them")
     backend: Optional[str] = setting(None, "attention and losses: auto, triton or torch "
                                      "(None: $SPNN_FAST_BACKEND, else auto)")  # fmt: skip
+    loss: str = setting(_T.loss, f"the next-item loss: full cross-entropy over the catalogue, "
+                        f"sampled softmax (a target against shared negatives), or auto: full up "
+                        f"to {SAMPLED_ABOVE:,} items", choices=LOSSES)  # fmt: skip
+    negatives: int = setting(_T.negatives, "the sampled loss's negatives per step")
+    sampling: str = setting(_T.sampling, "how the sampled loss draws its negatives: by the "
+                            "items' training counts (logQ-corrected) or uniformly",
+                            choices=SAMPLINGS)  # fmt: skip
     compile: bool = setting(_T.compile, "torch.compile each training step whole (fullgraph, "
                             "static shapes); the same losses to float tolerance")  # fmt: skip
     teacher_cache_mb: Optional[float] = setting(
@@ -267,7 +277,8 @@ class ExperimentConfig:
         base = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                     patience=self.patience, schedule=self.schedule,
                     window_stride=self.window_stride, cut_min=self.cut_min,
-                    cut_max=self.cut_max, compile=self.compile)  # fmt: skip
+                    cut_max=self.cut_max, compile=self.compile, loss=self.loss,
+                    negatives=self.negatives, sampling=self.sampling)  # fmt: skip
         pairs = [(f"layers.{self.student_layers - 1}", f"layers.{self.teacher_layers - 1}")]
         return {
             "teacher": TrainConfig(**base, cut_prob=self.teacher_cut_prob),

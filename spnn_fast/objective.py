@@ -22,7 +22,11 @@ from torch import Tensor, nn
 from spnn_fast.config import TrainConfig
 from spnn_fast.distributed import all_sum
 from spnn_fast.encode import IGNORE_INDEX, SequenceBatch
-from spnn_fast.functional import distillation_loss
+from spnn_fast.functional import (
+    distillation_loss,
+    sampled_distillation_loss,
+    sampled_softmax_loss,
+)
 from spnn_fast.model import SPNN
 from spnn_fast.nn import FeatureDistiller
 
@@ -73,9 +77,20 @@ class Objective(nn.Module):
         tcfg: TrainConfig,
         teacher: Optional[SPNN],
         ensemble: Optional[Sequence[SPNN]] = None,
+        log_q: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
         self.model, self.tcfg = model, tcfg
+        # The sampled loss (tcfg.sampled for the model's catalogue): each step's negatives come
+        # with forward(), their log-probabilities here (log_q [V + 1]; None: uniform).
+        self.sampled = tcfg.sampled(model.config.num_items)
+        self.register_buffer("log_q", log_q, persistent=False)
+        if self.sampled and ensemble and len(ensemble) > 1 and tcfg.ensemble != "logits":
+            raise ValueError(
+                f"the sampled loss learns from an ensemble of teachers through its mean logits "
+                f"(ensemble='logits'), not ensemble={tcfg.ensemble!r}: set kd_ensemble logits, "
+                f"or loss full"
+            )
         self._teacher = [teacher] if teacher is not None else []
         # the logit term's teachers: an ensemble, or the teacher alone (plain lists: frozen
         # models outside the module tree, as the teacher)
@@ -120,23 +135,29 @@ class Objective(nn.Module):
         return {"targets": counts[0], "rows": counts[1], "aux": counts[2]}
 
     def forward(
-        self, b: SequenceBatch, norm: Dict[str, Tensor], t_view: Optional[TeacherView] = None
+        self,
+        b: SequenceBatch,
+        norm: Dict[str, Tensor],
+        t_view: Optional[TeacherView] = None,
+        negatives: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Dict]:
         """Loss of the student batch ``b`` (``t_view``: the teachers' view of the same windows,
-        required with a teacher; its hidden states in the order of ``logit_teachers``) and its
-        parts, detached."""
+        required with a teacher; its hidden states in the order of ``logit_teachers``;
+        ``negatives``: the step's shared negatives [K], required with the sampled loss) and
+        its parts, detached."""
         tcfg, model, teacher = self.tcfg, self.model, self.teacher
         det_layers = tuple(model.config.detector_layers)
         out = model(b.items, b.timestamps, b.time_buckets, b.mask, b.users,
                     return_layers=self.student_layers + det_layers)  # fmt: skip
         h, y = out.hidden, table_rows(b.targets)
         stats = {}
-        if teacher is None:
+        if self.sampled:
+            loss = self._sampled_loss(h, b, t_view, negatives)
+        elif teacher is None:
             loss = distillation_loss(h, model.item_table(), target=y, alpha=0.0, reduction="sum",
                                      backend=model.config.backend)  # fmt: skip
         else:
-            t_hiddens, t_layers = t_view
-            t_h = list(t_hiddens)
+            t_h = list(t_view[0])
             t_w = [t.item_table() for t in self.logit_teachers]
             if len(t_h) == 1:  # one teacher: the tensors themselves
                 t_h, t_w = t_h[0], t_w[0]
@@ -148,6 +169,7 @@ class Objective(nn.Module):
         loss = loss / norm["targets"]
         stats["ce"] = loss.detach()
         for s_layer, t_layer in tcfg.layer_pairs if teacher is not None else ():
+            t_layers = t_view[1]
             name = _pair_name(s_layer, t_layer)
             # FeatureDistiller averages over its local rows; rescale to the global batch.
             fd = self.distillers[name](out.layers[s_layer], t_layers[t_layer], b.mask)
@@ -155,13 +177,31 @@ class Objective(nn.Module):
             stats[f"feat:{name}"] = fd.detach()
             loss = loss + tcfg.feature_weight * fd
         for layer in det_layers:
-            aux = self._detector_loss(model, layer, out.layers[layer], b) / norm["aux"]
+            aux = self._detector_loss(model, layer, out.layers[layer], b, negatives) / norm["aux"]
             stats[f"detector:{layer}"] = aux.detach()
             loss = loss + tcfg.detector_weight * aux
         return loss, stats
 
-    @staticmethod
-    def _detector_loss(model: SPNN, layer: str, feats: Tensor, b: SequenceBatch) -> Tensor:
+    def _sampled_loss(self, h: Tensor, b: SequenceBatch, t_view: Optional[TeacherView],
+                      negatives: Tensor) -> Tensor:  # fmt: skip
+        """The sampled counterpart of the full loss: over each target and the shared negatives,
+        on the item tables whose row ``i`` is item ``i`` (the batch's targets as they are)."""
+        tcfg, model = self.tcfg, self.model
+        kw = dict(log_q=self.log_q, reduction="sum", backend=model.config.backend)
+        if self.teacher is None:
+            return sampled_softmax_loss(h, model.item_emb.weight, b.targets, negatives, **kw)
+        t_h, t_w = list(t_view[0]), [t.item_emb.weight for t in self.logit_teachers]
+        if len(t_h) > 1:  # the softmax of the mean logits: one teacher of all their columns
+            t_h = [x / len(t_h) for x in t_h]
+        return sampled_distillation_loss(
+            h, model.item_emb.weight, torch.cat(t_h, -1), torch.cat(t_w, -1), b.targets,
+            negatives, temperature=tcfg.temperature, alpha=tcfg.alpha, **kw,
+        )  # fmt: skip
+
+    def _detector_loss(
+        self, model: SPNN, layer: str, feats: Tensor, b: SequenceBatch,
+        negatives: Optional[Tensor] = None,
+    ) -> Tensor:  # fmt: skip
         """Auxiliary next-item loss that trains a teacher's knowledge detector.
 
         The detector pools the (detached) layer features over the window up to the last event that
@@ -171,6 +211,11 @@ class Objective(nn.Module):
         mask, y, ok = detector_targets(b)
         # every row (a row with nothing to pool pools to zeros), the rows without a target ignored
         pooled = model.detector(layer).pool(feats.detach(), mask)
+        if self.sampled:
+            return sampled_softmax_loss(
+                pooled, model.item_emb.weight.detach(), torch.where(ok, y, IGNORE_INDEX),
+                negatives, log_q=self.log_q, reduction="sum", backend=model.config.backend,
+            )  # fmt: skip
         y = torch.where(ok, y - 1, IGNORE_INDEX)
         return distillation_loss(pooled, model.item_table().detach(), target=y, alpha=0.0,
                                  reduction="sum", backend=model.config.backend)  # fmt: skip

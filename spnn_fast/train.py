@@ -25,14 +25,15 @@ import torch.distributed as dist
 from torch import nn
 
 from spnn_fast._io import atomic_write, load_checkpoint_file
-from spnn_fast.config import TrainConfig
+from spnn_fast.config import SAMPLED_ABOVE, TrainConfig
 from spnn_fast.data import Dataset
 from spnn_fast.distributed import world
 from spnn_fast.encode import SequenceBatch
 from spnn_fast.evaluation import evaluate
 from spnn_fast.model import SPNN
 from spnn_fast.objective import Objective
-from spnn_fast.protocol import eval_sets, train_ends
+from spnn_fast.protocol import eval_sets, train_ends, train_log
+from spnn_fast.sampling import NegativeSampler
 from spnn_fast.teacher import TeacherOutputs
 from spnn_fast.windows import fresh_targets, make_batch, training_windows
 
@@ -84,7 +85,18 @@ class Trainer:
                     f"({L}): it reads at least the student's window"
                 )
             t.to(self.device).eval().requires_grad_(False)
-        self.objective = Objective(self.model, tcfg, teacher, ensemble).to(self.device)
+        self.train_end = train_ends(self.log)
+        self.sampler: Optional[NegativeSampler] = None
+        log_q = None
+        if tcfg.sampled(model.config.num_items):
+            counts = None
+            if tcfg.sampling == "popularity":  # the items' counts among the training events
+                counts = torch.from_numpy(item_counts(train_log(self.log)))
+            self.sampler = NegativeSampler(model.config.num_items + 1, counts, padding_idx=0)
+            log_q = None if counts is None else self.sampler.log_q
+        self.loss_note = loss_note(tcfg, model.config.num_items)
+        self._neg_gen = torch.Generator().manual_seed(seed * 100_003 + 2**40)
+        self.objective = Objective(self.model, tcfg, teacher, ensemble, log_q).to(self.device)
         self.rank, self.size = world()
         self.step_module: nn.Module = self.objective
         if tcfg.compile:  # the objective keeps static shapes (spnn_fast.objective)
@@ -96,7 +108,6 @@ class Trainer:
         # A stride of max_len or more: windows that do not overlap.
         self.stride = min(tcfg.window_stride or L, L)
         self.windows = training_windows(self.log, L, self.stride)
-        self.train_end = train_ends(self.log)
         self.splits = eval_sets(self.log)
         # Batches as long as the longer of the student's and the teacher's windows (the teacher
         # sees up to its own max_len events before each window end).
@@ -144,7 +155,10 @@ class Trainer:
         b = dataclasses.replace(b, targets=fresh).cut(keep)
         t_view = self.teacher.view(local, full, keep) if self.teacher is not None else None
         norm = self.objective.normalizers(b, self.device)
-        loss, stats = self.step_module(b, norm, t_view)
+        negatives = None
+        if self.sampler is not None:  # every rank draws the same ones
+            negatives = self.sampler.sample(self.tcfg.negatives, self._neg_gen).to(self.device)
+        loss, stats = self.step_module(b, norm, t_view, negatives)
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; the losses are normalised by global counts, so
         # scale by the world size to make the average a sum.
@@ -157,6 +171,8 @@ class Trainer:
     # ---------------------------------------------------------------- epochs
     def train_epoch(self, epoch: int) -> float:
         torch.manual_seed(self.seed * 100_003 + epoch)  # dropout: a function of (seed, epoch)
+        # the sampled loss's negatives: a function of (seed, epoch) too, apart from dropout's
+        self._neg_gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 2**40)
         self.model.train()
         n_batches = math.ceil(len(self.windows[0]) / self.tcfg.batch_size)
         total, t0 = 0.0, time.perf_counter()
@@ -201,6 +217,8 @@ class Trainer:
                 )
             )
             log(f"{self.desc}: resumed after epoch {self.epoch}")
+        if self.rank == 0:
+            log(f"{self.desc}: {self.loss_note}")
         if self.teacher is not None and self.rank == 0:
             log(f"{self.desc}: {self.teacher.note}")
         while self.epoch < self.tcfg.epochs and self.bad_epochs < self.tcfg.patience:
@@ -269,6 +287,23 @@ class Trainer:
 # The keys of a trainer's last.pt (what _load reads).
 _STATE_KEYS = ("epoch", "objective", "optimizer", "history", "best", "bad_epochs",
                "train_seconds", "windows_seen", "seed")  # fmt: skip
+
+
+def item_counts(log) -> np.ndarray:
+    """int64 ``[V + 1]``: how often each item id occurs in ``log`` (0 for the padding id)."""
+    return np.bincount(np.asarray(log.items), minlength=log.num_items + 1).astype(np.int64)
+
+
+def loss_note(tcfg: TrainConfig, num_items: int) -> str:
+    """One line: the loss a model of ``num_items`` items trains with, and why."""
+    why = f"loss={tcfg.loss}"
+    if tcfg.loss == "auto":
+        side = ">" if tcfg.sampled(num_items) else "<="
+        why = f"auto: {num_items:,} items {side} {SAMPLED_ABOVE:,}"
+    if tcfg.sampled(num_items):
+        return (f"loss: sampled softmax, {tcfg.negatives:,} negatives per step drawn by "
+                f"{tcfg.sampling} ({why})")  # fmt: skip
+    return f"loss: full cross-entropy over the {num_items:,} items ({why})"
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -12,9 +12,26 @@ from typing import Dict, List, Optional, Tuple
 from spnn_fast._checks import is_int, is_real, plain_number
 from spnn_fast.reference.distill_ensemble import ENSEMBLES
 
-__all__ = ["SCHEDULES", "TEACHER_INPUTS", "TrainConfig", "check_window_stride", "report_fields"]
+__all__ = [
+    "LOSSES",
+    "SAMPLED_ABOVE",
+    "SAMPLINGS",
+    "SCHEDULES",
+    "TEACHER_INPUTS",
+    "TrainConfig",
+    "check_window_stride",
+    "report_fields",
+]
 
 SCHEDULES = ("constant", "cosine")
+# The next-item loss: "full" cross-entropy over the whole catalogue, "sampled" softmax over each
+# target and `negatives` items shared by the batch, or "auto": full up to SAMPLED_ABOVE items,
+# sampled above (docs/experiments.md: where the full loss's cost passes the rest of a step).
+LOSSES = ("auto", "full", "sampled")
+SAMPLED_ABOVE = 20_000
+# How the sampled loss draws its negatives: by the items' training counts (logQ-corrected) or
+# uniformly over the catalogue.
+SAMPLINGS = ("popularity", "uniform")
 # What a distilled student's teacher reads: its whole window ("full", privileged) or the
 # student's own, possibly cut, input ("cut": plain distillation).
 TEACHER_INPUTS = ("full", "cut")
@@ -95,6 +112,9 @@ class TrainConfig:
     teacher_cache_mb: Optional[float] = None
     d_knowledge: int = 64
     detector_weight: float = 1.0  # teacher: auxiliary next-item loss of its knowledge detector
+    loss: str = "auto"  # one of LOSSES
+    negatives: int = 1024  # the sampled loss's negatives per step, shared by the batch
+    sampling: str = "popularity"  # one of SAMPLINGS
     # torch.compile the training step (the model and its loss, forward and backward) whole:
     # fullgraph, static shapes (one graph per batch shape). Off by default: see
     # docs/experiments.md for where it measured faster.
@@ -128,6 +148,9 @@ class TrainConfig:
                                  "None (a quarter of the free memory) or a finite number >= 0"),
             "d_knowledge": (is_int(self.d_knowledge, 1), "an integer >= 1"),
             "compile": (isinstance(self.compile, bool), "True or False"),
+            "loss": (self.loss in LOSSES, f"one of {', '.join(LOSSES)}"),
+            "negatives": (is_int(self.negatives, 1), "an integer >= 1"),
+            "sampling": (self.sampling in SAMPLINGS, f"one of {', '.join(SAMPLINGS)}"),
             "detector_weight": (is_real(self.detector_weight, 0.0), "a finite number >= 0"),
             "schedule": (self.schedule in SCHEDULES, "'constant' or 'cosine'"),
             "ensemble": (self.ensemble in ENSEMBLES, f"one of {', '.join(ENSEMBLES)}"),
@@ -146,6 +169,10 @@ class TrainConfig:
         span = max(self.epochs - self.warmup_epochs, 1e-9)
         t = min(max((progress - self.warmup_epochs) / span, 0.0), 1.0)
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def sampled(self, num_items: int) -> bool:
+        """Whether a catalogue of ``num_items`` items trains with the sampled loss."""
+        return self.loss == "sampled" or (self.loss == "auto" and num_items > SAMPLED_ABOVE)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -160,3 +160,79 @@ def test_trainer_compile_setting_trains_the_same_steps(setup, monkeypatch):
         losses[compiled] = [trainer.step(idx, keep)["loss"]
                             for idx, keep in list(trainer._batches(0))[:3]]  # fmt: skip
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def _all_items(ds) -> torch.Tensor:
+    return torch.arange(1, ds.log.num_items + 1)
+
+
+@pytest.mark.parametrize("name", ["teacher", "student", "student_kd"])
+def test_sampled_loss_over_every_item_is_the_full_loss(setup, name):
+    """With every item once as a negative, uniform (no logQ), the target's own draw removed as an
+    accidental hit, each row's candidates are the whole catalogue: the sampled objective is the
+    full one, the distillation and detector terms included."""
+    ds, models, tcfgs, rows, ends = setup
+    teacher = models["teacher"] if name == "student_kd" else None
+    full = Objective(models[name], dataclasses.replace(tcfgs[name], loss="full"), teacher)
+    sampled = Objective(models[name], dataclasses.replace(tcfgs[name], loss="sampled"), teacher)
+    sampled.load_state_dict(full.state_dict())  # the same distillers' projections
+    assert sampled.sampled and not full.sampled
+    b = _batch(ds, rows[:20], ends[:20], keep=np.r_[np.full(10, 8), np.arange(10) % 5])
+    t_view = teacher_view([teacher], 0, b, 8, full.teacher_layers) if teacher is not None else None
+    norm = full.normalizers(b, torch.device("cpu"))
+    want, want_parts = full(b, norm, t_view)
+    got, got_parts = sampled(b, norm, t_view, _all_items(ds))
+    assert_close(got, want, "loss", rtol=1e-5)
+    assert set(got_parts) == set(want_parts)
+    for k in want_parts:
+        assert_close(got_parts[k], want_parts[k], k, rtol=1e-5)
+
+
+def test_sampled_ensemble_learns_from_the_mean_logits(setup):
+    ds, models, tcfgs, rows, ends = setup
+    torch.manual_seed(5)
+    other = SPNN(models["teacher"].config, ds.item_features, ds.user_features)
+    teachers = [models["teacher"], other]
+    kw = dict(teacher=models["teacher"], ensemble=teachers)
+    tcfg = dataclasses.replace(tcfgs["student_kd"], ensemble="logits")
+    full = Objective(models["student_kd"], dataclasses.replace(tcfg, loss="full"), **kw)
+    sampled = Objective(models["student_kd"], dataclasses.replace(tcfg, loss="sampled"), **kw)
+    sampled.load_state_dict(full.state_dict())
+    b = _batch(ds, rows[:12], ends[:12])
+    t_view = teacher_view(teachers, 0, b, 8, full.teacher_layers)
+    norm = full.normalizers(b, torch.device("cpu"))
+    want, _ = full(b, norm, t_view)
+    got, _ = sampled(b, norm, t_view, _all_items(ds))
+    assert_close(got, want, "loss", rtol=1e-5)
+    with pytest.raises(ValueError, match="mean logits .*ensemble='logits'"):
+        Objective(models["student_kd"], dataclasses.replace(tcfg, loss="sampled",
+                  ensemble="distributions"), **kw)  # fmt: skip
+
+
+def test_trainer_draws_negatives_and_says_which_loss(setup, monkeypatch):
+    import spnn_fast.trainconfig as TC
+    from spnn_fast.train import Trainer
+
+    ds, models, tcfgs, _, _ = setup
+    V = ds.log.num_items
+    tcfg = dataclasses.replace(tcfgs["teacher"], batch_size=16, negatives=7)
+    tr = Trainer(models["teacher"], ds, tcfg, seed=0)
+    assert tr.sampler is None and tr.loss_note.startswith("loss: full cross-entropy over the")
+    assert f"auto: {V:,} items <= 20,000" in tr.loss_note
+    monkeypatch.setattr(TC, "SAMPLED_ABOVE", V - 1)
+    tr = Trainer(models["teacher"], ds, tcfg, seed=0)
+    assert tr.sampler is not None and tr.objective.log_q is not None
+    assert "sampled softmax, 7 negatives per step drawn by popularity" in tr.loss_note
+    counts = np.bincount(
+        np.concatenate([ds.log.items[ds.log.offsets[u] : ds.log.offsets[u] + e]
+                        for u, e in enumerate(tr.train_end)]), minlength=V + 1)  # fmt: skip
+    probs = tr.sampler.probs.numpy()
+    np.testing.assert_allclose(probs, counts / counts.sum())  # training events only
+    drawn = []
+    real = tr.sampler.sample
+    monkeypatch.setattr(tr.sampler, "sample", lambda k, g: drawn.append(real(k, g)) or drawn[-1])
+    losses = [tr.step(idx, keep)["loss"] for idx, keep in list(tr._batches(0))[:3]]
+    assert np.isfinite(losses).all() and len(drawn) == 3
+    assert all(d.shape == (7,) and int(d.min()) >= 1 and int(d.max()) <= V for d in drawn)
+    uniform = Trainer(models["teacher"], ds, dataclasses.replace(tcfg, sampling="uniform"), seed=0)
+    assert uniform.objective.log_q is None and "drawn by uniform" in uniform.loss_note
