@@ -33,6 +33,6 @@ def test_retained_memory_is_reused_without_page_faults():
         return int(out.stdout.strip().splitlines()[-1])
 
     plain, kept = faults("0"), faults("1")
-    pages = 5 * 65 * 2**20 // 4096  # five steps of 65 MiB of fresh blocks
-    assert plain > pages // 2, plain  # glibc maps each one anew
-    assert kept < pages // 20, (kept, plain)
+    pages = 5 * 65 * 2**20 // 4096  # five steps of 65 MiB of blocks
+    # glibc's default maps many of them anew (how many depends on its adaptive threshold)
+    assert kept < pages // 20 and 4 * kept < plain, (kept, plain)
