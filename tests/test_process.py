@@ -11,6 +11,7 @@ import pytest
 
 _FAULTS = textwrap.dedent("""
     import resource, sys, torch
+    torch.set_num_threads(1)
     from spnn_fast._threads import retain_freed_memory
     if sys.argv[1] == "1":
         assert retain_freed_memory()
@@ -19,7 +20,7 @@ _FAULTS = textwrap.dedent("""
         return sum(float(t[-1]) for t in ts)
     step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(20):
         step()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
@@ -33,6 +34,6 @@ def test_retained_memory_is_reused_without_page_faults():
         return int(out.stdout.strip().splitlines()[-1])
 
     plain, kept = faults("0"), faults("1")
-    pages = 5 * 65 * 2**20 // 4096  # five steps of 65 MiB of blocks
-    # glibc's default maps many of them anew (how many depends on its adaptive threshold)
-    assert kept < pages // 20 and 4 * kept < plain, (kept, plain)
+    # 20 steps of 65 MiB of blocks: glibc's default maps most of them anew (about 11,700 of the
+    # 16,640 pages a step), kept ones fault at most a few thousand times in all
+    assert 8 * kept < plain, (kept, plain)
