@@ -8,10 +8,12 @@
 namespace py = pybind11;
 
 void register_encode(py::module_& m);
+void register_time_bias(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "spnn_fast C++ extension (batch encoder)";
+  m.doc() = "spnn_fast C++ extension (batch encoder, the attention's time bias on the CPU)";
   m.def("hardware_threads", []() { return std::thread::hardware_concurrency(); },
         "Threads the hardware reports (0 when unknown).");
   register_encode(m);
+  register_time_bias(m);
 }

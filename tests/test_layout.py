@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import spnn_fast modules of lower layers only; the package's
 # __init__ and __main__ sit above all.
 LAYERS = [
-    {"_C", "limits", "_checks", "_io", "_lock", "_threads", "_tables", "distributed", "metrics"},
-    {"_ext", "reference", "sampling", "_arrow"},
+    {"_C"},
+    {"_ext", "limits", "_checks", "_io", "_lock", "_threads", "_tables", "distributed", "metrics"},
+    {"reference", "sampling", "_arrow"},
     {"backends", "_formats", "download", "kernels"},
     {"ops", "encode", "log", "fingerprint"},
     {"functional", "protocol", "data"},

@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from spnn_fast import _ext
 from spnn_fast.reference.time_bucket import time_bucket
 
 __all__ = [
@@ -126,12 +127,40 @@ def _chunks(B: int, H: int, L: int):
         yield r0, min(L, r0 + rows)
 
 
-def _chunk_scores(qc, k, key_mask, timestamps, time_bias, causal, scale, r0, r1):
-    """Scores of query rows [r0, r1) against keys [0, nk), with -inf where not admissible."""
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _cpp_bias(t: torch.Tensor, timestamps: Optional[torch.Tensor]) -> bool:
+    """Whether the C++ time-bias helpers (``spnn_fast._C``) serve a float32 CPU tensor ``t``."""
+    return (
+        _ext.C is not None
+        and timestamps is not None
+        and t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.is_contiguous()
+    )
+
+
+def _bias_into(out, key_mask, timestamps, time_bias, causal, r0, accumulate):
+    """``out [B, H, R, K]`` (float32, CPU, contiguous) set to (or increased by) the time bias
+    of query rows ``r0 ..``, -inf where a key is not admissible: the C++ helper."""
+    km = None if key_mask is None else key_mask.contiguous().numpy()
+    _ext.C.time_bias_mask(timestamps.to(torch.int64).contiguous().numpy(), km,
+                          time_bias.detach().to(torch.float32).contiguous().numpy(), causal, r0,
+                          out.numpy(), accumulate, _threads())  # fmt: skip
+
+
+def _chunk_scores(qc, k, key_mask, timestamps, time_bias, causal, scale, r0, r1, buckets=True):
+    """Scores of query rows [r0, r1) against keys [0, nk), with -inf where not admissible (and,
+    with ``buckets``, the int64 gap buckets, unless the C++ helpers add the bias)."""
     L = k.shape[2]
     nk = r1 if causal else L
     s = torch.matmul(qc, k[:, :, :nk].transpose(-1, -2)).mul_(scale)
     bucket = None
+    if time_bias is not None and _cpp_bias(s, timestamps):
+        _bias_into(s, key_mask, timestamps, time_bias, causal, r0, accumulate=True)
+        return s, None, None, nk
     if time_bias is not None:
         bucket = _pair_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
         s += time_bias.to(s.dtype)[:, bucket].transpose(0, 1)
@@ -178,15 +207,23 @@ def _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, dtype, device
             empty = (~seen).expand(B, L)[:, None, :]
         yield 0, L, L, mask, causal, empty
         return
+    seen = None  # [B, L]: whether row i has an admissible key
+    if key_mask is not None:
+        seen = key_mask.cumsum(-1) > 0 if causal else key_mask.any(-1, keepdim=True).expand(B, L)
+    cpp = _ext.C is not None and device.type == "cpu"
     for r0, r1 in _chunks(B, H, L):
         nk = r1 if causal else L
+        empty = None if seen is None else (~seen[:, r0:r1])[:, None, :]
+        if cpp:
+            mask = torch.empty((B, H, r1 - r0, nk), dtype=torch.float32, device=device)
+            _bias_into(mask, key_mask, timestamps, time_bias, causal, r0, accumulate=False)
+            yield r0, r1, nk, mask.to(dtype), False, empty
+            continue
         bucket = _pair_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
         mask = time_bias.to(dtype)[:, bucket].transpose(0, 1)
         allowed = admissible(L, key_mask, causal, device, rows=(r0, r1), keys=nk)
-        empty = None
         if allowed is not None:
             mask = mask.masked_fill(~allowed, neg)
-            empty = ~allowed.any(-1)[:, :1]
         yield r0, r1, nk, mask, False, empty
 
 
@@ -211,15 +248,18 @@ def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
     if not _all_finite(k, v):
         k, v = _masked_keys(k, v, key_mask)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
-    lse = torch.empty((B, H, L), dtype=_acc_dtype(q.dtype), device=q.device)
-    for r0, r1, nk, mask, is_causal, empty in _flash_masks(
-        key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device
-    ):
+    chunks = _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device)
+    out = lse = None
+    for r0, r1, nk, mask, is_causal, empty in chunks:
         o, m = op(q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], 0.0, is_causal, attn_mask=mask,
                   scale=scale)  # fmt: skip
         if empty is not None:  # the kernel gives an empty row lse 0; here it is -inf
-            m = m.masked_fill(empty.expand_as(m), float("-inf"))
+            m = m.masked_fill_(empty.expand_as(m), float("-inf"))
+        if r0 == 0 and r1 == L:  # one call holds every row: its outputs are the result
+            return o.contiguous(), m.to(_acc_dtype(q.dtype)).contiguous()
+        if out is None:  # contiguous, as the fake says
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.empty((B, H, L), dtype=_acc_dtype(q.dtype), device=q.device)
         out[:, :, r0:r1] = o
         lse[:, :, r0:r1] = m
     return out, lse
@@ -300,6 +340,13 @@ def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, cau
     return dq, dk.to(q.dtype), dv.to(q.dtype), None
 
 
+def _add_bias_grad_cpp(dbias, ds, timestamps, r0) -> None:
+    """:func:`_add_bias_grad` by the C++ histogram (its float64 sums, in a fixed order)."""
+    hist = _ext.C.time_bias_grad(timestamps.to(torch.int64).contiguous().numpy(),
+                                 ds.contiguous().numpy(), r0, dbias.shape[1], _threads())  # fmt: skip
+    dbias += torch.from_numpy(hist).to(dbias.dtype)
+
+
 def _add_bias_grad(dbias: torch.Tensor, ds: torch.Tensor, bucket: torch.Tensor) -> None:
     """``dbias[h, n] += sum of ds[b, h, i, j] over bucket[b, i, j] == n``, deterministically.
 
@@ -365,7 +412,9 @@ def semantic_attention_torch_bwd(
         ds.sub_(delta[:, :, r0:r1].unsqueeze(-1)).mul_(p)
         dq[:, :, r0:r1] = torch.matmul(ds, ka[:, :, :nk]).mul_(scale)
         dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
-        if bias_grad:
+        if bias_grad and bucket is None:  # the C++ helpers added the bias
+            _add_bias_grad_cpp(dbias, ds, timestamps, r0)
+        elif bias_grad:
             _add_bias_grad(dbias, ds, bucket)
     if dbias is not None:
         dbias = dbias.to(time_bias.dtype)
