@@ -42,12 +42,23 @@ def semantic_attention_fwd(
     else:
         from spnn_fast.reference.attention import semantic_attention_torch_fwd as launch
     out, lse = launch(q, k, v, key_mask, timestamps, time_bias, causal, scale)
-    return out, lse.to(_lse_dtype(q.dtype))
+    return out, lse.to(_lse_dtype(q.dtype))  # .to keeps the layout
+
+
+def _layout(q: Tensor, backend: str, *shape: int) -> Tensor:
+    """An empty output of the op's real layout: the CPU torch path returns PyTorch's fused
+    kernel's outputs as they are (``[B, L, H, ...]`` strides), the others contiguous ones."""
+    if backend == "torch":
+        from spnn_fast.reference.attention import cpu_layout
+
+        return cpu_layout(q, *shape)
+    return q.new_empty(shape)
 
 
 @semantic_attention_fwd.register_fake
 def _(q, k, v, key_mask, timestamps, time_bias, causal, scale, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+    lse = _layout(q, backend, *q.shape[:-1]).to(_lse_dtype(q.dtype))
+    return _layout(q, backend, *q.shape), lse
 
 
 @torch.library.custom_op("spnn_fast::semantic_attention_bwd", mutates_args=())
@@ -84,10 +95,10 @@ def semantic_attention_bwd(
 def _(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal, scale,
       backend, bias_grad):  # fmt: skip
     if bias_grad and time_bias is not None:
+        # the torch path's bias gradient runs its own recurrence: contiguous gradients
         dbias = time_bias.new_empty(time_bias.shape)
-    else:
-        dbias = q.new_empty((0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    return (*(_layout(q, backend, *q.shape) for _ in "qkv"), q.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):

@@ -33,6 +33,7 @@ from spnn_fast.reference.time_bucket import time_bucket
 
 __all__ = [
     "admissible",
+    "cpu_layout",
     "bias_scores",
     "semantic_attention_math",
     "semantic_attention_torch_bwd",
@@ -179,6 +180,23 @@ def _masked_keys(k, v, key_mask):
     return k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
 
 
+def cpu_layout(q: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An empty tensor of ``shape`` ([B, H, L] or [B, H, L, D]) laid out as ``[B, L, H, ...]``
+    when the CPU torch path serves ``q`` (:func:`_flash_cpu`): the layout of PyTorch's fused CPU
+    kernel's outputs, which the path returns without copying them (and in which a module's
+    ``out.transpose(1, 2).reshape(B, L, d)`` is a view); else contiguous. The op's fake
+    tensors take it from here too."""
+    if not _flash_cpu(q):
+        return q.new_empty(shape)
+    B, H, L, *rest = shape
+    return q.new_empty((B, L, H, *rest)).transpose(1, 2)
+
+
+def _as_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in the strides of ``like`` (``t`` itself when they match)."""
+    return t if t.stride() == like.stride() else like.copy_(t)
+
+
 def _flash_cpu(q: torch.Tensor) -> bool:
     """Whether PyTorch's fused CPU attention kernel (the one SDPA runs on the CPU, which also
     returns the log-sum-exp) serves this call."""
@@ -256,10 +274,11 @@ def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
         if empty is not None:  # the kernel gives an empty row lse 0; here it is -inf
             m = m.masked_fill_(empty.expand_as(m), float("-inf"))
         if r0 == 0 and r1 == L:  # one call holds every row: its outputs are the result
-            return o.contiguous(), m.to(_acc_dtype(q.dtype)).contiguous()
-        if out is None:  # contiguous, as the fake says
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            lse = torch.empty((B, H, L), dtype=_acc_dtype(q.dtype), device=q.device)
+            lse_like = cpu_layout(q, B, H, L).to(_acc_dtype(q.dtype))
+            return _as_layout(o, cpu_layout(q, B, H, L, D)), _as_layout(m, lse_like)
+        if out is None:  # in the kernel's layout, as the op's fake says
+            out = cpu_layout(q, B, H, L, D)
+            lse = cpu_layout(q, B, H, L).to(_acc_dtype(q.dtype))
         out[:, :, r0:r1] = o
         lse[:, :, r0:r1] = m
     return out, lse
@@ -320,9 +339,10 @@ def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, cau
         # exactly 0 and its value finite, so its gradients are exactly 0.
         _, _, _, mask, is_causal, _ = chunks[0]
         gq, gk, gv = op(go, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
-        gq = gq.contiguous() if q_scale is None else gq * q_scale
-        return gq, gk.contiguous(), gv.contiguous(), None
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
+        if q_scale is not None:
+            gq = gq * q_scale
+        return (*(_as_layout(g, cpu_layout(q, B, H, L, D)) for g in (gq, gk, gv)), None)
+    dq = cpu_layout(q, B, H, L, D)  # the kernel's layout, as the op's fake says
     # dk, dv sum the chunks' shares: in fp32 (fp64 for fp64), cast once at the end
     dk, dv = (torch.zeros(q.shape, dtype=_acc_dtype(q.dtype), device=q.device) for _ in "kv")
     for r0, r1, nk, mask, is_causal, _ in chunks:
@@ -337,7 +357,8 @@ def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, cau
         dk, dv = dk.masked_fill(~keep, 0), dv.masked_fill(~keep, 0)
     if q_scale is not None:
         dq = dq * q_scale
-    return dq, dk.to(q.dtype), dv.to(q.dtype), None
+    dk, dv = (_as_layout(g.to(q.dtype), cpu_layout(q, B, H, L, D)) for g in (dk, dv))
+    return _as_layout(dq, cpu_layout(q, B, H, L, D)), dk, dv, None
 
 
 def _add_bias_grad_cpp(dbias, ds, timestamps, r0) -> None:
