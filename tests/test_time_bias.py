@@ -10,6 +10,7 @@ from _utils import assert_close
 
 from spnn_fast import _ext
 from spnn_fast.reference import attention as A
+from spnn_fast.reference import time_bias_cpp as TB
 
 pytestmark = pytest.mark.skipif(_ext.C is None, reason=f"spnn_fast._C did not load: {_ext.ERROR}")
 
@@ -41,11 +42,11 @@ def test_mask_is_the_definition(nb, causal, with_mask, huge):
     for r0, R in [(0, L), (4, 5), (12, 1)]:
         K = r0 + R if causal else L
         out = torch.empty(B, H, R, K)
-        A._bias_into(out, km, ts, tb, causal, r0, accumulate=False)
+        TB.bias_into(out, km, ts, tb, causal, r0, accumulate=False)
         assert torch.equal(out, _want_mask(ts, km, tb, causal, r0, R, K)), (r0, R)
         base = torch.randn(B, H, R, K, generator=g)
         acc = base.clone()
-        A._bias_into(acc, km, ts, tb, causal, r0, accumulate=True)
+        TB.bias_into(acc, km, ts, tb, causal, r0, accumulate=True)
         assert torch.equal(acc, base + _want_mask(ts, km, tb, causal, r0, R, K))
 
 
@@ -61,9 +62,9 @@ def test_grad_histogram_is_bincount_and_thread_independent(dtype, huge, monkeypa
     A._add_bias_grad(want, ds.double(), bucket)
     got = []
     for threads in (1, 2, 3, 8):
-        monkeypatch.setattr(A, "_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(TB, "num_threads", lambda threads=threads: threads)
         d = torch.zeros(H, NB, dtype=torch.float64)
-        A._add_bias_grad_cpp(d, ds, ts, 4)
+        TB.add_bias_grad(d, ds, ts, 4)
         got.append(d)
     assert_close(got[0], want, "dbias", rtol=1e-12, atol=1e-12)
     assert all(torch.equal(x, got[0]) for x in got[1:])  # bitwise, any thread count

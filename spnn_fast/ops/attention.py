@@ -49,7 +49,7 @@ def _layout(q: Tensor, backend: str, *shape: int) -> Tensor:
     """An empty output of the op's real layout: the CPU torch path returns PyTorch's fused
     kernel's outputs as they are (``[B, L, H, ...]`` strides), the others contiguous ones."""
     if backend == "torch":
-        from spnn_fast.reference.attention import cpu_layout
+        from spnn_fast.reference.attention_cpu import cpu_layout
 
         return cpu_layout(q, *shape)
     return q.new_empty(shape)

@@ -16,7 +16,10 @@ This module holds, written once:
 * :func:`semantic_attention_torch_fwd` / :func:`semantic_attention_torch_bwd` - the PyTorch path
   (``backend="torch"``, any device): the flash recurrence in chunks of query rows. The forward
   keeps only the log-sum-exp per row; the backward recomputes the scores chunk by chunk, so memory
-  stays at one chunk of ``[B, H, rows, L]`` and no ``[B, H, L, L]`` tensor is ever formed.
+  stays at one chunk of ``[B, H, rows, L]`` and no ``[B, H, L, L]`` tensor is ever formed. On the
+  CPU they run PyTorch's fused kernel instead where it serves the call
+  (:mod:`spnn_fast.reference.attention_cpu`), and the time bias's mask and gradient come from
+  the C++ helpers (:mod:`spnn_fast.reference.time_bias_cpp`).
 The benchmark baselines (SDPA, FlexAttention) live in
 :mod:`spnn_fast.reference.attention_baselines`.
 """
@@ -28,12 +31,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from spnn_fast import _ext
+from spnn_fast.reference import time_bias_cpp
 from spnn_fast.reference.time_bucket import time_bucket
 
 __all__ = [
     "admissible",
-    "cpu_layout",
     "bias_scores",
     "semantic_attention_math",
     "semantic_attention_torch_bwd",
@@ -128,30 +130,6 @@ def _chunks(B: int, H: int, L: int):
         yield r0, min(L, r0 + rows)
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
-
-
-def _cpp_bias(t: torch.Tensor, timestamps: Optional[torch.Tensor]) -> bool:
-    """Whether the C++ time-bias helpers (``spnn_fast._C``) serve a float32 CPU tensor ``t``."""
-    return (
-        _ext.C is not None
-        and timestamps is not None
-        and t.device.type == "cpu"
-        and t.dtype == torch.float32
-        and t.is_contiguous()
-    )
-
-
-def _bias_into(out, key_mask, timestamps, time_bias, causal, r0, accumulate):
-    """``out [B, H, R, K]`` (float32, CPU, contiguous) set to (or increased by) the time bias
-    of query rows ``r0 ..``, -inf where a key is not admissible: the C++ helper."""
-    km = None if key_mask is None else key_mask.contiguous().numpy()
-    _ext.C.time_bias_mask(timestamps.to(torch.int64).contiguous().numpy(), km,
-                          time_bias.detach().to(torch.float32).contiguous().numpy(), causal, r0,
-                          out.numpy(), accumulate, _threads())  # fmt: skip
-
-
 def _chunk_scores(qc, k, key_mask, timestamps, time_bias, causal, scale, r0, r1, buckets=True):
     """Scores of query rows [r0, r1) against keys [0, nk), with -inf where not admissible (and,
     with ``buckets``, the int64 gap buckets, unless the C++ helpers add the bias)."""
@@ -159,8 +137,8 @@ def _chunk_scores(qc, k, key_mask, timestamps, time_bias, causal, scale, r0, r1,
     nk = r1 if causal else L
     s = torch.matmul(qc, k[:, :, :nk].transpose(-1, -2)).mul_(scale)
     bucket = None
-    if time_bias is not None and _cpp_bias(s, timestamps):
-        _bias_into(s, key_mask, timestamps, time_bias, causal, r0, accumulate=True)
+    if time_bias is not None and time_bias_cpp.available(s, timestamps):
+        time_bias_cpp.bias_into(s, key_mask, timestamps, time_bias, causal, r0, accumulate=True)
         return s, None, None, nk
     if time_bias is not None:
         bucket = _pair_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
@@ -180,110 +158,6 @@ def _masked_keys(k, v, key_mask):
     return k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
 
 
-def cpu_layout(q: torch.Tensor, *shape: int) -> torch.Tensor:
-    """An empty tensor of ``shape`` ([B, H, L] or [B, H, L, D]) laid out as ``[B, L, H, ...]``
-    when the CPU torch path serves ``q`` (:func:`_flash_cpu`): the layout of PyTorch's fused CPU
-    kernel's outputs, which the path returns without copying them (and in which a module's
-    ``out.transpose(1, 2).reshape(B, L, d)`` is a view); else contiguous. The op's fake
-    tensors take it from here too."""
-    if not _flash_cpu(q):
-        return q.new_empty(shape)
-    B, H, L, *rest = shape
-    return q.new_empty((B, L, H, *rest)).transpose(1, 2)
-
-
-def _as_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` in the strides of ``like`` (``t`` itself when they match)."""
-    return t if t.stride() == like.stride() else like.copy_(t)
-
-
-def _flash_cpu(q: torch.Tensor) -> bool:
-    """Whether PyTorch's fused CPU attention kernel (the one SDPA runs on the CPU, which also
-    returns the log-sum-exp) serves this call."""
-    return (
-        q.device.type == "cpu"
-        and q.numel() > 0  # the kernel divides by the sizes: an empty call takes the recurrence
-        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-    )
-
-
-def _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, dtype, device):
-    """``(r0, r1, keys, additive mask or None, is_causal, empty rows or None)`` per chunk of
-    query rows (``keys``: how many keys the chunk sees; empty rows: bool ``[B, 1, rows]``, the
-    rows without an admissible key) for the fused CPU kernel. Without a bias, one chunk: the
-    padding as a broadcast ``[B, 1, 1, L]`` mask and causality as the kernel's own flag. With
-    one, chunks of ``[B, H, rows, keys]`` masks holding the bias, the padding and causality."""
-    neg = float("-inf")
-    if time_bias is None:
-        mask = empty = None
-        if key_mask is not None:
-            mask = torch.zeros((B, 1, 1, L), dtype=dtype, device=device)
-            mask.masked_fill_(~key_mask[:, None, None, :], neg)
-            # causal: row i is empty when no key up to i takes part; else when none does
-            seen = key_mask.cumsum(-1) > 0 if causal else key_mask.any(-1, keepdim=True)
-            empty = (~seen).expand(B, L)[:, None, :]
-        yield 0, L, L, mask, causal, empty
-        return
-    seen = None  # [B, L]: whether row i has an admissible key
-    if key_mask is not None:
-        seen = key_mask.cumsum(-1) > 0 if causal else key_mask.any(-1, keepdim=True).expand(B, L)
-    cpp = _ext.C is not None and device.type == "cpu"
-    for r0, r1 in _chunks(B, H, L):
-        nk = r1 if causal else L
-        empty = None if seen is None else (~seen[:, r0:r1])[:, None, :]
-        if cpp:
-            mask = torch.empty((B, H, r1 - r0, nk), dtype=torch.float32, device=device)
-            _bias_into(mask, key_mask, timestamps, time_bias, causal, r0, accumulate=False)
-            yield r0, r1, nk, mask.to(dtype), False, empty
-            continue
-        bucket = _pair_buckets(timestamps[:, r0:r1], timestamps[:, :nk], time_bias.shape[1])
-        mask = time_bias.to(dtype)[:, bucket].transpose(0, 1)
-        allowed = admissible(L, key_mask, causal, device, rows=(r0, r1), keys=nk)
-        if allowed is not None:
-            mask = mask.masked_fill(~allowed, neg)
-        yield r0, r1, nk, mask, False, empty
-
-
-def _all_finite(*ts: torch.Tensor) -> bool:
-    """Whether every value is finite, from one sum per tensor (a read, no copy; an overflowing
-    sum only sends the call down the safe path). A host sync: CPU paths only."""
-    return all(bool(torch.isfinite(t.sum())) for t in ts)
-
-
-def _prescaled(q, time_bias, causal, scale):
-    """``(q, scale)`` to hand the fused kernel. Its causal flag (used without a bias) scales the
-    masked scores too, so a scale <= 0 turns them NaN or +inf; such a scale goes into q instead
-    (one pass over q, only then)."""
-    if causal and time_bias is None and not scale > 0:
-        return q * scale, 1.0
-    return q, scale
-
-
-def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
-    B, H, L, D = q.shape
-    q, scale = _prescaled(q, time_bias, causal, scale)
-    if not _all_finite(k, v):
-        k, v = _masked_keys(k, v, key_mask)
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    chunks = _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device)
-    out = lse = None
-    for r0, r1, nk, mask, is_causal, empty in chunks:
-        o, m = op(q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], 0.0, is_causal, attn_mask=mask,
-                  scale=scale)  # fmt: skip
-        if empty is not None:  # the kernel gives an empty row lse 0; here it is -inf
-            m = m.masked_fill_(empty.expand_as(m), float("-inf"))
-        if r0 == 0 and r1 == L:  # one call holds every row: its outputs are the result
-            lse_like = cpu_layout(q, B, H, L).to(_acc_dtype(q.dtype))
-            return _as_layout(o, cpu_layout(q, B, H, L, D)), _as_layout(m, lse_like)
-        if out is None:  # in the kernel's layout, as the op's fake says
-            out = cpu_layout(q, B, H, L, D)
-            lse = cpu_layout(q, B, H, L).to(_acc_dtype(q.dtype))
-        out[:, :, r0:r1] = o
-        lse[:, :, r0:r1] = m
-    return out, lse
-
-
 def semantic_attention_torch_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -301,8 +175,10 @@ def semantic_attention_torch_fwd(
     through PyTorch's fused attention kernel (SDPA's), the padding and the bias as an additive
     mask built chunk by chunk; elsewhere through the flash recurrence below, in that dtype.
     """
-    if _flash_cpu(q):
-        return _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale)
+    from spnn_fast.reference import attention_cpu as cpu
+
+    if cpu._flash_cpu(q):
+        return cpu._flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale)
     B, H, L, D = q.shape
     acc = _acc_dtype(q.dtype)
     k, v = _masked_keys(k, v, key_mask)
@@ -318,54 +194,6 @@ def semantic_attention_torch_fwd(
         out[:, :, r0:r1] = torch.matmul(p, va[:, :, :nk])
         lse[:, :, r0:r1] = m
     return out, lse
-
-
-def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal, scale):
-    """dq, dk, dv through the fused CPU kernel's backward (no bias gradient)."""
-    B, H, L, D = q.shape
-    q_scale = scale
-    q, scale = _prescaled(q, time_bias, causal, scale)
-    q_scale = q_scale if scale != q_scale else None  # dq = q_scale * d(q * q_scale)
-    finite = _all_finite(k, v)
-    if not finite:
-        k, v = _masked_keys(k, v, key_mask)
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    lse = lse.nan_to_num(neginf=0.0)  # the kernel's convention for an empty row
-    go = grad_out.contiguous()
-    chunks = list(_flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, q.dtype,
-                               q.device))  # fmt: skip
-    if len(chunks) == 1 and finite:
-        # One call holds every row: its gradients are the result. A masked key's weights are
-        # exactly 0 and its value finite, so its gradients are exactly 0.
-        _, _, _, mask, is_causal, _ = chunks[0]
-        gq, gk, gv = op(go, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
-        if q_scale is not None:
-            gq = gq * q_scale
-        return (*(_as_layout(g, cpu_layout(q, B, H, L, D)) for g in (gq, gk, gv)), None)
-    dq = cpu_layout(q, B, H, L, D)  # the kernel's layout, as the op's fake says
-    # dk, dv sum the chunks' shares: in fp32 (fp64 for fp64), cast once at the end
-    dk, dv = (torch.zeros(q.shape, dtype=_acc_dtype(q.dtype), device=q.device) for _ in "kv")
-    for r0, r1, nk, mask, is_causal, _ in chunks:
-        gq, gk, gv = op(go[:, :, r0:r1], q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk],
-                        out[:, :, r0:r1], lse[:, :, r0:r1], 0.0, is_causal, attn_mask=mask,
-                        scale=scale)  # fmt: skip
-        dq[:, :, r0:r1] = gq
-        dk[:, :, :nk] += gk
-        dv[:, :, :nk] += gv
-    if key_mask is not None:  # masked keys take no part: no gradient reaches them
-        keep = key_mask[:, None, :, None]
-        dk, dv = dk.masked_fill(~keep, 0), dv.masked_fill(~keep, 0)
-    if q_scale is not None:
-        dq = dq * q_scale
-    dk, dv = (_as_layout(g.to(q.dtype), cpu_layout(q, B, H, L, D)) for g in (dk, dv))
-    return _as_layout(dq, cpu_layout(q, B, H, L, D)), dk, dv, None
-
-
-def _add_bias_grad_cpp(dbias, ds, timestamps, r0) -> None:
-    """:func:`_add_bias_grad` by the C++ histogram (its float64 sums, in a fixed order)."""
-    hist = _ext.C.time_bias_grad(timestamps.to(torch.int64).contiguous().numpy(),
-                                 ds.contiguous().numpy(), r0, dbias.shape[1], _threads())  # fmt: skip
-    dbias += torch.from_numpy(hist).to(dbias.dtype)
 
 
 def _add_bias_grad(dbias: torch.Tensor, ds: torch.Tensor, bucket: torch.Tensor) -> None:
@@ -407,8 +235,10 @@ def semantic_attention_torch_bwd(
     Recomputes ``p = exp(s - lse)`` per chunk of query rows; every gradient is deterministic (see
     :func:`_add_bias_grad` for the time_bias one).
     """
-    if _flash_cpu(q) and not bias_grad:
-        return _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal,
+    from spnn_fast.reference import attention_cpu as cpu
+
+    if cpu._flash_cpu(q) and not bias_grad:
+        return cpu._flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, causal,
                           scale)  # fmt: skip
     B, H, L, D = q.shape
     acc = _acc_dtype(q.dtype)
@@ -434,7 +264,7 @@ def semantic_attention_torch_bwd(
         dq[:, :, r0:r1] = torch.matmul(ds, ka[:, :, :nk]).mul_(scale)
         dk[:, :, :nk] += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
         if bias_grad and bucket is None:  # the C++ helpers added the bias
-            _add_bias_grad_cpp(dbias, ds, timestamps, r0)
+            time_bias_cpp.add_bias_grad(dbias, ds, timestamps, r0)
         elif bias_grad:
             _add_bias_grad(dbias, ds, bucket)
     if dbias is not None:
