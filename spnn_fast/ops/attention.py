@@ -9,6 +9,10 @@ Two custom ops, both dispatching on a ``backend`` string ("triton" or "torch") t
   time_bias?, causal, scale, backend, bias_grad) -> (dq, dk, dv, dtime_bias)``
   (``dtime_bias`` is an empty tensor when ``bias_grad`` is False)
 
+and, for a time-bias gradient on the CPU over short windows, the pair
+``spnn_fast::semantic_attention_probs_fwd`` / ``semantic_attention_probs_bwd``, whose forward
+keeps the probabilities [B, H, L, L] for the backward.
+
 The autograd formula saves the inputs, ``out`` and ``lse`` and calls the backward op, so
 ``torch.compile`` traces both as single nodes (no graph break) and both are ``opcheck``-ed.
 """
@@ -18,7 +22,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["semantic_attention_bwd", "semantic_attention_fwd"]
+__all__ = [
+    "semantic_attention_bwd",
+    "semantic_attention_fwd",
+    "semantic_attention_probs_bwd",
+    "semantic_attention_probs_fwd",
+]
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,3 +129,78 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 semantic_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The CPU path of a time-bias gradient over short windows: the forward keeps the probabilities
+# [B, H, L, L] for the backward (spnn_fast.reference.attention_cpu.keeps_probs decides).
+
+
+@torch.library.custom_op("spnn_fast::semantic_attention_probs_fwd", mutates_args=())
+def semantic_attention_probs_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Optional[Tensor],
+    timestamps: Tensor,
+    time_bias: Tensor,
+    causal: bool,
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
+    from spnn_fast.reference.attention_cpu import probs_fwd
+
+    return probs_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale)
+
+
+@semantic_attention_probs_fwd.register_fake
+def _(q, k, v, key_mask, timestamps, time_bias, causal, scale):
+    B, H, L, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, L, L), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("spnn_fast::semantic_attention_probs_bwd", mutates_args=())
+def semantic_attention_probs_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    probs: Tensor,
+    key_mask: Optional[Tensor],
+    timestamps: Tensor,
+    time_bias: Tensor,
+    causal: bool,
+    scale: float,
+    bias_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from spnn_fast.reference.attention_cpu import probs_bwd
+
+    dq, dk, dv, dbias = probs_bwd(grad_out, q, k, v, out, probs, key_mask, timestamps,
+                                  time_bias, causal, scale, bias_grad)  # fmt: skip
+    return dq, dk, dv, (q.new_empty((0,)) if dbias is None else dbias)
+
+
+@semantic_attention_probs_bwd.register_fake
+def _(grad_out, q, k, v, out, probs, key_mask, timestamps, time_bias, causal, scale, bias_grad):
+    dbias = time_bias.new_empty(time_bias.shape) if bias_grad else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _probs_setup_context(ctx, inputs, output):
+    q, k, v, key_mask, timestamps, time_bias, causal, scale = inputs
+    out, probs = output
+    ctx.save_for_backward(q, k, v, out, probs, key_mask, timestamps, time_bias)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(probs)
+
+
+def _probs_backward(ctx, grad_out, grad_probs):
+    q, k, v, out, probs, key_mask, timestamps, time_bias = ctx.saved_tensors
+    bias_grad = ctx.needs_input_grad[5]
+    dq, dk, dv, dbias = semantic_attention_probs_bwd(
+        grad_out, q, k, v, out, probs, key_mask, timestamps, time_bias, ctx.causal, ctx.scale,
+        bias_grad,
+    )  # fmt: skip
+    return dq, dk, dv, None, None, (dbias if bias_grad else None), None, None
+
+
+semantic_attention_probs_fwd.register_autograd(_probs_backward, setup_context=_probs_setup_context)

@@ -243,7 +243,8 @@ def semantic_attention_torch_bwd(
     B, H, L, D = q.shape
     acc = _acc_dtype(q.dtype)
     k, v = _masked_keys(k, v, key_mask)
-    qa, ka, va, go = q.to(acc), k.to(acc), v.to(acc), grad_out.to(acc)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    go = grad_out.to(acc).contiguous()  # the gradient of out.sum() arrives with stride 0
     delta = (go * out.to(acc)).sum(-1)  # [B, H, L]
     dq = torch.empty((B, H, L, D), dtype=acc, device=q.device)
     dk = torch.zeros((B, H, L, D), dtype=acc, device=q.device)

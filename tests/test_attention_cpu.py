@@ -1,0 +1,92 @@
+"""The attention's CPU path in each of its forms, held to the float64 definition: the fused
+kernel (its own output layout), the kept-probabilities path of a time-bias gradient over short
+windows, and the chunked recurrence that takes over above PROBS_BUDGET."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attention import CASES, _case_id, _leaves, check_against_reference, make_inputs, run_op
+
+from spnn_fast.functional import semantic_attention
+from spnn_fast.ops.attention import semantic_attention_probs_bwd, semantic_attention_probs_fwd
+from spnn_fast.reference import attention_cpu
+
+
+@pytest.fixture(params=["probs", "recurrence"])
+def bias_grad_path(request, monkeypatch):
+    """The bias gradient by kept probabilities, or (no budget for them) by the recurrence."""
+    if request.param == "recurrence":
+        monkeypatch.setattr(attention_cpu, "PROBS_BUDGET", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[5]], ids=_case_id)
+def test_bias_gradient_paths_match_the_reference(case, bias_grad_path):
+    B, H, L, D, mask, bias, causal = case
+    inputs = make_inputs(B, H, L, D, mask, bias)
+    check_against_reference(inputs, causal, "torch", atol=2e-5, rtol=2e-4)
+
+
+def test_the_path_is_chosen_by_the_probabilities_size(monkeypatch):
+    calls = []
+    real = attention_cpu.probs_fwd
+    monkeypatch.setattr(attention_cpu, "probs_fwd", lambda *a: calls.append(1) or real(*a))
+    inputs = make_inputs(2, 2, 9, 16, "left", True)
+    run_op(inputs, True, "torch")
+    assert calls == [1]
+    monkeypatch.setattr(attention_cpu, "PROBS_BUDGET", 2 * 2 * 9 * 9 * 4 - 1)
+    run_op(inputs, True, "torch")
+    assert calls == [1]  # over the budget: the fused kernel and the recurrence
+    with torch.no_grad():  # no gradient wanted: never kept
+        semantic_attention(**inputs, causal=True, backend="torch")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("bias_grad", [True, False])
+def test_opcheck_of_the_probabilities_ops(bias_grad):
+    inputs = make_inputs(2, 2, 7, 16, "left", True)
+    ins, _ = _leaves(inputs)
+    args = (ins["q"], ins["k"], ins["v"], ins["key_mask"], ins["timestamps"], ins["time_bias"],
+            True, 0.25)  # fmt: skip
+    torch.library.opcheck(semantic_attention_probs_fwd, args)
+    out, probs = semantic_attention_probs_fwd(*args)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    bwd = (torch.randn_like(out), *plain[:3], out.detach(), probs, *plain[3:], bias_grad)
+    torch.library.opcheck(semantic_attention_probs_bwd, bwd)
+
+
+def test_gradcheck_of_the_probabilities_path():
+    inputs = make_inputs(2, 2, 5, 4, "left", True, dtype=torch.float64)
+    ins, leaves = _leaves(inputs)
+
+    def f(q, k, v, tb):
+        return semantic_attention(q, k, v, key_mask=ins["key_mask"], timestamps=ins["timestamps"],
+                                  time_bias=tb, backend="torch")  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+def test_nan_in_masked_keys_stays_out_of_every_path(bias_grad_path):
+    inputs = make_inputs(3, 2, 20, 16, "left", True, seed=4)
+    want, want_grads = run_op(inputs, True, "torch")
+    poisoned = dict(inputs)
+    for name in ("k", "v"):
+        t = inputs[name].detach().clone()
+        t[~inputs["key_mask"][:, None, :, None].expand_as(t)] = float("nan")
+        poisoned[name] = t
+    out, grads = run_op(poisoned, True, "torch")
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(out, want)
+    for g, e in zip(grads, want_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_cpu_outputs_in_the_kernels_layout():
+    """The fused kernel's outputs come back as they are: [B, L, H, D] strides, so a module's
+    out.transpose(1, 2).reshape(B, L, d) is a view."""
+    inputs = make_inputs(2, 3, 9, 16, "right", False)
+    out = semantic_attention(**inputs, causal=True, backend="torch")
+    B, H, L, D = out.shape
+    assert out.stride() == (L * H * D, D, H * D, 1)
+    assert out.transpose(1, 2).reshape(B, L, H * D).data_ptr() == out.data_ptr()
