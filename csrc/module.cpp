@@ -9,6 +9,7 @@ namespace py = pybind11;
 
 void register_encode(py::module_& m);
 void register_time_bias(py::module_& m);
+void register_topk(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "spnn_fast C++ extension (batch encoder, the attention's time bias on the CPU)";
@@ -16,4 +17,5 @@ PYBIND11_MODULE(_C, m) {
         "Threads the hardware reports (0 when unknown).");
   register_encode(m);
   register_time_bias(m);
+  register_topk(m);
 }

@@ -42,6 +42,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from spnn_fast import _ext
 from spnn_fast.metrics import ranks_from_scores
 
 __all__ = [
@@ -284,12 +285,14 @@ def topk_scores_chunked(
     module docstring). ``chunk=(rows, cols)`` overrides :func:`chunk_plan`. Inputs are assumed
     valid."""
     n = hidden.shape[0]
-    values = torch.full((n, k), _NEG_INF, dtype=hidden.dtype, device=hidden.device)
     fill = empty_id(padding_idx)
+    row_spans, col_spans, rows, cols = _plan(hidden, items, chunk, mask_bytes=0)
+    if n and len(row_spans) == 1 and len(col_spans) == 1:
+        return _topk_whole(hidden, items, k, exclude_offsets, exclude_ids, padding_idx, fill)
+    values = torch.full((n, k), _NEG_INF, dtype=hidden.dtype, device=hidden.device)
     indices = torch.full((n, k), fill, dtype=torch.int64, device=hidden.device)
     if n == 0:
         return values, indices
-    row_spans, col_spans, rows, cols = _plan(hidden, items, chunk, mask_bytes=0)
     buf = _Buffer(rows, cols, hidden.dtype, hidden.device)
     for r0, r1 in row_spans:
         h = hidden[r0:r1]
@@ -311,6 +314,52 @@ def topk_scores_chunked(
         values[r0:r1, :got] = v
         indices[r0:r1, :got] = i.masked_fill(v == _NEG_INF, fill)
     return values, indices
+
+
+# Columns from which the C++ row scans beat torch's ops on the whole score matrix (below, torch.topk
+# of k + 1 and the tie check, or torch's compare-and-sum, are cheaper: the scan's threads then
+# wait on the cores the matrix product's OpenMP threads still hold; docs/benchmarks.md).
+_CPP_TOPK_FROM = 4096
+
+
+def _cpp_rows(t: Tensor) -> bool:
+    """Whether the C++ row scans (``spnn_fast._C.topk_rows`` / ``rank_rows``) serve ``t``'s
+    scores: a float32 or float64 CPU tensor, the extension loaded."""
+    return _ext.C is not None and t.device.type == "cpu" and t.dtype in (torch.float32,
+                                                                         torch.float64)  # fmt: skip
+
+
+def _topk_whole(hidden, items, k, exclude_offsets, exclude_ids, padding_idx, fill):
+    """:func:`topk_scores_chunked` when the whole score matrix fits the budget: one product,
+    the exclusions written into it directly (a chunk plan's sorting of them buys nothing here),
+    one top-k: the work of ``matmul`` + mask + ``torch.topk``, and the tie rule."""
+    z = hidden @ items.T
+    if _cpp_rows(z) and z.shape[1] >= _CPP_TOPK_FROM:
+        # one pass per row: exclusions, padding, the best k and the tie rule
+        offsets = None if exclude_offsets is None else exclude_offsets.long().contiguous().numpy()
+        ids = None if exclude_ids is None else exclude_ids.long().contiguous().numpy()
+        pad = -1 if padding_idx is None else padding_idx
+        v, i = _ext.C.topk_rows(z.numpy(), k, offsets, ids, pad, fill, torch.get_num_threads())
+        return torch.from_numpy(v), torch.from_numpy(i)
+    if padding_idx is not None:
+        z[:, padding_idx] = _NEG_INF
+    if exclude_offsets is not None and exclude_ids is not None and exclude_ids.numel():
+        counts = exclude_offsets.diff().long()
+        rows = torch.repeat_interleave(torch.arange(z.shape[0], device=z.device), counts)
+        z[rows, exclude_ids.long()] = _NEG_INF
+    if z.shape[1] > k:
+        # torch.topk's sorted order is the answer unless two kept scores are equal, or the k-th
+        # equals the (k + 1)-th: then the tie rule decides (one check for both, on [N, k + 1])
+        values, idx = torch.topk(z, k + 1, dim=1, sorted=True)
+        if not bool((values[:, 1:] == values[:, :-1]).any()):
+            v = values[:, :k].contiguous()
+            return v, idx[:, :k].masked_fill(v == _NEG_INF, fill)
+    v, i = _select(*_chunk_topk(z, k), k)
+    got = v.shape[1]  # < k only when the whole table has fewer than k columns
+    if got < k:
+        v = torch.cat([v, v.new_full((v.shape[0], k - got), _NEG_INF)], 1)
+        i = torch.cat([i, i.new_full((i.shape[0], k - got), fill)], 1)
+    return v, i.masked_fill(v == _NEG_INF, fill)
 
 
 # ---------------------------------------------------------------------------- target rank
@@ -350,6 +399,13 @@ def target_rank_chunked(
     target = target.long()
     for r0, r1 in row_spans:
         h, t = hidden[r0:r1], target[r0:r1]
+        if len(col_spans) == 1 and _cpp_rows(h) and items.shape[0] >= _CPP_TOPK_FROM:
+            z = h @ items.T
+            pad = -1 if padding_idx is None else padding_idx
+            ranks[r0:r1] = torch.from_numpy(
+                _ext.C.rank_rows(z.numpy(), t.contiguous().numpy(), pad, torch.get_num_threads())
+            )
+            continue
         if len(col_spans) == 1:
             z = torch.matmul(h, items.T, out=buf.take(r1 - r0, items.shape[0]))
             s_t = z.gather(1, t[:, None])
