@@ -939,3 +939,13 @@ def test_teacher_cache_budget_from_free_memory_and_its_log_line(cycle_ds, monkey
     small = dataclasses.replace(tcfg, epochs=1, teacher_cache_mb=0)
     Trainer(student, cycle_ds, small, teacher=teacher, seed=0).fit(log=lines.append)
     assert any("over the 0 MiB allowed (teacher_cache_mb=0" in x for x in lines), lines
+
+
+def test_step_speed_times_both_installs(tmp_path, capsys):
+    speed = _experiment_module("step_speed")
+    data = _write_cycle_csv(tmp_path / "cycle.csv", users=12, length=20)
+    speed.main(["--base", sys.executable, "--new", sys.executable, "--data", data, "--rounds", "1",
+                "--warm", "1", "--steps", "1"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["base_steps_per_s"] > 0 and out["new_steps_per_s"] > 0
+    assert out["ratio"] == out["new_steps_per_s"] / out["base_steps_per_s"]
