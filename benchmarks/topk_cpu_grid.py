@@ -57,10 +57,9 @@ def run(N, V, D=64, k=10, seen=100, reps=7):
                 f()
                 r[n].append(time.perf_counter() - t0)
         mo, mb = statistics.median(r["ours"]) * 1e3, statistics.median(r["base"]) * 1e3
-        print(
-            f"N={N} V={V} {name}: ours {mo:.2f} ms base {mb:.2f} ms ratio {mb / mo:.2f}x",
-            flush=True,
-        )
+        row = {"op": name, "N": N, "V": V, "ours_ms": round(mo, 3), "baseline_ms": round(mb, 3),
+               "ratio": round(mb / mo, 3)}  # fmt: skip
+        print(json.dumps(row), flush=True)
 
 
 for N, V in [
