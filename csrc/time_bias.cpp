@@ -29,6 +29,8 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -46,26 +48,6 @@ inline int64_t bucket_of(int64_t a, int64_t b, int64_t top) {
   return bits < top ? bits : top;
 }
 
-// Runs fn(b0, b1) over [0, batch) split into `threads` contiguous ranges; the caller's thread
-// takes the first one.
-template <typename Fn>
-void parallel_rows(int64_t batch, int64_t threads, Fn fn) {
-  const int64_t T = std::max<int64_t>(1, std::min(threads, batch));
-  auto range = [&](int64_t t) { return std::make_pair(batch * t / T, batch * (t + 1) / T); };
-  std::vector<std::thread> pool;
-  int64_t spawned = 1;
-  for (; spawned < T; ++spawned) {
-    const auto r = range(spawned);
-    try {
-      pool.emplace_back([fn, r]() { fn(r.first, r.second); });
-    } catch (const std::system_error&) {
-      break;  // no more threads: the caller runs the remaining ranges
-    }
-  }
-  for (int64_t t = spawned; t < T; ++t) fn(range(t).first, range(t).second);
-  fn(range(0).first, range(0).second);
-  for (auto& th : pool) th.join();
-}
 
 struct Geometry {
   int64_t B, L, R, K, r0;
@@ -102,7 +84,7 @@ void time_bias_mask(const Times& ts, const py::object& key_mask, const Table& ta
   float* o = out.mutable_data();
   const float neg = -std::numeric_limits<float>::infinity();
   py::gil_scoped_release release;
-  parallel_rows(g.B, num_threads, [&](int64_t b0, int64_t b1) {
+  spnn_fast::parallel_rows(g.B, num_threads, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> bucket(g.K);
     std::vector<uint8_t> ok(g.K);
     for (int64_t b = b0; b < b1; ++b) {
@@ -140,7 +122,7 @@ py::array_t<double> time_bias_grad(const Times& ts, py::array_t<T, py::array::c_
   const T* d = ds.data();
   {
     py::gil_scoped_release release;
-    parallel_rows(g.B, num_threads, [&](int64_t b0, int64_t b1) {
+    spnn_fast::parallel_rows(g.B, num_threads, [&](int64_t b0, int64_t b1) {
       std::vector<int64_t> bucket(g.K);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t* tb = t + b * g.L;

@@ -25,6 +25,8 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -33,24 +35,6 @@ using Ids = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
-template <typename Fn>
-void parallel_rows(int64_t rows, int64_t threads, Fn fn) {
-  const int64_t T = std::max<int64_t>(1, std::min(threads, rows));
-  auto range = [&](int64_t t) { return std::make_pair(rows * t / T, rows * (t + 1) / T); };
-  std::vector<std::thread> pool;
-  int64_t spawned = 1;
-  for (; spawned < T; ++spawned) {
-    const auto r = range(spawned);
-    try {
-      pool.emplace_back([fn, r]() { fn(r.first, r.second); });
-    } catch (const std::system_error&) {
-      break;  // no more threads: the caller runs the remaining ranges
-    }
-  }
-  for (int64_t t = spawned; t < T; ++t) fn(range(t).first, range(t).second);
-  fn(range(0).first, range(0).second);
-  for (auto& th : pool) th.join();
-}
 
 // The best k of one row: vals/cols sorted by (value desc, column asc) at the end.
 template <typename T>
@@ -140,7 +124,7 @@ py::tuple topk_rows(py::array_t<T, py::array::c_style> scores, int64_t k, const 
   int64_t* oc = cols.mutable_data();
   {
     py::gil_scoped_release release;
-    parallel_rows(N, num_threads, [&](int64_t r0, int64_t r1) {
+    spnn_fast::parallel_rows(N, num_threads, [&](int64_t r0, int64_t r1) {
       std::vector<uint8_t> banned(static_cast<std::size_t>(V), 0);
       if (padding >= 0) banned[padding] = 1;
       for (int64_t n = r0; n < r1; ++n) {
@@ -169,7 +153,7 @@ py::array_t<int64_t> rank_rows(py::array_t<T, py::array::c_style> scores, const 
   int64_t* out = ranks.mutable_data();
   {
     py::gil_scoped_release release;
-    parallel_rows(N, num_threads, [&](int64_t r0, int64_t r1) {
+    spnn_fast::parallel_rows(N, num_threads, [&](int64_t r0, int64_t r1) {
       for (int64_t n = r0; n < r1; ++n) {
         const T* row = s + n * V;
         const T st = row[t[n]];

@@ -53,8 +53,9 @@ def retain_freed_memory() -> bool:
     reuse (glibc's ``mallopt``); False where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
-        return ok and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+        mmap = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+        trim = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+        return mmap and trim  # either one alone already helps
     except (OSError, AttributeError):
         return False
 

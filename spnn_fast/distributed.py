@@ -7,7 +7,7 @@ from typing import Tuple
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_sum", "world"]
+__all__ = ["all_min", "all_sum", "world"]
 
 
 def world() -> Tuple[int, int]:
@@ -15,6 +15,14 @@ def world() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def all_min(x: Tensor) -> Tensor:
+    """The minimum of ``x`` over every rank (``x`` itself in a single process)."""
+    if world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
 
 
 def all_sum(x: Tensor) -> Tensor:

@@ -111,6 +111,8 @@ class SequenceBatch:
         """``keep`` checked, as int64 ``[B]`` on the batch's device."""
         if isinstance(keep, bool):
             raise TypeError("keep must be an int or [B] integers, got bool")
+        if isinstance(keep, torch.Tensor) and keep.dim() == 0 and not keep.is_floating_point():
+            keep = int(keep)  # one int for every row, as a 0-dim tensor
         if isinstance(keep, (int, np.integer)):
             keep = torch.full((self.batch_size,), int(keep), dtype=torch.int64)
         elif isinstance(keep, torch.Tensor):

@@ -253,7 +253,7 @@ def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentCon
     """The configuration in ``run_dir/run.json`` (with ``device``, when given, in place of the
     saved one: a run may go on elsewhere, and the saved device need not exist here)."""
     path, saved = _read_run(run_dir)
-    config = dict(saved["config"])
+    config = {"loss": "full", **saved["config"]}  # older runs trained with the full loss
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(ExperimentConfig)})
     if unknown:
         raise DamagedFileError(f"{path} holds settings this spnn_fast does not know (unknown "
@@ -275,8 +275,7 @@ def read_run_config(run_dir: str, device: Optional[str] = None) -> ExperimentCon
 
 
 def read_run_threads(run_dir: str) -> Optional[int]:
-    """The CPU threads recorded in ``run_dir/run.json`` (None where an older spnn_fast wrote
-    none)."""
+    """The CPU threads in ``run_dir/run.json`` (None where an older spnn_fast wrote none)."""
     return _read_run(run_dir)[1].get("threads")
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from spnn_fast.config import TrainConfig
-from spnn_fast.distributed import world
+from spnn_fast.distributed import all_min, world
 from spnn_fast.encode import SequenceBatch
 from spnn_fast.model import SPNN
 from spnn_fast.objective import TeacherView
@@ -57,22 +57,46 @@ def teacher_view(
     return hiddens, outs
 
 
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # no such file, or "max" (no limit)
+        return None
+
+
+def _cgroup_room() -> Optional[int]:
+    """Bytes the process's memory cgroup still allows (a container's limit), or None."""
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
+        cap, used = _read_int(limit), _read_int(usage)
+        if cap is not None and used is not None and cap < 2**62:  # v1 says "none" with 2**63
+            return max(cap - used, 0)
+    return None
+
+
 def available_memory(device: torch.device) -> Optional[int]:
     """Bytes of memory free for new tensors on ``device`` now: CUDA's free memory, or on the CPU
-    the kernel's MemAvailable (free plus reclaimable page cache); None where it cannot be told."""
+    the kernel's MemAvailable (free plus reclaimable page cache), within what the process's
+    memory cgroup (a container) still allows; None where it cannot be told."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
+    if free is None:
+        try:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    room = _cgroup_room()
+    return free if room is None else min(free, room)
 
 
 def cache_budget(teacher_cache_mb: Optional[float], device: torch.device) -> Tuple[int, str]:
@@ -82,7 +106,8 @@ def cache_budget(teacher_cache_mb: Optional[float], device: torch.device) -> Tup
     free = available_memory(device)
     if free is None:
         return 0, f"the free memory of {device} cannot be read; set teacher_cache_mb"
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    # the processes of one machine share its memory (each holds the whole cache); a GPU is its own
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) if device.type == "cpu" else 1
     shared = f", shared by {local} processes" if local > 1 else ""
     why = f"{CACHE_SHARE:g} of the {free / _GIB:.1f} GiB available on {device}{shared}"
     return int(free * CACHE_SHARE / local), why
@@ -169,6 +194,10 @@ class TeacherOutputs:
             return
         need = TeacherCache.nbytes(self.teachers, own, self.layers, n, L)
         budget, why = cache_budget(tcfg.teacher_cache_mb, torch.device(device))
+        if world()[1] > 1:  # one decision for all ranks: the cache's build is a collective
+            budget = int(all_min(torch.tensor(float(budget), dtype=torch.float64,
+                                              device=device)).item())  # fmt: skip
+            why += ", the least over the ranks"
         self.cached = need <= budget
         size = f"its outputs on the {n:,} training windows take {need / _MIB:,.0f} MiB"
         if self.cached:

@@ -100,6 +100,11 @@ class Trainer:
         self.rank, self.size = world()
         self.step_module: nn.Module = self.objective
         if tcfg.compile:  # the objective keeps static shapes (spnn_fast.objective)
+            # One graph per model and batch shape (a job trains several models, each with a
+            # shorter last batch): more than dynamo's default limit, which fullgraph makes fatal.
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), 256))
             self.step_module = torch.compile(self.objective, fullgraph=True, dynamic=False)
         if self.size > 1:
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module)
@@ -283,6 +288,8 @@ class Trainer:
             raise ValueError(f"checkpoint seed {st['seed']} differs from this run's {self.seed}")
         self.objective.load_state_dict(st["objective"])
         self.optimizer.load_state_dict(st["optimizer"])
+        for group in self.optimizer.param_groups:  # a checkpoint of an unfused AdamW says None
+            group["fused"] = self.optimizer.defaults["fused"]
         self.epoch, self.history, self.best = st["epoch"], st["history"], st["best"]
         self.bad_epochs, self.train_seconds = st["bad_epochs"], st["train_seconds"]
         self.windows_seen = st["windows_seen"]

@@ -796,3 +796,8 @@ def test_dataloader_collate(workers):
     for i, g in enumerate(got):
         assert isinstance(g, SequenceBatch)
         assert_batch_equal(g, collate(samples[16 * i : 16 * (i + 1)]), f"batch {i}: ")
+
+
+def test_cut_takes_a_zero_dim_tensor_as_one_int():
+    b = _hand([0, 1, 2], [3, 5, 1], 4, "torch", target_ends=[3, 5, 1])
+    assert_batch_equal(b.cut(torch.tensor(2)), b.cut(2))

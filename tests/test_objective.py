@@ -236,3 +236,20 @@ def test_trainer_draws_negatives_and_says_which_loss(setup, monkeypatch):
     assert all(d.shape == (7,) and int(d.min()) >= 1 and int(d.max()) <= V for d in drawn)
     uniform = Trainer(models["teacher"], ds, dataclasses.replace(tcfg, sampling="uniform"), seed=0)
     assert uniform.objective.log_q is None and "drawn by uniform" in uniform.loss_note
+
+
+def test_a_resumed_trainer_keeps_the_fused_optimizer(setup, tmp_path):
+    """A checkpoint of an unfused AdamW (an older spnn_fast) loads into the fused one and stays
+    fused (load_state_dict would copy its fused=None over)."""
+    from spnn_fast.train import Trainer
+
+    ds, models, tcfgs, _, _ = setup
+    tr = Trainer(models["student"], ds, dataclasses.replace(tcfgs["student"], batch_size=16))
+    tr.step(*next(iter(tr._batches(0))))
+    state = tr._state()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None
+    again = Trainer(models["student"], ds, dataclasses.replace(tcfgs["student"], batch_size=16))
+    again._load(state)
+    assert all(g["fused"] is True for g in again.optimizer.param_groups)
+    again.step(*next(iter(again._batches(0))))

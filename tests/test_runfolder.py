@@ -600,3 +600,19 @@ def test_an_empty_out_or_resume_is_refused(tmp_path, capsys, monkeypatch, flag, 
     line = _one_line_error(capsys.readouterr().err)
     assert f"{flag} must name a run folder, got {value!r}" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cycle.csv"]  # no runs/<stamp>
+
+
+def test_a_run_from_before_the_loss_setting_keeps_the_full_loss(finished_run, tmp_path):
+    """A run.json written before --loss existed trained with the full cross-entropy: reading it
+    back gives loss 'full', not the new default 'auto' (which would switch a large catalogue's
+    run to the sampled loss on --resume)."""
+    from spnn_fast.runfolder import read_run_config
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run, old)
+    path = old / "run.json"
+    saved = json.loads(path.read_text())
+    del saved["config"]["loss"]
+    path.write_text(json.dumps(saved))
+    assert read_run_config(str(old)).loss == "full"
+    assert read_run_config(str(finished_run)).loss == "auto"

@@ -130,9 +130,9 @@ def _chunks(B: int, H: int, L: int):
         yield r0, min(L, r0 + rows)
 
 
-def _chunk_scores(qc, k, key_mask, timestamps, time_bias, causal, scale, r0, r1, buckets=True):
-    """Scores of query rows [r0, r1) against keys [0, nk), with -inf where not admissible (and,
-    with ``buckets``, the int64 gap buckets, unless the C++ helpers add the bias)."""
+def _chunk_scores(qc, k, key_mask, timestamps, time_bias, causal, scale, r0, r1):
+    """Scores of query rows [r0, r1) against keys [0, nk), with -inf where not admissible, and
+    the int64 gap buckets (None where the C++ helpers added the bias)."""
     L = k.shape[2]
     nk = r1 if causal else L
     s = torch.matmul(qc, k[:, :, :nk].transpose(-1, -2)).mul_(scale)
