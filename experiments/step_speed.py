@@ -19,6 +19,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 
 _CHILD = r"""
 import json, sys, time
@@ -53,19 +54,24 @@ for _ in range(warm):
 t0 = time.perf_counter()
 for _ in range(steps):
     trainer.step(*next(batches))
-print(json.dumps({"steps_per_s": steps / (time.perf_counter() - t0)}))
+import spnn_fast
+print(json.dumps({"steps_per_s": steps / (time.perf_counter() - t0), "package": spnn_fast.__file__}))
 """
 
 
 def _run(python: str, args) -> float:
+    # run outside any checkout: python -c puts the working directory first on sys.path, and a
+    # spnn_fast folder there would shadow the interpreter's own install
     out = subprocess.run(
         [python, "-c", _CHILD, args.model, str(args.threads), str(args.warm), str(args.steps),
          args.data],
-        capture_output=True, text=True,
+        capture_output=True, text=True, cwd=tempfile.gettempdir(),
     )  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"{python} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["steps_per_s"]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {python}: spnn_fast from {row['package']}", flush=True)
+    return row["steps_per_s"]
 
 
 def main(argv=None) -> int:
