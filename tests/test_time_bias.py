@@ -62,7 +62,7 @@ def test_grad_histogram_is_bincount_and_thread_independent(dtype, huge, monkeypa
     A._add_bias_grad(want, ds.double(), bucket)
     got = []
     for threads in (1, 2, 3, 8):
-        monkeypatch.setattr(TB, "num_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(TB, "num_threads", lambda work=0, threads=threads: threads)
         d = torch.zeros(H, NB, dtype=torch.float64)
         TB.add_bias_grad(d, ds, ts, 4)
         got.append(d)

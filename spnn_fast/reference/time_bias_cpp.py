@@ -15,9 +15,16 @@ from spnn_fast import _ext
 __all__ = ["add_bias_grad", "available", "bias_into", "loaded", "num_threads"]
 
 
-def num_threads() -> int:
-    """The threads the helpers run on: torch's intra-op count."""
-    return torch.get_num_threads()
+# Output elements per helper thread: below this a call runs on the caller's thread alone (a
+# thread's start, and the cores that torch's OpenMP threads still spin on after the op before,
+# cost more than a small call's work).
+_PER_THREAD = 1 << 20
+
+
+def num_threads(work: int = 1 << 62) -> int:
+    """The threads a helper call of ``work`` output elements runs on: torch's intra-op count, at
+    most one per :data:`_PER_THREAD` elements."""
+    return max(1, min(torch.get_num_threads(), work // _PER_THREAD))
 
 
 def loaded() -> bool:
@@ -42,12 +49,13 @@ def bias_into(out, key_mask, timestamps, time_bias, causal, r0, accumulate):
     km = None if key_mask is None else key_mask.contiguous().numpy()
     _ext.C.time_bias_mask(timestamps.to(torch.int64).contiguous().numpy(), km,
                           time_bias.detach().to(torch.float32).contiguous().numpy(), causal, r0,
-                          out.numpy(), accumulate, num_threads())  # fmt: skip
+                          out.numpy(), accumulate, num_threads(out.numel()))  # fmt: skip
 
 
 def add_bias_grad(dbias, ds, timestamps, r0) -> None:
     """``dbias[h, n] +=`` the sum of ``ds [B, H, R, K]`` (float32 or float64, CPU) over the
     pairs of query rows ``r0 ..`` and keys in bucket ``n``: float64 sums in a fixed order."""
     hist = _ext.C.time_bias_grad(timestamps.to(torch.int64).contiguous().numpy(),
-                                 ds.contiguous().numpy(), r0, dbias.shape[1], num_threads())  # fmt: skip
+                                 ds.contiguous().numpy(), r0, dbias.shape[1],
+                                 num_threads(ds.numel()))  # fmt: skip
     dbias += torch.from_numpy(hist).to(dbias.dtype)
