@@ -18,6 +18,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def dtypes() -> list:
+    """The dtypes a suite runs: ``SPNN_BENCH_DTYPES`` (a comma list of torch dtype names), else
+    bfloat16 on CUDA and float32 elsewhere."""
+    env = os.environ.get("SPNN_BENCH_DTYPES")
+    if env:
+        return [getattr(torch, name.strip()) for name in env.split(",") if name.strip()]
+    return [torch.bfloat16] if device().type == "cuda" else [torch.float32]
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()

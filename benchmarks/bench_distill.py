@@ -55,13 +55,6 @@ IMPLS = ("spnn_fast", "naive_eager", "naive_compiled", "liger_flce", "torch_lce"
 _NAIVE_BUFFERS = {False: 3, True: 8}
 
 
-def _dtypes():
-    env = os.environ.get("SPNN_BENCH_DTYPES")
-    if env:
-        return [getattr(torch, name.strip()) for name in env.split(",") if name.strip()]
-    return [torch.bfloat16] if device().type == "cuda" else [torch.float32]
-
-
 def _sizes():
     if _common.SMOKE:
         return [(64, 500)]
@@ -176,7 +169,7 @@ def _rounds(n, v, dev):
     return 5 if work <= 4096 * 10**4 else (3 if work <= 4096 * 10**5 else 1)
 
 
-@pytest.mark.parametrize("dtype", _dtypes(), ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("dtype", _common.dtypes(), ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("n, v", _sizes(), ids=lambda x: f"{x}")
 @pytest.mark.parametrize("impl", IMPLS)
@@ -234,7 +227,7 @@ ENSEMBLE_M = 3
 )  # fmt: skip
 @pytest.mark.parametrize("impl", ("spnn_fast", "naive_eager"))
 def test_distillation_loss_ensemble(benchmark, impl, n, v, ensemble):
-    dev, dtype = device(), _dtypes()[0]
+    dev, dtype = device(), _common.dtypes()[0]
     benchmark.group = (
         f"distillation_loss ensemble={ensemble} M={ENSEMBLE_M} N={n} V={v} D={D} alpha=0.5 "
         f"{str(dtype)[6:]}"

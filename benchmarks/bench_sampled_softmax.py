@@ -46,13 +46,6 @@ IMPLS = ("spnn_fast", "formed_logits", "full_catalogue")
 _FORMED_BUFFERS = {"ce": 4, "kd": 10}
 
 
-def _dtypes():
-    env = os.environ.get("SPNN_BENCH_DTYPES")
-    if env:
-        return [getattr(torch, name.strip()) for name in env.split(",") if name.strip()]
-    return [torch.bfloat16] if device().type == "cuda" else [torch.float32]
-
-
 def _sizes():
     if _common.SMOKE:
         return [(64, 16, 500)]
@@ -110,7 +103,7 @@ def _loss_fn(impl: str, loss: str):
     return lambda h, w, ht, wt, y, neg, lq: SF.distillation_loss(h, w, ht, wt, y, **kd)
 
 
-@pytest.mark.parametrize("dtype", _dtypes(), ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("dtype", _common.dtypes(), ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("n, k, v", _sizes(), ids=lambda x: f"{x}")
 @pytest.mark.parametrize("impl", IMPLS)

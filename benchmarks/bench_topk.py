@@ -44,13 +44,6 @@ IMPLS = ("spnn_fast", "naive_eager", "naive_compiled")
 OPS = ("topk", "target_rank")
 
 
-def _dtypes():
-    env = os.environ.get("SPNN_BENCH_DTYPES")
-    if env:
-        return [getattr(torch, name.strip()) for name in env.split(",") if name.strip()]
-    return [torch.bfloat16] if device().type == "cuda" else [torch.float32]
-
-
 def _sizes():
     if _common.SMOKE:
         return [(64, 500)]
@@ -130,7 +123,7 @@ def _rounds(n, v, dev):
 
 # The decorator nearest the function varies slowest: the implementations of a group run in a row.
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", _dtypes(), ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("dtype", _common.dtypes(), ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("n, v", _sizes(), ids=lambda x: f"{x}")
 @pytest.mark.parametrize("op, k", _cases(), ids=lambda x: f"{x}")
 def test_topk_and_rank(benchmark, impl, op, k, n, v, dtype):
