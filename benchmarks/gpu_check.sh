@@ -65,7 +65,7 @@ run_gpu_tests() { # the tests that run the kernels on the GPU; TESTS_K overrides
   if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n 8); export OMP_NUM_THREADS=2; fi
   args+=(-k "${TESTS_K:-cuda or gpu or triton or low_precision or half}")
   "$PY" -m pytest tests/test_attention.py tests/test_distill.py tests/test_distill_ensemble.py \
-    tests/test_feature_distill.py "${args[@]}"
+    tests/test_feature_distill.py tests/test_sampled_softmax.py "${args[@]}"
 }
 
 train_cuda() { # the main job on ml-100k on the GPU, 1 seed, 1 epoch: windows per second
