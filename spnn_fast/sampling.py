@@ -90,6 +90,10 @@ class NegativeSampler:
     def _weights(counts: object, num_classes: int, power: float) -> Tensor:
         try:
             c = torch.as_tensor(counts)
+            if not isinstance(counts, Tensor) and c.is_floating_point():
+                # Python floats are float64: torch's default float32 would round small counts
+                # to 0 (a class never drawn), large ones to inf, and lose digits between
+                c = torch.as_tensor(counts, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"counts must be a tensor or an array of numbers: {e}") from None
         if c.dtype == torch.bool or c.is_complex() or c.shape != (num_classes,):

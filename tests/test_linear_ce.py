@@ -182,6 +182,7 @@ def test_compiles_without_a_graph_break():
         (dict(target=torch.full((9,), 33)), ValueError, r"outside \[0, V=33\)"),
         (dict(target=torch.zeros(8, dtype=torch.long)), ValueError, r"leading shape \(9,\)"),
         (dict(ignore_index=1.5), ValueError, "ignore_index must be an int"),
+        (dict(ignore_index=2**63), ValueError, "ignore_index must be an int64"),
     ],
 )
 def test_bad_input(change, error, match):

@@ -89,6 +89,16 @@ def test_sampler_log_q():
     assert torch.isfinite(big.log_q[1:]).all() and big.log_q[0] == -math.inf
 
 
+def test_sampler_reads_python_floats_as_float64():
+    # a list of floats holds float64 values: read as float32, 1e-50 would become 0 (a class never
+    # drawn), 1e39 inf, and 2**24 + 1 would lose its last digit
+    for counts in ([0, 1e-50, 1.0], [0, 1e39, 1.0], [0, 2.0**24 + 1, 2.0**24]):
+        got = NegativeSampler(3, counts).probs
+        want = NegativeSampler(3, torch.tensor(counts, dtype=torch.float64)).probs
+        assert torch.equal(got, want), counts
+    assert NegativeSampler(3, [0, 1e-50, 1.0]).probs[1] > 0
+
+
 def test_sampler_is_deterministic_and_on_device():
     sampler = NegativeSampler(1000, torch.arange(1000) % 7, power=0.5)
     a = sampler.sample(513, generator=torch.Generator().manual_seed(3))
@@ -635,6 +645,8 @@ def _bad_cases():
         ({"remove_accidental_hits": 1}, TypeError, "remove_accidental_hits must be a bool"),
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
         ({"ignore_index": 1.5}, ValueError, "ignore_index must be an int"),
+        ({"ignore_index": 2**63}, ValueError, "ignore_index must be an int64, got 92233"),
+        ({"ignore_index": -(2**70)}, ValueError, "ignore_index must be an int64"),
         ({"backend": "cpp"}, ValueError, "does not apply"),
         ({"backend": "cuda"}, ValueError, "not a backend"),
     ]

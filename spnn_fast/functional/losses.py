@@ -103,8 +103,8 @@ def _check_distill_args(hs, ws, ht, wt, target, temperature, alpha, ignore_index
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
-    if not is_int(ignore_index):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not is_int(ignore_index) or not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must be an int64, got {ignore_index!r}")
     if alpha > 0 and (ht is None or wt is None):
         raise ValueError(
             f"alpha={alpha} > 0 distils from a teacher: teacher_hidden and teacher_items are required"
@@ -221,8 +221,9 @@ def distillation_loss(
     tiles; they take one teacher, which the "logits" ensemble is (its teachers concatenated,
     within the kernels' width limit), so ``"distributions"`` with M >= 2 runs on the torch path.
     The torch path works in chunks of at most ``spnn_fast.reference.distill.LOGIT_BUDGET_BYTES``
-    and keeps O(N * M) statistics. Gradients flow to ``student_hidden`` and ``student_items``.
-    The loss is float32 (float64 for float64 inputs).
+    and keeps O(N * M) statistics. Gradients flow to ``student_hidden`` and ``student_items``,
+    once: the backward is an op without a gradient of its own (no double backward). The loss is
+    float32 (float64 for float64 inputs).
 
     Raises:
         ValueError: mismatched shapes, dtypes or devices (naming the teacher's index in a list),

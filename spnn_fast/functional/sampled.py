@@ -90,8 +90,8 @@ def _check_log_q(log_q: object, c: int, h: Tensor, y: Tensor, neg: Tensor, ignor
 def _check_flags(remove_accidental_hits: object, ignore_index: object, reduction: object) -> None:
     if not isinstance(remove_accidental_hits, bool):
         raise TypeError(f"remove_accidental_hits must be a bool, got {remove_accidental_hits!r}")
-    if not is_int(ignore_index):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not is_int(ignore_index) or not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must be an int64, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
 
@@ -163,9 +163,11 @@ def sampled_softmax_loss(
 
     Row ``i`` with target ``y`` scores ``s_c = input_i . weight[c] - log_q[c]`` for ``c`` in
     ``{y} + negatives`` and loses ``logsumexp(s) - s_y``. Gradients flow to ``input`` and
-    ``weight`` (at the targets' and the negatives' rows). The loss has ``input``'s dtype, or
-    float32 under ``torch.autocast`` (whose dtype the dot products then run in), as
-    :func:`linear_cross_entropy`'s; the sums are float32 (float64 for float64 inputs).
+    ``weight`` (at the targets' and the negatives' rows), once: the backward is an op without
+    a gradient of its own (no double backward, unlike ``cross_entropy``). The loss has
+    ``input``'s dtype, or float32 under ``torch.autocast`` (whose dtype the dot products then
+    run in), as :func:`linear_cross_entropy`'s; the sums are float32 (float64 for float64
+    inputs).
 
     Raises:
         ValueError: mismatched shapes, dtypes or devices; a target or negative outside

@@ -79,14 +79,19 @@ def distill_rows_backward(
     args = (grad_rows, student_hidden, student_items, teacher_hidden, teacher_items, target)
     stats = (lse_s, lse_st, lse_tt, temperature, alpha, ignore_index)
     if backend == "triton":
-        return _kernels().distill_bwd(*args, *stats, d_hidden_rows=d_hidden_rows)
-    return _ref.distill_rows_chunked_backward(*args, *stats)
+        grads = _kernels().distill_bwd(*args, *stats, d_hidden_rows=d_hidden_rows)
+    else:
+        grads = _ref.distill_rows_chunked_backward(*args, *stats)
+    # contiguous whatever the inputs' strides, as the fake below says (a transposed table too)
+    return tuple(g.contiguous() for g in grads)
 
 
 @distill_rows_backward.register_fake
 def _(grad_rows, student_hidden, student_items, teacher_hidden, teacher_items, target, lse_s,
       lse_st, lse_tt, temperature, alpha, ignore_index, backend, d_hidden_rows=None):  # fmt: skip
-    return torch.empty_like(student_hidden), torch.empty_like(student_items)
+    return student_hidden.new_empty(student_hidden.shape), student_items.new_empty(
+        student_items.shape
+    )
 
 
 def _setup_context(ctx, inputs, output):

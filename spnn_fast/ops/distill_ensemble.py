@@ -66,16 +66,19 @@ def distill_rows_ensemble_backward(
     ignore_index: int,
 ) -> Tuple[Tensor, Tensor]:
     """(d_student_hidden, d_student_items) for ``grad_rows`` [N] on the row losses."""
-    return _ref.distill_rows_ensemble_chunked_backward(
+    grads = _ref.distill_rows_ensemble_chunked_backward(
         grad_rows, student_hidden, student_items, teacher_hidden, teacher_items, target,
         lse_s, lse_st, lse_t, temperature, alpha, ignore_index,
     )  # fmt: skip
+    return tuple(g.contiguous() for g in grads)  # whatever the inputs' strides, as the fake
 
 
 @distill_rows_ensemble_backward.register_fake
 def _(grad_rows, student_hidden, student_items, teacher_hidden, teacher_items, target, lse_s,
       lse_st, lse_t, temperature, alpha, ignore_index):  # fmt: skip
-    return torch.empty_like(student_hidden), torch.empty_like(student_items)
+    return student_hidden.new_empty(student_hidden.shape), student_items.new_empty(
+        student_items.shape
+    )
 
 
 def _setup_context(ctx, inputs, output):

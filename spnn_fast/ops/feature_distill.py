@@ -34,12 +34,17 @@ def _(student_emb, teacher_emb, weights, eps):
 def feature_distill_rows_backward(
     grad_rows: Tensor, student_emb: Tensor, teacher_emb: Tensor, weights: Tensor, eps: float
 ) -> Tensor:
-    return _kernels().feature_distill_bwd(grad_rows, student_emb, teacher_emb, weights, eps)
+    # contiguous whatever the inputs' strides, as the fake below says
+    return (
+        _kernels()
+        .feature_distill_bwd(grad_rows, student_emb, teacher_emb, weights, eps)
+        .contiguous()
+    )
 
 
 @feature_distill_rows_backward.register_fake
 def _(grad_rows, student_emb, teacher_emb, weights, eps):
-    return torch.empty_like(student_emb)
+    return student_emb.new_empty(student_emb.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -92,17 +92,20 @@ def sampled_softmax_rows_backward(
     args = (grad_rows, hidden, items, teacher_hidden, teacher_items, target, negatives, log_q)
     stats = (lse_s, lse_st, lse_tt, temperature, alpha, remove_accidental_hits, ignore_index)
     if backend == "triton":
-        return _kernels().sampled_softmax_bwd(
+        grads = _kernels().sampled_softmax_bwd(
             *args, *stats, d_hidden_rows=d_hidden_rows, d_positive=d_positive
         )
-    return _ref.sampled_rows_chunked_backward(*args, *stats)
+    else:
+        grads = _ref.sampled_rows_chunked_backward(*args, *stats)
+    # contiguous whatever the inputs' strides, as the fake below says (a transposed table too)
+    return tuple(g.contiguous() for g in grads)
 
 
 @sampled_softmax_rows_backward.register_fake
 def _(grad_rows, hidden, items, teacher_hidden, teacher_items, target, negatives, log_q, lse_s,
       lse_st, lse_tt, temperature, alpha, remove_accidental_hits, ignore_index, backend,
       d_hidden_rows=None, d_positive=None):  # fmt: skip
-    return torch.empty_like(hidden), torch.empty_like(items)
+    return hidden.new_empty(hidden.shape), items.new_empty(items.shape)
 
 
 def _setup_context(ctx, inputs, output):
