@@ -18,6 +18,13 @@ ensemble (means over seeds of the per-seed ratio), each with its standard error 
 
     spnn-fast train --seeds 6 --out runs/six
     python experiments/distill_widths.py runs/six
+
+Two copies of one run folder (``cp -r``) can measure different widths side by side (a run folder
+takes one command at a time); ``--rows`` then merges their row files::
+
+    python experiments/distill_widths.py runs/six_a --widths 24 64 --out a.jsonl &
+    python experiments/distill_widths.py runs/six_b --widths 32 48 --out b.jsonl
+    python experiments/distill_widths.py --rows a.jsonl b.jsonl
 """
 
 from __future__ import annotations
@@ -112,38 +119,73 @@ def summary(rows: list) -> list:
         for split in SPLITS:
             for metric in METRICS:
                 p = paired(dist, plain, split, metric)
+                over_t = paired(dist, teacher, split, metric)
                 seeds = sorted(dist)
                 vs_t = _mean_se([dist[s][split][metric] / teacher[s][split][metric] for s in seeds])
                 vs_e = _mean_se([dist[s][split][metric] / ens[f"{split}_{metric}"] for s in seeds])
                 out.append({"width": width, "split": split, "metric": metric, "seeds": seeds,
                             "distilled": p["new"], "plain": p["base"], "diff": p["diff"],
-                            "se": p["se"], "over_teacher": vs_t[0], "over_teacher_se": vs_t[1],
+                            "se": p["se"], "teacher": over_t["base"],
+                            "minus_teacher": over_t["diff"], "minus_teacher_se": over_t["se"],
+                            "over_teacher": vs_t[0], "over_teacher_se": vs_t[1],
                             "over_ensemble": vs_e[0], "over_ensemble_se": vs_e[1]})  # fmt: skip
     return out
 
 
+def merge(paths: list) -> list:
+    """The rows of several saved files (runs that shared their teachers, each measuring some
+    widths) as one: every (model, width, seed) once, the teachers' and the ensemble's rows from
+    the first file that has them."""
+    rows, seen = [], set()
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                key = (row["model"], row["width"], row["seed"])
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(row)
+    return rows
+
+
+def print_summary(rows: list) -> None:
+    for s in summary(rows):
+        print(f"width {s['width']:>3} {s['split']:<8} {s['metric']:<8} distilled {s['distilled']:.4f}"
+              f" - plain {s['plain']:.4f} = {s['diff']:+.4f} (se {s['se']:.4f}); - teacher "
+              f"{s['minus_teacher']:+.4f} (se {s['minus_teacher_se']:.4f}); / teacher "
+              f"{s['over_teacher']:.3f}x (se {s['over_teacher_se']:.3f}); / ensemble "
+              f"{s['over_ensemble']:.3f}x (se {s['over_ensemble_se']:.3f})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a finished spnn-fast train run folder (two seeds or more)")
+    p.add_argument(
+        "run", nargs="?", help="a finished spnn-fast train run folder (two seeds or more)"
+    )
     p.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: all the run's")
     p.add_argument("--heads", type=int, default=None, help="default: the run's student_heads")
     p.add_argument("--deep-from", type=int, default=48,
                    help="from this width up the models take the teacher's layers")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="default: the run's")
+    p.add_argument("--rows", nargs="+", default=None, metavar="FILE",
+                   help="instead of a run: merge these saved row files (copies of one run, "
+                        "each measuring some widths) into --out and summarize them")  # fmt: skip
     p.add_argument("--out", default=str(DEFAULT_OUT), help="the JSON lines (default %(default)s)")
     args = p.parse_args(argv)
-    seeds = args.seeds if args.seeds is not None else range(read_run_config(args.run, "cpu").seeds)
-    rows = measure(args.run, args.widths, list(seeds), args.heads, args.deep_from, args.threads)
+    if (args.run is None) == (args.rows is None):
+        p.error("give a run folder or --rows FILE..., not both")
+    if args.rows is not None:
+        rows = merge(args.rows)
+    else:
+        cfg = read_run_config(args.run, "cpu")
+        seeds = args.seeds if args.seeds is not None else range(cfg.seeds)
+        rows = measure(args.run, args.widths, list(seeds), args.heads, args.deep_from, args.threads)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} rows: {args.out}")
-    for s in summary(rows):
-        print(f"width {s['width']:>3} {s['split']:<8} {s['metric']:<8} distilled {s['distilled']:.4f}"
-              f" - plain {s['plain']:.4f} = {s['diff']:+.4f} (se {s['se']:.4f}); / teacher "
-              f"{s['over_teacher']:.3f}x (se {s['over_teacher_se']:.3f}); / ensemble "
-              f"{s['over_ensemble']:.3f}x (se {s['over_ensemble_se']:.3f})")  # fmt: skip
+    print_summary(rows)
 
 
 if __name__ == "__main__":
