@@ -142,6 +142,7 @@ def _read_atomic_side(path: Path, id_field: str, what: str) -> Side:
 
 
 Columns = Callable[[List[str]], Tuple[int, int, int]]
+_BOM = b"\xef\xbb\xbf"
 
 
 def _read_arrow(path: Path, sep: str, header: Optional[List[str]], quoting: bool,
@@ -161,7 +162,13 @@ def _read_arrow(path: Path, sep: str, header: Optional[List[str]], quoting: bool
         names, offset = found
     else:
         with open(path, "rb") as f:
-            names, offset = header, 3 if f.read(3) == b"\xef\xbb\xbf" else 0
+            names, offset = header, 3 if f.read(3) == _BOM else 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.read(3) == _BOM:
+            # pyarrow drops a BOM at the start of the bytes it reads; the csv reader keeps one
+            # past the file's start in the field (a file of concatenated exports): its rules
+            return None
     try:
         wanted = columns(names)
     except ValueError:
@@ -323,7 +330,8 @@ def _parquet_times(col, column: str, where) -> Tuple[np.ndarray, Optional[str]]:
         return _arrow.to_numpy(col.cast(pa.int64()), np.int64), kind.unit
     if pa.types.is_integer(kind):
         if pa.types.is_uint64(kind) and len(col) and pc.max(col).as_py() >= 2**63:
-            k = int(np.argmax(_arrow.to_numpy(pc.greater_equal(col, 2**63), bool)))
+            big = pc.greater_equal(col, pa.scalar(2**63, pa.uint64()))
+            k = int(np.argmax(_arrow.to_numpy(big, bool)))
             raise ValueError(f"{where(k)}: timestamp {col[k].as_py()} does not fit int64")
         return _arrow.to_numpy(col.cast(pa.int64()), np.int64), None
     if pa.types.is_floating(kind):

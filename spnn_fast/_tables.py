@@ -115,6 +115,23 @@ def _is_blank(row: List[str]) -> bool:
     return not row or (len(row) == 1 and not row[0].strip())
 
 
+def _readable_rows(reader, path: Path) -> Iterator[List[str]]:
+    """The rows of a csv reader; its errors (a field over ``csv.field_size_limit()``, which one
+    unclosed quote makes of the rest of a file) as a ValueError naming the row's first line."""
+    while True:
+        first = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            hint = " (an unclosed quote?)" if "field larger" in str(e) else ""
+            raise ValueError(
+                f"{path}:{first}: the row starting on this line cannot be read: {e}{hint}"
+            ) from None
+        yield row
+
+
 def iter_rows(
     path: Path, sep: str, header: Optional[List[str]] = None, *, quoting: bool = False
 ) -> Iterator:
@@ -132,10 +149,11 @@ def iter_rows(
             lines, sep = (line.replace(given, _UNIT_SEPARATOR) for line in f), _UNIT_SEPARATOR
         shown = "'::'" if sep == _UNIT_SEPARATOR else repr(sep)
         reader = csv.reader(lines, delimiter=sep, **options)
+        rows = _readable_rows(reader, path)
         if header is None:
-            header = next((row for row in reader if not _is_blank(row)), None)
+            header = next((row for row in rows if not _is_blank(row)), None)
         yield header
-        for row in reader:
+        for row in rows:
             if _is_blank(row):
                 continue
             if len(row) != len(header):

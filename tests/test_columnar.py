@@ -174,6 +174,37 @@ def test_errors_name_the_line_through_pyarrow(tmp_path, monkeypatch):
     assert got == want and got[1].startswith(f"{path}:1998: malformed row")
 
 
+def test_a_bom_past_the_start_reads_as_the_csv_reader(tmp_path, monkeypatch):
+    # exports concatenated after a header: the csv reader keeps the second file's BOM in its
+    # first field, and so does the loader through pyarrow (which would drop it)
+    bom = "\ufeff"
+    for name, text in [
+        ("ids.csv", f"user,item,timestamp\n{bom}7,10,100\n7,11,101\n"),
+        ("ts.csv", f"timestamp,user,item\n{bom}100,a,10\n101,a,11\n"),
+        ("crlf.csv", f"{bom}timestamp,user,item\r\n{bom}\r\n3,e,16\r\n"),
+        ("b.inter", f"user_id:token\titem_id:token\ttimestamp:float\n{bom}7\t10\t100\n7\t11\t101\n"),
+    ]:  # fmt: skip
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        got, want, _ = _both(path, monkeypatch)
+        assert got == want, name
+    got, want, _ = _both(tmp_path / "ids.csv", monkeypatch)
+    assert got["user_ids"][1] == ["7", bom + "7"]
+
+
+def test_an_unclosed_quote_is_named_with_its_line(tmp_path, monkeypatch):
+    # the rest of the file becomes one field, over the csv module's field size limit
+    rows = "".join(f"{u % 50},{u % 97},{1_600_000_000 + u}\n" for u in range(8000))
+    path = tmp_path / "u.csv"
+    path.write_text('user,item,timestamp\n1,"10,100\n' + rows)
+    got, want, _ = _both(path, monkeypatch)
+    assert got == want
+    assert got[0] == "ValueError"
+    assert got[1].startswith(
+        f"{path}:2: the row starting on this line cannot be read: field larger"
+    )
+
+
 # ---------------------------------------------------------------------------- Parquet
 def _write_parquet(path: Path, **columns) -> Path:
     pq.write_table(pa.table(columns), path)
@@ -235,6 +266,8 @@ def test_parquet_timestamp_columns_carry_their_unit(tmp_path):
         (dict(user=[1, 2], item=[1, 2], timestamp=["1", "x"]),
          r"t.parquet: row 1 \(from 0\): timestamp 'x' is not a number"),
         (dict(u=[1], item=[1], timestamp=[1]), r"t.parquet: no user column"),
+        (dict(user=[1, 1], item=[1, 2], timestamp=pa.array([2**63, 5], pa.uint64())),
+         r"t.parquet: row 0 \(from 0\): timestamp 9223372036854775808 does not fit int64"),
     ],
 )  # fmt: skip
 def test_parquet_errors(tmp_path, columns, match):
