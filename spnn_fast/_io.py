@@ -4,9 +4,11 @@ raw traceback."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import IO, Callable, Optional, Sequence, Union
 
@@ -35,6 +37,13 @@ def atomic_write(
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno is not None:
             raise OSError(e.errno, f"cannot write {os.fspath(path)}: {e.strerror}") from None
+        if isinstance(e, RuntimeError) and ("inline_container" in str(e)
+                                            or "PytorchStreamWriter" in str(e)):  # fmt: skip
+            # torch.save's writer reports a failed write (a full disk) as a RuntimeError
+            full = shutil.disk_usage(folder or ".").free < 2**20
+            why = "the disk is full" if full else str(e).splitlines()[0][:200]
+            code = errno.ENOSPC if full else errno.EIO
+            raise OSError(code, f"cannot write {os.fspath(path)}: {why}") from None
         raise
 
 

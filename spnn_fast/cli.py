@@ -162,13 +162,21 @@ def _init_distributed(device: str, timeout: float) -> bool:
     return True
 
 
+def _check_threads(threads: Optional[int]) -> None:
+    """ValueError unless ``--threads`` is None or a count the machine can start: at most four
+    per CPU (more only wait for the cores, and thread creation fails long before 100,000)."""
+    most = 4 * (os.cpu_count() or 1)
+    if threads is not None and not 1 <= threads <= most:
+        raise ValueError(f"--threads must be in [1, {most}] (4 per CPU of this machine), "
+                         f"got {threads}")  # fmt: skip
+
+
 def _cmd_train(args) -> int:
     from spnn_fast._threads import fix_threads, retain_freed_memory
     from spnn_fast.experiment import run
     from spnn_fast.report import markdown
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    _check_threads(args.threads)
     cfg, out = _run_config(args)
     args.folder = out  # where a message says to go on
     # The same sums in the same order on every run: a fixed thread count for every op, the
@@ -210,8 +218,7 @@ def _cmd_distill(args) -> int:
     from spnn_fast._threads import fix_threads, retain_freed_memory
 
     check_path_arg("RUN", args.run, "a run folder")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    _check_threads(args.threads)
     threads, warning = _threads(args, args.run)  # the run's own, as its student_kd had
     fix_threads(threads)
     retain_freed_memory()  # speed only: the same results either way

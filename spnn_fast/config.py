@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import torch
+
 from spnn_fast import backends, limits
 from spnn_fast._checks import check_device, is_int, is_real, plain_number
 from spnn_fast.log import TIME_UNITS
@@ -337,13 +339,17 @@ def num_parameters(mcfg: SPNNConfig, ds) -> int:
     building its item table: a model's parameters are affine in the catalogue's size (one
     embedding row per item), so two models of 1 and 2 items give the count for any size."""
     V = mcfg.num_items
+    # on the meta device: shapes without memory (a model too large for the machine is counted,
+    # then refused by the memory check, not built)
     if V <= 2:
-        return SPNN(mcfg, ds.item_features, ds.user_features).num_parameters()
+        with torch.device("meta"):
+            return SPNN(mcfg, ds.item_features, ds.user_features).num_parameters()
 
     def count(items: int) -> int:
         tables = {n: t[: items + 1] for n, t in ds.item_features.items()}
         shape = dataclasses.replace(mcfg, num_items=items)
-        return SPNN(shape, tables, ds.user_features).num_parameters()
+        with torch.device("meta"):
+            return SPNN(shape, tables, ds.user_features).num_parameters()
 
     one, two = count(1), count(2)
     return one + (V - 1) * (two - one)

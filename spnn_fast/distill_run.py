@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
+import shutil
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -128,11 +130,35 @@ def _check_out(run_dir: str, out: Optional[str], folder: str) -> None:
     the model's own report."""
     if out is None:
         return
+    here = os.path.realpath(out)
+    while True:  # the folder or one above it: another run's (its report would be replaced)
+        if os.path.isfile(os.path.join(here, "run.json")) and not same_file(here, run_dir):
+            raise ValueError(f"--out {out} is in the run folder {here}, whose files (its "
+                             f"report.json, report.md) it would replace: name another folder")  # fmt: skip
+        if os.path.dirname(here) == here:
+            break
+        here = os.path.dirname(here)
     for f in ("report.json", "report.md"):
         taken = run_file(run_dir, os.path.join(out, f))
         if taken is not None and not same_file(taken, os.path.join(folder, f)):
             raise ValueError(f"--out {out} would write over {taken}, a file of the run: name "
                              f"another folder")  # fmt: skip
+
+
+def _check_room(folder: str, params: int) -> None:
+    """OSError (ENOSPC) when the disk of the model's ``folder`` lacks the room for what its
+    training writes: best.pt (the parameters), last.pt (parameters, AdamW's two moments and the
+    best state) and a temporary copy while one is replaced, in float32."""
+    if os.path.exists(os.path.join(folder, "result.json")):
+        return
+    need = 4 * params * (1 + 4 + 4)
+    where = os.path.abspath(folder)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"the model writes about {need / 2**20:,.1f} MiB of "
+                      f"checkpoints into {folder}, whose disk has {free / 2**20:,.1f} MiB free")  # fmt: skip
 
 
 def _data(cfg: ExperimentConfig, run_dir: str, allow_changed: bool, log) -> Tuple[Dataset, Dict]:
@@ -209,7 +235,8 @@ def distill(
         _train_one(p.name, seed, p.ds, p.cfg, p.mcfg, p.tcfg, run_dir,
                    p.nets[seed] if distilled else None, p.data, log,
                    p.nets if teachers == "all" else None,
-                   init="student_kd" if distilled else "student")  # fmt: skip
+                   init="student_kd" if distilled else "student",
+                   allow_changed=allow_changed_data)  # fmt: skip
         own = read_result(os.path.join(p.folder, "result.json"), SPLITS, METRICS)
         rows = {
             p.name: make_row(own, "distilled" if distilled else "plain", p.mcfg.to_dict(),
@@ -269,13 +296,20 @@ def _plan(run_dir, device, width, layers, heads, seed, teachers, name, out, allo
     shaped.check_backend()
     ds, data = _data(cfg, run_dir, allow_changed, log)
     mcfgs = shaped.model_configs(ds)
-    check_memory(shaped, ds, {n: num_parameters(m, ds) for n, m in mcfgs.items()})
+    sizes = {n: num_parameters(m, ds) for n, m in mcfgs.items()}
+    check_memory(shaped, ds, sizes)
+    _check_room(folder, sizes["student_kd"])
     nets, paths = _teachers(cfg, run_dir, ds)
     taught = _teacher_results(cfg, run_dir)
     learn = {"all": list(range(cfg.seeds)), "seed": [seed], "none": []}[teachers]
     tcfg = shaped.train_configs()["student" if teachers == "none" else "student_kd"]
     files = [{"seed": s, "sha256": file_sha256(paths[s])} for s in learn]
     record = make_record(name, seed, teachers, files, mcfgs["student_kd"], tcfg)
+    if out is not None:  # made now, the last check: a folder that cannot be made fails here
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot make that folder: {e.strerror}") from None
     return _Plan(cfg, name, folder, ds, data, mcfgs["student_kd"], tcfg, nets, taught, record,
                  learn)  # fmt: skip
 

@@ -75,16 +75,30 @@ def seed_model(seed: int, name: str) -> None:
     torch.manual_seed(seed * 1000 + MODELS.index(name))
 
 
+def _check_done(out_dir: str, data: Dict, allow_changed: bool, log) -> None:
+    """A finished model's best.pt, before its result is reused: there, readable, and trained on
+    ``data`` (a warning instead with ``allow_changed``)."""
+    best = os.path.join(out_dir, "best.pt")
+    if not os.path.isfile(best):
+        raise DamagedFileError(f"{best} is missing although {out_dir}/result.json says the model "
+                               f"is done; delete {out_dir} to train that model again")  # fmt: skip
+    _, ck = load_checkpoint(best)
+    check_same_data(ck.get("data"), data, best, allow_changed=allow_changed, log=log)
+
+
 def _train_one(name, seed, ds, cfg, mcfg, tcfg, run_dir, teacher, data, log,
-               ensemble=None, init=None) -> Dict:  # fmt: skip
+               ensemble=None, init=None, allow_changed=False) -> Dict:  # fmt: skip
     """Train model ``name`` of seed ``seed`` into its folder (resumed from its last.pt, or its
-    result reused when it has one); ``init``: the model of MODELS whose initialisation it takes
-    (default ``name``; a model distilled later takes a student's)."""
+    result reused when it has one, its best.pt checked); ``init``: the model of MODELS whose
+    initialisation it takes (default ``name``; a model distilled later takes a student's);
+    ``allow_changed``: reuse a model trained on other data than ``data`` with a warning."""
     out_dir = model_dir(run_dir, seed, name)
     result_path = os.path.join(out_dir, "result.json")
     if os.path.exists(result_path):
+        result = read_result(result_path, tuple(REPORT_SPLITS.values()), METRICS)
+        _check_done(out_dir, data, allow_changed, log)
         log(f"[seed {seed}] {name}: already done, reusing its result")
-        return read_result(result_path, tuple(REPORT_SPLITS.values()), METRICS)
+        return result
     seed_model(seed, init or name)
     model = SPNN(mcfg, ds.item_features, ds.user_features)
     trainer = Trainer(model, ds, tcfg, teacher=teacher, ensemble=ensemble, seed=seed,
@@ -216,7 +230,7 @@ def run(cfg: ExperimentConfig, run_dir: str, *, log=print, wait: bool = False,
         ds, data, sized, extras = agree(lambda: _prepare(cfg, run_dir, allow_changed_data, log))
         if rank == 0:
             write_run_config(cfg, run_dir, **extras)
-        results = _train_all(cfg, sized, ds, run_dir, data, log)
+        results = _train_all(cfg, sized, ds, run_dir, data, log, allow_changed_data)
         report = build_report(cfg, ds, results, time.perf_counter() - t0)
         report["chosen"], report["data"] = extras["chosen"] or {}, data
         report["earlier_data"] = extras.get("earlier_data") or []
@@ -227,7 +241,7 @@ def run(cfg: ExperimentConfig, run_dir: str, *, log=print, wait: bool = False,
     return report
 
 
-def _train_all(cfg, sized, ds, run_dir, data, log) -> Dict[str, List[Dict]]:
+def _train_all(cfg, sized, ds, run_dir, data, log, allow_changed=False) -> Dict[str, List[Dict]]:
     """Every model of every seed (all the teachers first: a distilled student may learn from
     their ensemble), then, with two seeds or more, the teachers' ensemble evaluated."""
     mcfgs, tcfgs = sized.model_configs(ds), sized.train_configs()
@@ -238,7 +252,7 @@ def _train_all(cfg, sized, ds, run_dir, data, log) -> Dict[str, List[Dict]]:
             ensemble = teachers if name == "student_kd" and cfg.kd_teacher == "ensemble" else None
             teacher = teachers[seed] if name == "student_kd" else None
             res = _train_one(name, seed, ds, cfg, mcfgs[name], tcfgs[name], run_dir, teacher,
-                             data, log, ensemble)  # fmt: skip
+                             data, log, ensemble, allow_changed=allow_changed)  # fmt: skip
             results[name].append(res)
             if name == "teacher":
                 path = os.path.join(model_dir(run_dir, seed, name), "best.pt")
@@ -366,6 +380,8 @@ def evaluate_checkpoint(path: str, device: str = "cpu", dataset: Optional[str] =
     """Metrics of a saved model on every split of its data set (see :func:`checkpoint_data`)."""
     from spnn_fast.protocol import eval_sets
 
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "best.pt")):
+        path = os.path.join(path, "best.pt")  # a model's folder names its checkpoint
     model, ck = load_checkpoint(path, device)
     ds = checkpoint_data(path, ck, dataset, allow_changed_data=allow_changed_data, log=log)
     return {s: evaluate(model.to(device), ds.log, es, device=device)

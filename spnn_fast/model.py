@@ -438,10 +438,12 @@ def _codes_table(
 ) -> Tensor:
     if tables is None or name not in tables:
         raise ValueError(f"{arg} has no table for the configured feature {name!r}")
-    # A copy: the model never shares memory with (so never changes) the caller's tables.
-    codes = torch.tensor(np.asarray(tables[name]), dtype=torch.int64)
+    # A copy: the model never shares memory with (so never changes) the caller's tables. Checked
+    # on the CPU, then placed where tensors are made by default (the meta device included, where
+    # a model's parameters are counted without memory).
+    codes = torch.tensor(np.asarray(tables[name]), dtype=torch.int64, device="cpu")
     if rows is not None and codes.shape[0] != rows:
         raise ValueError(f"{arg}[{name!r}] has {codes.shape[0]} rows, expected {rows}")
     if codes.numel() and (codes.min() < 0 or codes.max() >= vocab):
         raise ValueError(f"{arg}[{name!r}] has codes outside [0, {vocab})")
-    return codes.contiguous()
+    return codes.to(torch.empty(0).device).contiguous()

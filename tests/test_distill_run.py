@@ -269,15 +269,53 @@ def test_changed_data_are_refused_unless_allowed(run_dir, tmp_path, capsys):
     assert "--allow-changed-data" in line and _hashes(run_dir) == before
     assert main(["distill", str(run_dir), "--width", "8", "--allow-changed-data"]) == 0
     assert "going on (--allow-changed-data)" in capsys.readouterr().out
+    # the data as the run had them again: the model made from the changed data is not reused
+    data.write_text(data.read_text().replace("u0,3,99999\n", ""))
+    best = run_dir / "seed0" / "distill_d8_l1_h1_all" / "best.pt"
+    assert main(["distill", str(run_dir), "--width", "8"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"{data} is not the data {best} was trained on" in line, line
+    assert main(["distill", str(run_dir), "--width", "8", "--allow-changed-data"]) == 0
+
+
+def test_a_finished_model_without_its_checkpoint_is_not_reused(run_dir, capsys):
+    assert main(["distill", str(run_dir), "--width", "8"]) == 0
+    folder = run_dir / "seed0" / "distill_d8_l1_h1_all"
+    (folder / "best.pt").unlink()
+    capsys.readouterr()
+    assert main(["distill", str(run_dir), "--width", "8"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"{folder}/best.pt is missing although" in line and f"delete {folder}" in line, line
+
+
+def test_a_model_the_disk_cannot_hold_is_refused_before_training(run_dir, capsys, monkeypatch):
+    import spnn_fast.distill_run as distill_run
+
+    monkeypatch.setattr(distill_run.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(
+        10**9, 10**9 - 1000, 1000))  # fmt: skip
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("trained"))
+    before = _hashes(run_dir)
+    assert main(["distill", str(run_dir), "--width", "8"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "checkpoints into" in line and "0.0 MiB free" in line, line
+    assert _hashes(run_dir) == before
+
+
+def test_a_model_too_large_for_the_machine_is_counted_not_built(run_dir, capsys):
+    # 12.9 billion parameters: refused by the memory check at once (counted on the meta device)
+    assert main(["distill", str(run_dir), "--width", "4096", "--layers", "64", "--heads", "1",
+                 "--threads", "1"]) == 2  # fmt: skip
+    assert "parameters" in _one_line_error(capsys.readouterr().err)
 
 
 _DAMAGED = ["seed1/teacher/best.pt", "seed0/teacher/result.json", "ensemble/result.json",
-            "seed0/distill_d8_l1_h1_all/distill.json"]  # fmt: skip
+            "seed0/distill_d8_l1_h1_all/distill.json",
+            "seed0/distill_d8_l1_h1_all/best.pt"]  # fmt: skip
 
 
 @pytest.mark.parametrize("damaged", _DAMAGED)
 def test_a_damaged_file_is_named_with_its_recovery(run_dir, capsys, damaged):
-    if damaged.endswith("distill.json"):
+    if "distill_d8" in damaged:  # the model's own file, damaged after it was made
         assert main(["distill", str(run_dir), "--width", "8"]) == 0
     _damage(run_dir / damaged, "truncated")
     before = _hashes(run_dir)
@@ -295,6 +333,12 @@ def test_a_damaged_file_is_named_with_its_recovery(run_dir, capsys, damaged):
 
 def _unfinished(run_dir):
     (run_dir / "seed1" / "student_kd" / "result.json").unlink()
+
+
+def _other_run(run_dir):
+    other = run_dir.parent / "other"
+    (other / "seed0").mkdir(parents=True)
+    shutil.copy(run_dir / "run.json", other / "run.json")
 
 
 def _one_seed(run_dir):
@@ -316,6 +360,8 @@ _BAD = [
     (None, ["--name", "a/b"], "--name 'a/b' must be a folder name"),
     (None, ["--out", "{run}"], "--out {run} would write over {run}/report.json, a file of the run"),
     (None, ["--out", "{run}/run.json"], "--out {run}/run.json is a file: name a folder"),
+    (None, ["--out", "{run}/run.json/sub"], "--out {run}/run.json/sub: cannot make that folder"),
+    (_other_run, ["--out", "{run}/../other/seed0"], "is in the run folder"),
     (_unfinished, [], "{run} is not a finished run: {run}/seed1/student_kd/result.json is "
      "missing; finish it with spnn-fast train --resume {run}"),
     (_one_seed, [], "--teachers all distils from the ensemble of the run's teachers, one per "

@@ -572,7 +572,9 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert main(["eval", str(out / "seed0" / "teacher" / "best.pt"), "--device", "gpu"]) == 2
     assert "device='gpu' is not a device" in capsys.readouterr().err  # not "not a checkpoint"
     assert main(args[:-2] + ["--student-d", "4", "--threads", "-2"]) == 2
-    assert "--threads must be >= 1, got -2" in capsys.readouterr().err
+    assert "--threads must be in [1, " in capsys.readouterr().err
+    assert main(args[:-2] + ["--student-d", "4", "--threads", "100000"]) == 2  # not started
+    assert "(4 per CPU of this machine), got 100000" in capsys.readouterr().err
     assert main([*args, "--patience", "0"]) == 2  # checked before the folder's run is reused
     assert "TrainConfig.patience=0 must be an integer >= 1" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--seeds", "2", "--lr", "0.1"]) == 2
