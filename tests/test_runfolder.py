@@ -484,7 +484,7 @@ def test_ctrl_c_during_training_says_how_to_resume_and_leaves_a_resumable_folder
 
     data = _write_cycle_csv(tmp_path / "cycle.csv")
     out = tmp_path / "run"
-    flags = [*_TINY, "--epochs", "8", "--patience", "8"]
+    flags = [*_TINY, "--epochs", "40", "--patience", "40"]  # a wide window for the signal
     cmd = [sys.executable, "-m", "spnn_fast", "train", "--data", data, "--out", str(out), *flags]
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=_ENV)
@@ -492,6 +492,7 @@ def test_ctrl_c_during_training_says_how_to_resume_and_leaves_a_resumable_folder
         deadline = time.monotonic() + 240
         while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before the test could interrupt it"
         proc.send_signal(signal.SIGINT)  # while the teacher trains (or writes its last.pt)
         assert proc.wait(timeout=120) == 130
     err = (tmp_path / "stderr").read_text()
