@@ -288,6 +288,8 @@ def read_parquet(path: Path, user_col, item_col, time_col) -> Raw:
     picked = _find_columns(_header(path, names), cols,
                            [_COLUMN_NAMES[r] for r in ("user", "item", "timestamp")])  # fmt: skip
     table = pq.read_table(path, columns=[names[j] for j in picked])
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: the file holds no data rows")  # as a CSV file without any
     u, i, t = (table.column(j) for j in range(3))
 
     def where(k: int) -> str:

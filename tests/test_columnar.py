@@ -266,6 +266,8 @@ def test_parquet_timestamp_columns_carry_their_unit(tmp_path):
         (dict(user=[1, 2], item=[1, 2], timestamp=["1", "x"]),
          r"t.parquet: row 1 \(from 0\): timestamp 'x' is not a number"),
         (dict(u=[1], item=[1], timestamp=[1]), r"t.parquet: no user column"),
+        (dict(user=pa.array([], pa.int64()), item=pa.array([], pa.int64()),
+              timestamp=pa.array([], pa.int64())), r"t.parquet: the file holds no data rows"),
         (dict(user=[1, 1], item=[1, 2], timestamp=pa.array([2**63, 5], pa.uint64())),
          r"t.parquet: row 0 \(from 0\): timestamp 9223372036854775808 does not fit int64"),
     ],
