@@ -161,9 +161,10 @@ def _read_arrow(path: Path, sep: str, header: Optional[List[str]], quoting: bool
             return None
         names, offset = found
     else:
-        with open(path, "rb") as f:
-            names, offset = header, 3 if f.read(3) == _BOM else 0
+        names, offset = header, None
     with open(path, "rb") as f:
+        if offset is None:
+            offset = 3 if f.read(3) == _BOM else 0
         f.seek(offset)
         if f.read(3) == _BOM:
             # pyarrow drops a BOM at the start of the bytes it reads; the csv reader keeps one

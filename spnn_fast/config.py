@@ -339,17 +339,16 @@ def num_parameters(mcfg: SPNNConfig, ds) -> int:
     building its item table: a model's parameters are affine in the catalogue's size (one
     embedding row per item), so two models of 1 and 2 items give the count for any size."""
     V = mcfg.num_items
-    # on the meta device: shapes without memory (a model too large for the machine is counted,
-    # then refused by the memory check, not built)
-    if V <= 2:
-        with torch.device("meta"):
-            return SPNN(mcfg, ds.item_features, ds.user_features).num_parameters()
 
     def count(items: int) -> int:
         tables = {n: t[: items + 1] for n, t in ds.item_features.items()}
         shape = dataclasses.replace(mcfg, num_items=items)
-        with torch.device("meta"):
-            return SPNN(shape, tables, ds.user_features).num_parameters()
+        return SPNN(shape, tables, ds.user_features).num_parameters()
 
-    one, two = count(1), count(2)
+    # on the meta device: shapes without memory (a model too large for the machine is counted,
+    # then refused by the memory check, not built)
+    with torch.device("meta"):
+        if V <= 2:
+            return count(V)
+        one, two = count(1), count(2)
     return one + (V - 1) * (two - one)

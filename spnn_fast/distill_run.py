@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import os
-import shutil
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -50,6 +48,7 @@ from spnn_fast.experiment import (
     _ensemble_result,
     _train_one,
     check_memory,
+    check_room,
 )
 from spnn_fast.fingerprint import absolute_dataset, check_same_data, data_fingerprint
 from spnn_fast.model import SPNN, SPNNConfig
@@ -143,22 +142,6 @@ def _check_out(run_dir: str, out: Optional[str], folder: str) -> None:
         if taken is not None and not same_file(taken, os.path.join(folder, f)):
             raise ValueError(f"--out {out} would write over {taken}, a file of the run: name "
                              f"another folder")  # fmt: skip
-
-
-def _check_room(folder: str, params: int) -> None:
-    """OSError (ENOSPC) when the disk of the model's ``folder`` lacks the room for what its
-    training writes: best.pt (the parameters), last.pt (parameters, AdamW's two moments and the
-    best state) and a temporary copy while one is replaced, in float32."""
-    if os.path.exists(os.path.join(folder, "result.json")):
-        return
-    need = 4 * params * (1 + 4 + 4)
-    where = os.path.abspath(folder)
-    while not os.path.isdir(where):
-        where = os.path.dirname(where)
-    free = shutil.disk_usage(where).free
-    if need > free:
-        raise OSError(errno.ENOSPC, f"the model writes about {need / 2**20:,.1f} MiB of "
-                      f"checkpoints into {folder}, whose disk has {free / 2**20:,.1f} MiB free")  # fmt: skip
 
 
 def _data(cfg: ExperimentConfig, run_dir: str, allow_changed: bool, log) -> Tuple[Dataset, Dict]:
@@ -298,7 +281,8 @@ def _plan(run_dir, device, width, layers, heads, seed, teachers, name, out, allo
     mcfgs = shaped.model_configs(ds)
     sizes = {n: num_parameters(m, ds) for n, m in mcfgs.items()}
     check_memory(shaped, ds, sizes)
-    _check_room(folder, sizes["student_kd"])
+    done = os.path.exists(os.path.join(folder, "result.json"))
+    check_room("the model", [] if done else [sizes["student_kd"]], folder)
     nets, paths = _teachers(cfg, run_dir, ds)
     taught = _teacher_results(cfg, run_dir)
     learn = {"all": list(range(cfg.seeds)), "seed": [seed], "none": []}[teachers]

@@ -167,13 +167,24 @@ def check_free_space(cfg: ExperimentConfig, sizes: Dict[str, int], run_dir: str)
     moments and the best state), plus a temporary copy while a file is replaced."""
     todo = [sizes[n] for seed in range(cfg.seeds) for n in MODELS
             if not os.path.exists(os.path.join(model_dir(run_dir, seed, n), "result.json"))]  # fmt: skip
+    check_room("the run", todo, run_dir)
+
+
+def check_room(who: str, todo: List[int], folder: str) -> None:
+    """OSError (ENOSPC) when the disk of ``folder`` (or of its nearest existing parent) lacks the
+    room for the checkpoints of models of ``todo`` parameters: per model a best.pt (its
+    parameters) and a last.pt (parameters, AdamW's moments and the best state), plus a temporary
+    copy while a file is replaced, in float32; ``who`` names the writer in the message."""
     if not todo:
         return
     need = sum(4 * 5 * p for p in todo) + 4 * 4 * max(todo)
-    free = shutil.disk_usage(run_dir).free
+    where = os.path.abspath(folder)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
     if need > free:
-        raise OSError(errno.ENOSPC, f"the run writes about {need / 2**20:,.1f} MiB of "
-                      f"checkpoints into {run_dir}, whose disk has {free / 2**20:,.1f} MiB free")  # fmt: skip
+        raise OSError(errno.ENOSPC, f"{who} writes about {need / 2**20:,.1f} MiB of "
+                      f"checkpoints into {folder}, whose disk has {free / 2**20:,.1f} MiB free")  # fmt: skip
 
 
 def _prepare(cfg: ExperimentConfig, run_dir: str, allow_changed_data: bool,

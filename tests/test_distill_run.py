@@ -289,9 +289,9 @@ def test_a_finished_model_without_its_checkpoint_is_not_reused(run_dir, capsys):
 
 
 def test_a_model_the_disk_cannot_hold_is_refused_before_training(run_dir, capsys, monkeypatch):
-    import spnn_fast.distill_run as distill_run
+    import spnn_fast.experiment as experiment  # the disk check distill shares with train
 
-    monkeypatch.setattr(distill_run.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(
+    monkeypatch.setattr(experiment.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(
         10**9, 10**9 - 1000, 1000))  # fmt: skip
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("trained"))
     before = _hashes(run_dir)

@@ -35,7 +35,7 @@ def loaded() -> bool:
 def available(t: torch.Tensor, timestamps: Optional[torch.Tensor]) -> bool:
     """Whether the helpers serve a float32 CPU tensor ``t`` (the extension loaded)."""
     return (
-        _ext.C is not None
+        loaded()
         and timestamps is not None
         and t.device.type == "cpu"
         and t.dtype == torch.float32
