@@ -581,6 +581,31 @@ def test_rank_bad_target_raises(target, match):
         SF.target_rank(h, w, target, backend="torch")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
+@pytest.mark.parametrize("pad", [0, 500, -1, None])
+def test_narrow_integer_ids_against_a_wider_table(dtype, pad):
+    """Ids in a dtype narrower than the table's row count are read as the values they hold (an
+    int8 100 is below 1,000; a padding row past the dtype's range is no id of it)."""
+    h, w = make_inputs(3, 1000)
+    lo = 0 if pad in (None, -1) else 1
+    rpad = None if pad is None else pad % w.shape[0]
+    target = torch.tensor([lo, 100, 7], dtype=dtype, device=DEVICE)
+    want = ref.target_rank_reference(h, w, target.long(), padding_idx=rpad)
+    assert torch.equal(SF.target_rank(h, w, target, padding_idx=pad, backend="torch"), want)
+    offsets = torch.tensor([0, 2, 2, 3], device=DEVICE)
+    seen = torch.tensor([lo, 120, 9], dtype=dtype, device=DEVICE)
+    got = SF.topk_scores(h, w, 5, exclude=(offsets, seen), padding_idx=pad, backend="torch")
+    assert_topk_equal(got, ref.topk_scores_reference(h, w, 5, offsets, seen.long(),
+                                                     padding_idx=rpad))  # fmt: skip
+    if dtype != torch.uint8:
+        bad = torch.tensor([1, -3, 2], dtype=dtype, device=DEVICE)
+        with pytest.raises(ValueError, match="target must lie in"):
+            SF.target_rank(h, w, bad, padding_idx=pad, backend="torch")
+    if pad == 0:
+        with pytest.raises(ValueError, match="exclude item_ids must lie in"):
+            SF.topk_scores(h, w, 5, exclude=(offsets, seen * 0), backend="torch")
+
+
 @needs_triton
 def test_triton_rejects_what_it_cannot_run():
     h, w = make_inputs(3, 200)

@@ -316,10 +316,14 @@ def topk_scores_chunked(
     return values, indices
 
 
-# Columns from which the C++ row scans beat torch's ops on the whole score matrix (below, torch.topk
-# of k + 1 and the tie check, or torch's compare-and-sum, are cheaper: the scan's threads then
-# wait on the cores the matrix product's OpenMP threads still hold; docs/benchmarks.md).
-_CPP_TOPK_FROM = 4096
+# Score matrices below this many entries are scanned on one thread: a second one would wait on
+# the core the matrix product's OpenMP threads still spin on (943 x 1,000 scores: the rank scan
+# 0.93 ms on one thread, 1.69 ms on two; docs/benchmarks.md).
+_ONE_THREAD_BELOW = 1 << 22
+
+
+def _scan_threads(z: Tensor) -> int:
+    return 1 if z.numel() < _ONE_THREAD_BELOW else torch.get_num_threads()
 
 
 def _cpp_rows(t: Tensor) -> bool:
@@ -334,12 +338,12 @@ def _topk_whole(hidden, items, k, exclude_offsets, exclude_ids, padding_idx, fil
     the exclusions written into it directly (a chunk plan's sorting of them buys nothing here),
     one top-k: the work of ``matmul`` + mask + ``torch.topk``, and the tie rule."""
     z = hidden @ items.T
-    if _cpp_rows(z) and z.shape[1] >= _CPP_TOPK_FROM:
+    if _cpp_rows(z):
         # one pass per row: exclusions, padding, the best k and the tie rule
         offsets = None if exclude_offsets is None else exclude_offsets.long().contiguous().numpy()
         ids = None if exclude_ids is None else exclude_ids.long().contiguous().numpy()
         pad = -1 if padding_idx is None else padding_idx
-        v, i = _ext.C.topk_rows(z.numpy(), k, offsets, ids, pad, fill, torch.get_num_threads())
+        v, i = _ext.C.topk_rows(z.numpy(), k, offsets, ids, pad, fill, _scan_threads(z))
         return torch.from_numpy(v), torch.from_numpy(i)
     if padding_idx is not None:
         z[:, padding_idx] = _NEG_INF
@@ -399,11 +403,11 @@ def target_rank_chunked(
     target = target.long()
     for r0, r1 in row_spans:
         h, t = hidden[r0:r1], target[r0:r1]
-        if len(col_spans) == 1 and _cpp_rows(h) and items.shape[0] >= _CPP_TOPK_FROM:
+        if len(col_spans) == 1 and _cpp_rows(h):
             z = h @ items.T
             pad = -1 if padding_idx is None else padding_idx
             ranks[r0:r1] = torch.from_numpy(
-                _ext.C.rank_rows(z.numpy(), t.contiguous().numpy(), pad, torch.get_num_threads())
+                _ext.C.rank_rows(z.numpy(), t.contiguous().numpy(), pad, _scan_threads(z))
             )
             continue
         if len(col_spans) == 1:
