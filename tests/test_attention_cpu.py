@@ -83,10 +83,51 @@ def test_nan_in_masked_keys_stays_out_of_every_path(bias_grad_path):
 
 
 def test_cpu_outputs_in_the_kernels_layout():
-    """The fused kernel's outputs come back as they are: [B, L, H, D] strides, so a module's
-    out.transpose(1, 2).reshape(B, L, d) is a view."""
+    """The fused kernel's outputs come back as they are: for q, k, v cut from one projection as a
+    module cuts them, [B, L, H, D] strides, so the module's out.transpose(1, 2).reshape(B, L, d)
+    is a view; for contiguous ones, whatever the kernel gives, with the same values. Under
+    torch.compile the op's output has the strides its fake promises."""
     inputs = make_inputs(2, 3, 9, 16, "right", False)
-    out = semantic_attention(**inputs, causal=True, backend="torch")
-    B, H, L, D = out.shape
+    B, H, L, D = inputs["q"].shape
+    x = torch.stack([inputs[n].transpose(1, 2) for n in "qkv"], 2).contiguous()  # [B, L, 3, H, D]
+    q, k, v = x.permute(2, 0, 3, 1, 4)
+    out = semantic_attention(q, k, v, key_mask=inputs["key_mask"], causal=True, backend="torch")
     assert out.stride() == (L * H * D, D, H * D, 1)
     assert out.transpose(1, 2).reshape(B, L, H * D).data_ptr() == out.data_ptr()
+    plain = semantic_attention(**inputs, causal=True, backend="torch")
+    assert torch.equal(plain, out)
+    compiled = torch.compile(lambda **kw: semantic_attention(**kw, causal=True, backend="torch"),
+                             fullgraph=True)  # fmt: skip
+    got = compiled(**inputs)
+    assert torch.equal(got, out) and got.stride() == (L * H * D, D, H * D, 1)
+
+
+@pytest.mark.parametrize("case", CASES[:8], ids=_case_id)
+def test_eager_calls_are_the_registered_op(case, monkeypatch):
+    """Eager CPU calls skip the custom op's dispatch (the same functions under an
+    autograd.Function): outputs and every gradient bitwise those of the op, which a tracer gets."""
+    from spnn_fast.ops import attention as ops
+
+    B, H, L, D, mask, bias, causal = case
+    inputs = make_inputs(B, H, L, D, mask, bias)
+    g = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1))
+    eager = run_op(inputs, causal, "torch", grad_out=g)
+    monkeypatch.setattr(ops, "_traced", lambda tensors: True)
+    traced = run_op(inputs, causal, "torch", grad_out=g)
+    assert torch.equal(eager[0], traced[0])
+    for a, b in zip(eager[1], traced[1]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_tracers_get_the_registered_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from spnn_fast.ops import attention as ops
+
+    q = torch.randn(2, 2, 5, 16)
+    assert not ops._traced((q, q, q, None))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(q)
+        assert ops._traced((fake, fake, fake, None))
+        out = semantic_attention(fake, fake, fake, causal=True, backend="torch")
+        assert out.shape == q.shape

@@ -173,7 +173,7 @@ def semantic_attention(
         # that are cut off again, and autograd carries the gradients through the pad and the cut.
         padded = next(d for d in limits.ATTN_HEAD_DIMS if d >= D)
         q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
-    from spnn_fast.ops.attention import semantic_attention_fwd, semantic_attention_probs_fwd
+    from spnn_fast.ops.attention import attention_fwd, semantic_attention_probs_fwd
     from spnn_fast.reference.attention_cpu import keeps_probs
 
     wants_bias_grad = time_bias is not None and time_bias.requires_grad and torch.is_grad_enabled()
@@ -184,7 +184,5 @@ def semantic_attention(
             q, k, v, key_mask, timestamps, time_bias, bool(causal), scale
         )
     else:
-        out, _ = semantic_attention_fwd(
-            q, k, v, key_mask, timestamps, time_bias, bool(causal), scale, name
-        )
+        out, _ = attention_fwd(q, k, v, key_mask, timestamps, time_bias, bool(causal), scale, name)
     return out if padded == D else out[..., :D].contiguous()

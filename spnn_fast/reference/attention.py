@@ -167,6 +167,7 @@ def semantic_attention_torch_fwd(
     time_bias: Optional[torch.Tensor],
     causal: bool,
     scale: float,
+    any_layout: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of the PyTorch path: ``(out [B, H, L, D] in q's dtype, lse [B, H, L])``.
 
@@ -174,11 +175,13 @@ def semantic_attention_torch_fwd(
     row), in ``promote_types(q.dtype, float32)``. On the CPU in fp32/fp16/bf16 the rows run
     through PyTorch's fused attention kernel (SDPA's), the padding and the bias as an additive
     mask built chunk by chunk; elsewhere through the flash recurrence below, in that dtype.
+    The outputs' strides are those the op's fake promises, unless ``any_layout`` (a caller that
+    traces nothing takes the fused kernel's as they come).
     """
     from spnn_fast.reference import attention_cpu as cpu
 
     if cpu._flash_cpu(q):
-        return cpu._flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale)
+        return cpu._flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale, any_layout)
     B, H, L, D = q.shape
     acc = _acc_dtype(q.dtype)
     k, v = _masked_keys(k, v, key_mask)

@@ -113,7 +113,7 @@ def _prescaled(q, time_bias, causal, scale):
     return q, scale
 
 
-def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
+def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale, any_layout=False):
     B, H, L, D = q.shape
     q, scale = _prescaled(q, time_bias, causal, scale)
     if key_mask is not None and not _all_finite(k, v):  # no mask: no key to keep out
@@ -127,6 +127,8 @@ def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
         if empty is not None:  # the kernel gives an empty row lse 0; here it is -inf
             m = m.masked_fill_(empty.expand_as(m), float("-inf"))
         if r0 == 0 and r1 == L:  # one call holds every row: its outputs are the result
+            if any_layout:  # (the kernel's output follows q's layout, which the fake cannot see)
+                return o, m
             lse_like = cpu_layout(q, B, H, L).to(_acc_dtype(q.dtype))
             return _as_layout(o, cpu_layout(q, B, H, L, D)), _as_layout(m, lse_like)
         if out is None:  # in the kernel's layout, as the op's fake says
@@ -148,7 +150,7 @@ def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, cau
         k, v = _masked_keys(k, v, key_mask)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     lse = lse.nan_to_num(neginf=0.0)  # the kernel's convention for an empty row
-    go = grad_out.contiguous()
+    go = grad_out  # any strides, as SDPA's own backward passes it (an expanded one: no copy)
     chunks = list(_flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, q.dtype,
                                q.device))  # fmt: skip
     if len(chunks) == 1 and finite:
