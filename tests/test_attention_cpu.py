@@ -38,9 +38,32 @@ def test_the_path_is_chosen_by_the_probabilities_size(monkeypatch):
     monkeypatch.setattr(attention_cpu, "PROBS_BUDGET", 2 * 2 * 9 * 9 * 4 - 1)
     run_op(inputs, True, "torch")
     assert calls == [1]  # over the budget: the fused kernel and the recurrence
-    with torch.no_grad():  # no gradient wanted: never kept
+    with torch.no_grad():  # a forward whose probabilities do not fit: the kernel
         semantic_attention(**inputs, causal=True, backend="torch")
     assert calls == [1]
+    monkeypatch.setattr(attention_cpu, "PROBS_BUDGET", 2 * 2 * 9 * 9 * 4)
+    with torch.no_grad():  # a forward whose probabilities fit: computed, not kept
+        semantic_attention(**inputs, causal=True, backend="torch")
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("path", ["probs", "kernel"])
+def test_forward_alone_matches_the_reference(case, path, monkeypatch):
+    """Without a gradient, on the probabilities path (small score matrices) or the kernel."""
+    from spnn_fast.reference.attention import semantic_attention_math
+
+    if path == "kernel":
+        monkeypatch.setattr(attention_cpu, "PROBS_BUDGET", 0)
+    B, H, L, D, mask, bias, causal = case
+    inputs = make_inputs(B, H, L, D, mask, bias)
+    with torch.no_grad():
+        got = semantic_attention(**inputs, causal=causal, backend="torch")
+    d = {n: (t.double() if t is not None and t.is_floating_point() else t) for n, t in
+         inputs.items()}  # fmt: skip
+    want = semantic_attention_math(d["q"], d["k"], d["v"], d["key_mask"], causal,
+                                   d["timestamps"], d["time_bias"])  # fmt: skip
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-4)
 
 
 @pytest.mark.parametrize("bias_grad", [True, False])
@@ -82,11 +105,13 @@ def test_nan_in_masked_keys_stays_out_of_every_path(bias_grad_path):
         torch.testing.assert_close(g, e)
 
 
-def test_cpu_outputs_in_the_kernels_layout():
+def test_cpu_outputs_in_the_kernels_layout(monkeypatch):
     """The fused kernel's outputs come back as they are: for q, k, v cut from one projection as a
     module cuts them, [B, L, H, D] strides, so the module's out.transpose(1, 2).reshape(B, L, d)
     is a view; for contiguous ones, whatever the kernel gives, with the same values. Under
-    torch.compile the op's output has the strides its fake promises."""
+    torch.compile the op's output has the strides its fake promises. (Windows this short take
+    the probabilities path, whose output is contiguous, unless told otherwise.)"""
+    monkeypatch.setattr(attention_cpu, "PROBS_NO_BIAS_MAX_L", 0)
     inputs = make_inputs(2, 3, 9, 16, "right", False)
     B, H, L, D = inputs["q"].shape
     x = torch.stack([inputs[n].transpose(1, 2) for n in "qkv"], 2).contiguous()  # [B, L, 3, H, D]
@@ -131,3 +156,40 @@ def test_tracers_get_the_registered_op():
         assert ops._traced((fake, fake, fake, None))
         out = semantic_attention(fake, fake, fake, causal=True, backend="torch")
         assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("L", [20, 80])  # the kept probabilities without a bias; the kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("mode", ["forward", "q_grad", "all_grads"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_poisoned_masked_keys_stay_out_of_every_cpu_path(L, bias, mode, poison):
+    """NaN or an infinity in the keys and values of masked positions, through each CPU path
+    (the kernel's forward alone, its backward with or without the bias's gradient, the kept
+    probabilities): the output and every gradient equal those of clean inputs."""
+    inputs = make_inputs(3, 2, L, 16, "left", bias, seed=4)
+    poisoned = dict(inputs)
+    for name in ("k", "v"):
+        t = inputs[name].clone()
+        t[~inputs["key_mask"][:, None, :, None].expand_as(t)] = poison
+        poisoned[name] = t
+
+    def run(ins):
+        ins = {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in ins.items()}
+        leaves = []
+        if mode != "forward":
+            for n in ("q",) if mode == "q_grad" else ("q", "k", "v", "time_bias"):
+                if ins[n] is not None:
+                    leaves.append(ins[n].requires_grad_(True))
+        with torch.set_grad_enabled(mode != "forward"):
+            out = semantic_attention(**ins, causal=True, backend="torch")
+        if leaves:
+            out.pow(2).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    want, want_grads = run(inputs)
+    got, grads = run(poisoned)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)

@@ -173,16 +173,16 @@ def semantic_attention(
         # that are cut off again, and autograd carries the gradients through the pad and the cut.
         padded = next(d for d in limits.ATTN_HEAD_DIMS if d >= D)
         q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
-    from spnn_fast.ops.attention import attention_fwd, semantic_attention_probs_fwd
+    from spnn_fast.ops.attention import attention_fwd, attention_probs_fwd
     from spnn_fast.reference.attention_cpu import keeps_probs
 
-    wants_bias_grad = time_bias is not None and time_bias.requires_grad and torch.is_grad_enabled()
-    if name == "torch" and wants_bias_grad and keeps_probs(q, time_bias):
-        # A bias gradient over short windows on the CPU: the forward keeps its probabilities
-        # (cheaper than the backward's recomputation there).
-        out, _ = semantic_attention_probs_fwd(
-            q, k, v, key_mask, timestamps, time_bias, bool(causal), scale
-        )
+    grad = torch.is_grad_enabled()
+    bias_grad = grad and time_bias is not None and time_bias.requires_grad
+    grad = grad and (q.requires_grad or k.requires_grad or v.requires_grad or bias_grad)
+    if name == "torch" and keeps_probs(q, time_bias, bias_grad, grad):
+        # A bias gradient, or any gradient without a bias, over short windows on the CPU: the
+        # forward keeps its probabilities (cheaper than the backward's recomputation there).
+        out, _ = attention_probs_fwd(q, k, v, key_mask, timestamps, time_bias, bool(causal), scale)
     else:
         out, _ = attention_fwd(q, k, v, key_mask, timestamps, time_bias, bool(causal), scale, name)
     return out if padded == D else out[..., :D].contiguous()

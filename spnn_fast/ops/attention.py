@@ -129,10 +129,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, bwd=semantic_attention_bwd):
     q, k, v, out, lse, key_mask, timestamps, time_bias = ctx.saved_tensors
     bias_grad = time_bias is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dbias = semantic_attention_bwd(
+    dq, dk, dv, dbias = bwd(
         grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, ctx.causal,
         ctx.scale, ctx.backend, bias_grad,
     )  # fmt: skip
@@ -140,54 +140,6 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 semantic_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """The same forward and backward as the op pair, called directly: an eager call of the op
-    pays the custom op's dispatch in Python (about 0.3 ms a forward + backward on the CPU, 10% of
-    a small call), and the fused CPU kernel's output is taken in the layout it comes in (the op
-    copies it into the one its fake promises when q is laid out [B, H, L, D]).
-    :func:`attention_fwd` takes this path only where nothing traces the call."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_mask, timestamps, time_bias, causal, scale, backend):
-        out, lse = _fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale, backend,
-                        any_layout=True)  # fmt: skip
-        _setup_context(ctx, (q, k, v, key_mask, timestamps, time_bias, causal, scale, backend),
-                       (out, lse))  # fmt: skip
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, key_mask, timestamps, time_bias = ctx.saved_tensors
-        bias_grad = time_bias is not None and ctx.needs_input_grad[5]
-        dq, dk, dv, dbias = _bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias,
-                                 ctx.causal, ctx.scale, ctx.backend, bias_grad)  # fmt: skip
-        return dq, dk, dv, None, None, dbias, None, None, None
-
-
-def _traced(tensors) -> bool:
-    """Whether anything may be tracing or transforming a call on ``tensors``: torch.compile or
-    export, a tensor subclass (fake, functional, proxy), a dispatch mode, a functorch transform.
-    Only then does the call need the registered op."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (
-        torch.compiler.is_compiling()
-        or any(t is not None and type(t) is not Tensor for t in tensors)
-        or _get_current_dispatch_mode() is not None
-        or torch._C._are_functorch_transforms_active()
-    )
-
-
-def attention_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale, backend):
-    """``semantic_attention_fwd``, through :class:`_EagerAttention` on the CPU torch path where
-    nothing traces the call (the same functions, without the op's dispatch)."""
-    args = (q, k, v, key_mask, timestamps, time_bias, causal, scale, backend)
-    if backend == "torch" and not _traced((q, k, v, key_mask, timestamps, time_bias)):
-        return _EagerAttention.apply(*args)
-    return semantic_attention_fwd(*args)
 
 
 # The CPU path of a time-bias gradient over short windows: the forward keeps the probabilities
@@ -200,14 +152,18 @@ def semantic_attention_probs_fwd(
     k: Tensor,
     v: Tensor,
     key_mask: Optional[Tensor],
-    timestamps: Tensor,
-    time_bias: Tensor,
+    timestamps: Optional[Tensor],
+    time_bias: Optional[Tensor],
     causal: bool,
     scale: float,
 ) -> Tuple[Tensor, Tensor]:
+    return _probs_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale)
+
+
+def _probs_fwd(*args):
     from spnn_fast.reference.attention_cpu import probs_fwd
 
-    return probs_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale)
+    return probs_fwd(*args)
 
 
 @semantic_attention_probs_fwd.register_fake
@@ -225,22 +181,27 @@ def semantic_attention_probs_bwd(
     out: Tensor,
     probs: Tensor,
     key_mask: Optional[Tensor],
-    timestamps: Tensor,
-    time_bias: Tensor,
+    timestamps: Optional[Tensor],
+    time_bias: Optional[Tensor],
     causal: bool,
     scale: float,
     bias_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dbias = _probs_bwd(grad_out, q, k, v, out, probs, key_mask, timestamps,
+                                   time_bias, causal, scale, bias_grad)  # fmt: skip
+    return dq, dk, dv, (q.new_empty((0,)) if dbias is None else dbias)
+
+
+def _probs_bwd(*args):
     from spnn_fast.reference.attention_cpu import probs_bwd
 
-    dq, dk, dv, dbias = probs_bwd(grad_out, q, k, v, out, probs, key_mask, timestamps,
-                                  time_bias, causal, scale, bias_grad)  # fmt: skip
-    return dq, dk, dv, (q.new_empty((0,)) if dbias is None else dbias)
+    return probs_bwd(*args)
 
 
 @semantic_attention_probs_bwd.register_fake
 def _(grad_out, q, k, v, out, probs, key_mask, timestamps, time_bias, causal, scale, bias_grad):
-    dbias = time_bias.new_empty(time_bias.shape) if bias_grad else q.new_empty((0,))
+    want = bias_grad and time_bias is not None
+    dbias = time_bias.new_empty(time_bias.shape) if want else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
@@ -252,10 +213,10 @@ def _probs_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(probs)
 
 
-def _probs_backward(ctx, grad_out, grad_probs):
+def _probs_backward(ctx, grad_out, grad_probs, bwd=semantic_attention_probs_bwd):
     q, k, v, out, probs, key_mask, timestamps, time_bias = ctx.saved_tensors
-    bias_grad = ctx.needs_input_grad[5]
-    dq, dk, dv, dbias = semantic_attention_probs_bwd(
+    bias_grad = time_bias is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dbias = bwd(
         grad_out, q, k, v, out, probs, key_mask, timestamps, time_bias, ctx.causal, ctx.scale,
         bias_grad,
     )  # fmt: skip
@@ -263,3 +224,65 @@ def _probs_backward(ctx, grad_out, grad_probs):
 
 
 semantic_attention_probs_fwd.register_autograd(_probs_backward, setup_context=_probs_setup_context)
+
+
+# Eager calls: the same forwards and backwards as the op pairs, called directly. An eager call of
+# an op pays the custom op's dispatch in Python (about 0.3 ms a forward + backward on the CPU,
+# 10% of a small call); and the fused CPU kernel's output is taken in the layout it comes in
+# (the op copies it into the one its fake promises when q is laid out [B, H, L, D]).
+
+
+def _eager(name, fwd, setup_context, backward, bwd):
+    """An autograd.Function running ``fwd`` and, for the backward, ``backward`` with ``bwd``
+    in place of the backward op."""
+
+    def forward(ctx, *args):
+        outputs = fwd(*args)
+        setup_context(ctx, args, outputs)
+        return outputs
+
+    def run_backward(ctx, *grads):
+        return backward(ctx, *grads, bwd=bwd)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(torch.autograd.function.once_differentiable(run_backward)),
+    })  # fmt: skip
+
+
+_EagerAttention = _eager(
+    "_EagerAttention", lambda *a: _fwd(*a, any_layout=True), _setup_context, _backward, _bwd
+)
+_EagerProbs = _eager("_EagerProbs", _probs_fwd, _probs_setup_context, _probs_backward, _probs_bwd)
+
+
+def _traced(tensors) -> bool:
+    """Whether anything may be tracing or transforming a call on ``tensors``: torch.compile or
+    export, a tensor subclass (fake, functional, proxy), a dispatch mode, a functorch transform.
+    Only then does the call need the registered op."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (
+        torch.compiler.is_compiling()
+        or any(t is not None and type(t) is not Tensor for t in tensors)
+        or _get_current_dispatch_mode() is not None
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+def attention_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale, backend):
+    """``semantic_attention_fwd``, or the same functions without the op's dispatch on the CPU
+    torch path where nothing traces the call."""
+    args = (q, k, v, key_mask, timestamps, time_bias, causal, scale, backend)
+    if backend == "torch" and not _traced(args[:6]):
+        return _EagerAttention.apply(*args)
+    return semantic_attention_fwd(*args)
+
+
+def attention_probs_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
+    """``semantic_attention_probs_fwd``, or the same functions without the op's dispatch where
+    nothing traces the call."""
+    args = (q, k, v, key_mask, timestamps, time_bias, causal, scale)
+    if not _traced(args[:6]):
+        return _EagerProbs.apply(*args)
+    return semantic_attention_probs_fwd(*args)

@@ -114,10 +114,21 @@ def _prescaled(q, time_bias, causal, scale):
 
 
 def _flash_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale, any_layout=False):
+    """A NaN or an infinity in a masked key or value turns the rows that see it NaN (a score
+    NaN + -inf, a weight 0 times NaN): the output is checked (one pass, where checking k and v
+    first took two) and only then computed again with the masked keys zeroed."""
+    out, lse = _flash_fwd_once(q, k, v, key_mask, timestamps, time_bias, causal, scale,
+                               any_layout)  # fmt: skip
+    if key_mask is not None and not _all_finite(out):  # no mask: no key to keep out
+        k, v = _masked_keys(k, v, key_mask)
+        out, lse = _flash_fwd_once(q, k, v, key_mask, timestamps, time_bias, causal, scale,
+                                   any_layout)  # fmt: skip
+    return out, lse
+
+
+def _flash_fwd_once(q, k, v, key_mask, timestamps, time_bias, causal, scale, any_layout):
     B, H, L, D = q.shape
     q, scale = _prescaled(q, time_bias, causal, scale)
-    if key_mask is not None and not _all_finite(k, v):  # no mask: no key to keep out
-        k, v = _masked_keys(k, v, key_mask)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     chunks = _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, q.dtype, q.device)
     out = lse = None
@@ -186,16 +197,31 @@ def _flash_bwd(grad_out, q, k, v, out, lse, key_mask, timestamps, time_bias, cau
 PROBS_BUDGET = 64 * 2**20
 
 
-def keeps_probs(q: torch.Tensor, time_bias: Optional[torch.Tensor]) -> bool:
-    """Whether a call whose time bias wants a gradient runs :func:`probs_fwd` / :func:`probs_bwd`:
-    on the CPU, when its probabilities fit :data:`PROBS_BUDGET`."""
+# Without a bias, windows up to this length take the probabilities path (forward + backward,
+# 2 threads: L = 30 1.2x-2.0x the fused kernel, L = 50 1.1x-1.25x, L = 64 1.25x; L = 100 0.77x):
+# the kernel computes the scores in blocks sized for long rows, and at these lengths four plain
+# products and one softmax beat it. A forward alone takes it while its scores stay in cache
+# (PROBS_FORWARD_MAX entries: 256 x 2 x 50 x 50 scores 1.3x; 1024 x 4 x 50 x 50 0.6x).
+PROBS_NO_BIAS_MAX_L = 64
+PROBS_FORWARD_MAX = 2**21
+
+
+def keeps_probs(q: torch.Tensor, time_bias: Optional[torch.Tensor], bias_grad: bool,
+                grad: bool) -> bool:  # fmt: skip
+    """Whether a call on the CPU runs :func:`probs_fwd` (and :func:`probs_bwd`), given whether
+    its time bias wants a gradient (``bias_grad``) and whether it wants any (``grad``): when its
+    probabilities fit :data:`PROBS_BUDGET` and, with a bias, it wants the bias's gradient or
+    none (a forward: the bias then costs one pass over the scores, not a mask per chunk);
+    without one, its windows are at most :data:`PROBS_NO_BIAS_MAX_L` long and it wants a
+    gradient or its scores fit :data:`PROBS_FORWARD_MAX`."""
     B, H, L, _ = q.shape
     acc = torch.finfo(_acc_dtype(q.dtype)).bits // 8
+    if time_bias is not None:
+        wanted = bias_grad or not grad
+    else:
+        wanted = L <= PROBS_NO_BIAS_MAX_L and (grad or B * H * L * L <= PROBS_FORWARD_MAX)
     return (
-        time_bias is not None
-        and q.device.type == "cpu"
-        and q.numel() > 0
-        and B * H * L * L * acc <= PROBS_BUDGET
+        wanted and q.device.type == "cpu" and q.numel() > 0 and B * H * L * L * acc <= PROBS_BUDGET
     )
 
 
@@ -213,11 +239,20 @@ def probs_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
         k, v = _masked_keys(k, v, key_mask)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     s, _, _, _ = _scores(qa, ka, key_mask, timestamps, time_bias, causal, scale)
-    m = s.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # an empty row: all -inf
-    p = s.sub_(m).exp_()
-    z = p.sum(dim=-1, keepdim=True)
-    p.div_(torch.where(z > 0, z, torch.ones_like(z)))
+    p = torch.softmax(s, dim=-1)  # one fused pass; a row of -inf only comes out NaN
+    if key_mask is not None:
+        empty = _empty_rows(key_mask, causal)
+        if empty is not None:
+            p.masked_fill_(empty[:, None, :, None], 0.0)
     return torch.matmul(p, va).to(q.dtype), p
+
+
+def _empty_rows(key_mask: torch.Tensor, causal: bool) -> Optional[torch.Tensor]:
+    """Bool ``[B, L]``: the query rows without an admissible key; None when there are none."""
+    seen = key_mask.cumsum(-1) > 0 if causal else key_mask.any(-1, keepdim=True)
+    if bool(seen.all()):
+        return None
+    return (~seen).expand(key_mask.shape)
 
 
 def probs_bwd(grad_out, q, k, v, out, p, key_mask, timestamps, time_bias, causal, scale,
