@@ -137,7 +137,7 @@ def test_eager_calls_are_the_registered_op(case, monkeypatch):
     inputs = make_inputs(B, H, L, D, mask, bias)
     g = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(1))
     eager = run_op(inputs, causal, "torch", grad_out=g)
-    monkeypatch.setattr(ops, "_traced", lambda tensors: True)
+    monkeypatch.setattr(ops, "traced", lambda tensors: True)
     traced = run_op(inputs, causal, "torch", grad_out=g)
     assert torch.equal(eager[0], traced[0])
     for a, b in zip(eager[1], traced[1]):
@@ -150,10 +150,10 @@ def test_tracers_get_the_registered_op():
     from spnn_fast.ops import attention as ops
 
     q = torch.randn(2, 2, 5, 16)
-    assert not ops._traced((q, q, q, None))
+    assert not ops.traced((q, q, q, None))
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(q)
-        assert ops._traced((fake, fake, fake, None))
+        assert ops.traced((fake, fake, fake, None))
         out = semantic_attention(fake, fake, fake, causal=True, backend="torch")
         assert out.shape == q.shape
 

@@ -232,7 +232,7 @@ def distillation_loss(
             teacher with ``alpha > 0`` or a missing target with ``alpha < 1``, an unknown
             reduction or ensemble, ``backend="triton"`` for what the kernels cannot run.
     """
-    from spnn_fast.ops.distill import distill_rows
+    from spnn_fast.ops.distill import distill_rows_call
     from spnn_fast.reference.distill import reduce_rows
 
     if alpha is None:
@@ -259,7 +259,7 @@ def distillation_loss(
             ht, wt = _mean_logits_teacher(ht, wt)
         dt = None if ht is None else ht.shape[1]
         name = _distill_backend(backend, hs, dt, teachers, ensemble)
-        loss_rows = distill_rows(hs, student_items, ht, wt, target, *args, name)[0]
+        loss_rows = distill_rows_call(hs, student_items, ht, wt, target, *args, name)
     if reduction == "none":
         return loss_rows.reshape(lead)
     return reduce_rows(loss_rows, target, ignore_index, reduction)

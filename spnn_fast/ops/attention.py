@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from spnn_fast.ops._eager import eager_function, traced
+
 __all__ = [
     "semantic_attention_bwd",
     "semantic_attention_fwd",
@@ -232,49 +234,17 @@ semantic_attention_probs_fwd.register_autograd(_probs_backward, setup_context=_p
 # (the op copies it into the one its fake promises when q is laid out [B, H, L, D]).
 
 
-def _eager(name, fwd, setup_context, backward, bwd):
-    """An autograd.Function running ``fwd`` and, for the backward, ``backward`` with ``bwd``
-    in place of the backward op."""
-
-    def forward(ctx, *args):
-        outputs = fwd(*args)
-        setup_context(ctx, args, outputs)
-        return outputs
-
-    def run_backward(ctx, *grads):
-        return backward(ctx, *grads, bwd=bwd)
-
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "backward": staticmethod(torch.autograd.function.once_differentiable(run_backward)),
-    })  # fmt: skip
-
-
-_EagerAttention = _eager(
+_EagerAttention = eager_function(
     "_EagerAttention", lambda *a: _fwd(*a, any_layout=True), _setup_context, _backward, _bwd
 )
-_EagerProbs = _eager("_EagerProbs", _probs_fwd, _probs_setup_context, _probs_backward, _probs_bwd)
-
-
-def _traced(tensors) -> bool:
-    """Whether anything may be tracing or transforming a call on ``tensors``: torch.compile or
-    export, a tensor subclass (fake, functional, proxy), a dispatch mode, a functorch transform.
-    Only then does the call need the registered op."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (
-        torch.compiler.is_compiling()
-        or any(t is not None and type(t) is not Tensor for t in tensors)
-        or _get_current_dispatch_mode() is not None
-        or torch._C._are_functorch_transforms_active()
-    )
+_EagerProbs = eager_function("_EagerProbs", _probs_fwd, _probs_setup_context, _probs_backward, _probs_bwd)
 
 
 def attention_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale, backend):
     """``semantic_attention_fwd``, or the same functions without the op's dispatch on the CPU
     torch path where nothing traces the call."""
     args = (q, k, v, key_mask, timestamps, time_bias, causal, scale, backend)
-    if backend == "torch" and not _traced(args[:6]):
+    if backend == "torch" and not traced(args[:6]):
         return _EagerAttention.apply(*args)
     return semantic_attention_fwd(*args)
 
@@ -283,6 +253,6 @@ def attention_probs_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale)
     """``semantic_attention_probs_fwd``, or the same functions without the op's dispatch where
     nothing traces the call."""
     args = (q, k, v, key_mask, timestamps, time_bias, causal, scale)
-    if not _traced(args[:6]):
+    if not traced(args[:6]):
         return _EagerProbs.apply(*args)
     return semantic_attention_probs_fwd(*args)

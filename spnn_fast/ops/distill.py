@@ -116,3 +116,60 @@ def _backward(ctx, grad_loss, *_stat_grads):
 
 
 distill_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerCrossEntropy(torch.autograd.Function):
+    """The plain cross-entropy (no teacher) of an eager CPU call: the forward keeps its
+    exponentials for the backward (spnn_fast.reference.ce_kept), without the op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, hidden, items, target, ignore_index):
+        from spnn_fast.reference.ce_kept import ce_rows_kept
+
+        loss, _, e, sums, rows = ce_rows_kept(hidden, items, target, ignore_index)
+        ctx.save_for_backward(hidden, items, target)
+        ctx.kept, ctx.ignore_index = (e, sums, rows), ignore_index
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        from spnn_fast.reference.ce_kept import ce_rows_kept_backward
+
+        hidden, items, target = ctx.saved_tensors
+        d_hidden, d_items = ce_rows_kept_backward(
+            grad_rows, hidden, items, target, ctx.ignore_index, *ctx.kept,
+            need_hidden=ctx.needs_input_grad[0], need_items=ctx.needs_input_grad[1],
+        )  # fmt: skip
+        return d_hidden, d_items, None, None
+
+
+def distill_rows_call(
+    student_hidden: Tensor,
+    student_items: Tensor,
+    teacher_hidden: Optional[Tensor],
+    teacher_items: Optional[Tensor],
+    target: Optional[Tensor],
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    """The row losses [N] of :func:`distill_rows`; an eager plain cross-entropy on the CPU whose
+    exponentials fit the budget keeps them for its backward instead (three products a step
+    where the op's backward forms the logits again: four)."""
+    from spnn_fast.ops._eager import traced
+    from spnn_fast.reference.ce_kept import keeps_exponentials
+
+    hs, ws = student_hidden, student_items
+    if (
+        backend == "torch"
+        and alpha == 0.0
+        and target is not None
+        and hs.device.type == "cpu"
+        and keeps_exponentials(hs, ws)
+        and not traced((hs, ws, target))
+    ):
+        return _EagerCrossEntropy.apply(hs, ws, target, ignore_index)
+    args = (hs, ws, teacher_hidden, teacher_items, target, temperature, alpha, ignore_index)
+    return distill_rows(*args, backend)[0]
