@@ -95,6 +95,7 @@ def test_only_eager_plain_cross_entropy_keeps(calls):
     fn = torch.compile(lambda h: SF.distillation_loss(h, ws, target=y, ignore_index=IGNORE,
                                                       backend="torch"),
                        fullgraph=True, backend="aot_eager")  # fmt: skip
-    torch.testing.assert_close(fn(hs), SF.distillation_loss(hs, ws, target=y,
-                                                            ignore_index=IGNORE, backend="torch"))
+    torch.testing.assert_close(
+        fn(hs), SF.distillation_loss(hs, ws, target=y, ignore_index=IGNORE, backend="torch")
+    )
     assert calls == [1, 1]  # the eager comparison only

@@ -237,7 +237,9 @@ semantic_attention_probs_fwd.register_autograd(_probs_backward, setup_context=_p
 _EagerAttention = eager_function(
     "_EagerAttention", lambda *a: _fwd(*a, any_layout=True), _setup_context, _backward, _bwd
 )
-_EagerProbs = eager_function("_EagerProbs", _probs_fwd, _probs_setup_context, _probs_backward, _probs_bwd)
+_EagerProbs = eager_function(
+    "_EagerProbs", _probs_fwd, _probs_setup_context, _probs_backward, _probs_bwd
+)
 
 
 def attention_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale, backend):

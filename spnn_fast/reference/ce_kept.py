@@ -80,8 +80,8 @@ def ce_rows_kept_backward(
     from :func:`ce_rows_kept`'s exponentials (left unchanged: a second backward reads them
     again)."""
     cdt = e.dtype
-    g, h, y = (grad_rows, hidden, target) if rows is None else pick_rows(
-        rows, grad_rows, hidden, target
+    g, h, y = (
+        (grad_rows, hidden, target) if rows is None else pick_rows(rows, grad_rows, hidden, target)
     )
     h, w, g = h.to(cdt), items.to(cdt), g.to(cdt)
     y = _safe_target(y, ignore_index)
