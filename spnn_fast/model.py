@@ -29,6 +29,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spnn_fast import backends
@@ -274,9 +275,10 @@ class SPNN(nn.Module):
             codes = getattr(self, f"item_codes_{name}")[items]  # [B, L] or [B, L, G]
             if codes.dim() == 2:
                 feats.append(emb(codes))
-            else:
-                count = (codes > 0).sum(-1, keepdim=True).clamp_min(1)
-                feats.append(emb(codes).sum(-2) / count)
+            else:  # the mean over the item's codes but code 0 (none); 0 when it has none
+                bags = codes.reshape(B * L, codes.shape[-1])
+                mean = F.embedding_bag(bags, emb.weight, mode="mean", padding_idx=emb.padding_idx)
+                feats.append(mean.view(B, L, -1))
         for name, emb in self.user_feat_emb.items():
             table = getattr(self, f"user_codes_{name}")
             if users is None:  # no user is known: every row takes the unknown code 0

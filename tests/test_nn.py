@@ -186,3 +186,29 @@ def test_fast_dropout_is_dropout(p):
     torch.testing.assert_close(x.grad, want)
     d.eval()
     assert torch.equal(d(x), x)
+
+
+def test_a_multi_code_item_feature_is_the_mean_of_its_codes():
+    """An item's several codes of one feature (genres) enter as the mean of their embeddings,
+    code 0 (none) left out, zeros for an item with none; the gradient reaches the codes used."""
+    import numpy as np
+
+    from spnn_fast.model import SPNN, SPNNConfig
+
+    codes = np.array([[0, 0, 0], [1, 2, 0], [3, 3, 4], [0, 0, 0], [5, 0, 0]])  # items 0..4
+    cfg = SPNNConfig(num_items=4, max_len=4, d_model=8, n_layers=1, num_time_buckets=6,
+                     item_feature_vocab={"genre": 6})  # fmt: skip
+    model = SPNN(cfg, item_features={"genre": codes})
+    torch.nn.init.normal_(model.item_feat_emb["genre"].weight)
+    with torch.no_grad():
+        model.item_feat_emb["genre"].weight[0].zero_()
+    items = torch.tensor([[0, 1, 2, 3], [4, 2, 1, 0]])
+    feats = model._features(items, torch.zeros_like(items), None)
+    genre = feats[3]
+    w = model.item_feat_emb["genre"].weight
+    want = torch.stack([torch.stack([
+        w[[c for c in codes[i] if c]].mean(0) if any(codes[i]) else torch.zeros(8)
+        for i in row.tolist()]) for row in items])  # fmt: skip
+    torch.testing.assert_close(genre, want)
+    genre.sum().backward()
+    assert w.grad[0].abs().sum() == 0 and (w.grad[1:].abs().sum(1) > 0).all()
