@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spnn_fast import backends
+from spnn_fast._gated import gated_sum
 from spnn_fast._checks import is_int, is_real, plain_number
 from spnn_fast.limits import MAX_TIME_BUCKETS
 from spnn_fast.nn import FastDropout, KnowledgeDetector, SemanticAttention
@@ -300,10 +301,9 @@ class SPNN(nn.Module):
         """Gated fusion of the event features: ``[B, L, d]`` (and the gate ``[B, L, F]``)."""
         feats = self._features(items, time_buckets, users)
         stacked = torch.stack(feats, dim=-2)  # [B, L, F, d]
-        gate = torch.softmax(self.gate(stacked.flatten(-2)), dim=-1)  # [B, L, F]
-        # sum_f gate[f] * feature[f], as [1, F] @ [F, d] per event: a broadcast product and a
-        # sum cost 5x that forward + backward (their backward multiplies an expanded gradient)
-        x = torch.matmul(gate.unsqueeze(-2), stacked).squeeze(-2) * len(feats)
+        # gate = softmax(self.gate(stacked.flatten(-2))) [B, L, F]; x = sum_f gate_f * feature_f
+        x, gate = gated_sum(stacked, self.gate.weight, self.gate.bias)
+        x = x * len(feats)
         x = self.embed_drop(self.embed_norm(x)) * mask.unsqueeze(-1)
         return (x, gate) if return_gate else x
 

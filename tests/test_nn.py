@@ -212,3 +212,31 @@ def test_a_multi_code_item_feature_is_the_mean_of_its_codes():
     torch.testing.assert_close(genre, want)
     genre.sum().backward()
     assert w.grad[0].abs().sum() == 0 and (w.grad[1:].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("nf", [3, 7, 8, 9])
+@pytest.mark.parametrize("gate_grad", [False, True])
+def test_gated_sum_is_the_plain_formula(nf, gate_grad):
+    """SPNN.embed's fusion: the eager CPU function (one write of each feature's gradient, the
+    gate padded to 8 outputs) against the plain ops, outputs and every gradient."""
+    from spnn_fast import _gated
+
+    g = torch.Generator().manual_seed(nf)
+    stacked = torch.randn(5, 4, nf, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(nf, nf * 6, generator=g, dtype=torch.float64) * 0.3
+    bias = torch.randn(nf, generator=g, dtype=torch.float64)
+    dx = torch.randn(5, 4, 6, generator=g, dtype=torch.float64)
+    dg = torch.randn(5, 4, nf, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (_gated.gated_sum, _gated._plain):
+        leaves = [t.clone().requires_grad_() for t in (stacked, weight, bias)]
+        x, gate = fn(*leaves)
+        loss = (x * dx).sum() + ((gate * dg).sum() if gate_grad else 0)
+        results.append((x, gate, *torch.autograd.grad(loss, leaves)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(
+        lambda s, w, b: _gated._GatedSum.apply(s, w, b),
+        (stacked[:2, :2].clone().requires_grad_(), weight.clone().requires_grad_(),
+         bias.clone().requires_grad_()),
+    )  # fmt: skip

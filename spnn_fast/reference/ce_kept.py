@@ -85,15 +85,17 @@ def ce_rows_kept_backward(
     )
     h, w, g = h.to(cdt), items.to(cdt), g.to(cdt)
     y = _safe_target(y, ignore_index)
-    dz = e * (g / sums)[:, None]  # softmax(z) * g; the one-hot part below
+    # d z = softmax(z) * g - onehot(y) * g, softmax(z) = e / sums: the row scale c = g / sums goes
+    # on the [n, D] sides of the products, never over the [n, V] exponentials
+    c = (g / sums)[:, None]
     d_hidden = d_items = None
     if need_hidden:
-        d_h = (dz @ w).sub_(g[:, None] * w[y])
+        d_h = (e @ w).mul_(c).sub_(g[:, None] * w[y])
         if rows is not None:
             d_h = scatter_rows(rows, hidden.shape[0], d_h)[0]
         d_hidden = d_h.to(hidden.dtype)
     if need_items:
-        d_w = dz.T @ h
+        d_w = e.T @ (h * c)
         d_w.index_add_(0, y, g[:, None] * h, alpha=-1.0)
         d_items = d_w.to(items.dtype)
     return d_hidden, d_items
