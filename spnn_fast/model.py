@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spnn_fast import backends
-from spnn_fast._gated import gated_sum
 from spnn_fast._checks import is_int, is_real, plain_number
+from spnn_fast._gated import gated_sum
 from spnn_fast.limits import MAX_TIME_BUCKETS
 from spnn_fast.nn import FastDropout, KnowledgeDetector, SemanticAttention
 
