@@ -13,6 +13,8 @@ from torch import Tensor
 from spnn_fast import limits
 from spnn_fast._checks import check_matrix, check_same, describe
 from spnn_fast.functional._dispatch import check_values, triton_or_torch
+from spnn_fast.ops._eager import traced
+from spnn_fast.reference.topk import target_rank_chunked, topk_scores_chunked
 
 __all__ = ["TopK", "target_rank", "topk_scores"]
 
@@ -234,8 +236,10 @@ def topk_scores(
         _check_exclude(offsets, seen, ids)
     _check_finite(hidden, items)
     name = _topk_backend("topk_scores", backend, hidden, int(k))
-    values, indices = _op(hidden.detach(), items.detach(), int(k), offsets, seen, ids.pad, name)
-    return TopK(values, indices)
+    args = (hidden.detach(), items.detach(), int(k), offsets, seen, ids.pad)
+    if name == "torch" and not traced(args[:2]):  # the op's body, without its dispatch
+        return TopK(*topk_scores_chunked(*args[:5], padding_idx=ids.pad))
+    return TopK(*_op(*args, name))
 
 
 def target_rank(
@@ -280,4 +284,7 @@ def target_rank(
     _check_in("target", target, ids)
     _check_finite(hidden, items)
     name = _topk_backend("target_rank", backend, hidden, 1)
-    return _op(hidden.detach(), items.detach(), target, ids.pad, name)
+    args = (hidden.detach(), items.detach(), target)
+    if name == "torch" and not traced(args):  # the op's body, without its dispatch
+        return target_rank_chunked(*args, padding_idx=ids.pad)
+    return _op(*args, ids.pad, name)

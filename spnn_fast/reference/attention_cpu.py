@@ -263,7 +263,9 @@ def probs_bwd(grad_out, q, k, v, out, p, key_mask, timestamps, time_bias, causal
     if key_mask is not None and not _all_finite(k, v):
         k, v = _masked_keys(k, v, key_mask)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    go = grad_out.to(acc)  # any strides (the products take them; stride 0 from out.sum() too)
+    go = grad_out.to(acc)
+    if 0 in go.stride():  # expanded (out.sum().backward()): the products would read it slowly
+        go = go.contiguous()
     dv = torch.matmul(p.transpose(-1, -2), go)
     delta = (go * out.to(acc)).sum(dim=-1, keepdim=True)
     ds = torch.matmul(go, va.transpose(-1, -2)).sub_(delta).mul_(p)
