@@ -228,7 +228,7 @@ def test_gated_sum_is_the_plain_formula(nf, gate_grad):
     dx = torch.randn(5, 4, 6, generator=g, dtype=torch.float64)
     dg = torch.randn(5, 4, nf, generator=g, dtype=torch.float64)
     results = []
-    for fn in (_gated.gated_sum, _gated._plain):
+    for fn in (_gated._GatedSum.apply, _gated._plain):
         leaves = [t.clone().requires_grad_() for t in (stacked, weight, bias)]
         x, gate = fn(*leaves)
         loss = (x * dx).sum() + ((gate * dg).sum() if gate_grad else 0)
