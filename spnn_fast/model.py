@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from spnn_fast import backends
 from spnn_fast._checks import is_int, is_real, plain_number
-from spnn_fast._gated import gated_sum
 from spnn_fast.limits import MAX_TIME_BUCKETS
 from spnn_fast.nn import FastDropout, KnowledgeDetector, SemanticAttention
+from spnn_fast.nn._gated import gated_sum
 
 __all__ = ["MODEL_BACKENDS", "SPNN", "SPNNConfig", "SPNNOutput", "Recommendations", "window_items"]
 
@@ -277,16 +277,14 @@ class SPNN(nn.Module):
             if codes.dim() == 2:
                 feats.append(emb(codes))
             else:  # the mean over the item's codes but code 0 (none); 0 when it has none
-                bags = codes.reshape(B * L, codes.shape[-1])
-                mean = F.embedding_bag(bags, emb.weight, mode="mean", padding_idx=emb.padding_idx)
+                mean = F.embedding_bag(codes.flatten(0, 1), emb.weight, mode="mean", padding_idx=0)
                 feats.append(mean.view(B, L, -1))
         for name, emb in self.user_feat_emb.items():
             table = getattr(self, f"user_codes_{name}")
             if users is None:  # no user is known: every row takes the unknown code 0
                 codes = table.new_zeros(B)
             else:  # user -1 is one the model has not seen: the unknown code too
-                known = users >= 0
-                codes = table[users.clamp(min=0)] * known
+                codes = table[users.clamp(min=0)] * (users >= 0)
             feats.append(emb(codes).unsqueeze(1).expand(B, L, -1))
         return feats
 
@@ -300,11 +298,9 @@ class SPNN(nn.Module):
     ):
         """Gated fusion of the event features: ``[B, L, d]`` (and the gate ``[B, L, F]``)."""
         feats = self._features(items, time_buckets, users)
-        stacked = torch.stack(feats, dim=-2)  # [B, L, F, d]
         # gate = softmax(self.gate(stacked.flatten(-2))) [B, L, F]; x = sum_f gate_f * feature_f
-        x, gate = gated_sum(stacked, self.gate.weight, self.gate.bias)
-        x = x * len(feats)
-        x = self.embed_drop(self.embed_norm(x)) * mask.unsqueeze(-1)
+        x, gate = gated_sum(torch.stack(feats, dim=-2), self.gate.weight, self.gate.bias)
+        x = self.embed_drop(self.embed_norm(x * len(feats))) * mask.unsqueeze(-1)
         return (x, gate) if return_gate else x
 
     # ---------------------------------------------------------------- forward

@@ -219,7 +219,7 @@ def test_a_multi_code_item_feature_is_the_mean_of_its_codes():
 def test_gated_sum_is_the_plain_formula(nf, gate_grad):
     """SPNN.embed's fusion: the eager CPU function (one write of each feature's gradient, the
     gate padded to 8 outputs) against the plain ops, outputs and every gradient."""
-    from spnn_fast import _gated
+    from spnn_fast.nn import _gated
 
     g = torch.Generator().manual_seed(nf)
     stacked = torch.randn(5, 4, nf, 6, generator=g, dtype=torch.float64)
