@@ -15,6 +15,8 @@ keeps the probabilities [B, H, L, L] for the backward.
 
 The autograd formula saves the inputs, ``out`` and ``lse`` and calls the backward op, so
 ``torch.compile`` traces both as single nodes (no graph break) and both are ``opcheck``-ed.
+Eager calls on the CPU torch path (:func:`attention_fwd`, :func:`attention_probs_fwd`) run the
+same functions without the ops' dispatch (``spnn_fast/ops/_eager.py``).
 """
 
 from typing import Optional, Tuple
