@@ -34,6 +34,8 @@ def test_retained_memory_is_reused_without_page_faults():
         return int(out.stdout.strip().splitlines()[-1])
 
     plain, kept = faults("0"), faults("1")
-    # 20 steps of 65 MiB of blocks: glibc's default maps most of them anew (about 11,700 of the
-    # 16,640 pages a step), kept ones fault at most a few thousand times in all
-    assert 8 * kept < plain, (kept, plain)
+    # 20 steps of 65 MiB of blocks (16,640 pages a step): kept ones fault at most a few thousand
+    # times in all. glibc's default maps most of them anew (about 11,700 pages a step) unless its
+    # dynamic mmap threshold has already risen past the blocks, so plain counts vary from run to
+    # run (19,000 to 230,000 seen): the bound is on the kept count, and never worse than plain
+    assert kept < 5_000 and kept <= plain, (kept, plain)
