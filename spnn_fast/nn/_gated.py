@@ -52,7 +52,7 @@ class _GatedSum(torch.autograd.Function):
         if dgate is not None:
             d_gate = d_gate + dgate.reshape(n, nf)
         d_logits = gate * (d_gate - (d_gate * gate).sum(dim=-1, keepdim=True))  # softmax's
-        w8, _ = _padded(weight, weight.new_zeros(weight.shape[0]))
+        w8 = F.pad(weight, (0, 0, 0, -nf % 8))  # the forward's padding, the bias not needed
         d_logits8 = F.pad(d_logits, (0, w8.shape[0] - nf))
         d_s = (d_logits8 @ w8).view(n, nf, d)
         d_s.baddbmm_(gate.unsqueeze(2), dx.unsqueeze(1))  # + gate_f * dx, in place

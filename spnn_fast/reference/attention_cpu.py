@@ -59,6 +59,14 @@ def _flash_cpu(q: torch.Tensor) -> bool:
     )
 
 
+def _seen_rows(key_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Bool ``[B, L]``: whether query row i has an admissible key (causal: a key up to i takes
+    part; else any key does)."""
+    if causal:
+        return key_mask.cumsum(-1) > 0
+    return key_mask.any(-1, keepdim=True).expand(key_mask.shape)
+
+
 def _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, dtype, device):
     """``(r0, r1, keys, additive mask or None, is_causal, empty rows or None)`` per chunk of
     query rows (``keys``: how many keys the chunk sees; empty rows: bool ``[B, 1, rows]``, the
@@ -71,14 +79,10 @@ def _flash_masks(key_mask, timestamps, time_bias, causal, B, H, L, dtype, device
         if key_mask is not None:
             mask = torch.zeros((B, 1, 1, L), dtype=dtype, device=device)
             mask.masked_fill_(~key_mask[:, None, None, :], neg)
-            # causal: row i is empty when no key up to i takes part; else when none does
-            seen = key_mask.cumsum(-1) > 0 if causal else key_mask.any(-1, keepdim=True)
-            empty = (~seen).expand(B, L)[:, None, :]
+            empty = (~_seen_rows(key_mask, causal))[:, None, :]
         yield 0, L, L, mask, causal, empty
         return
-    seen = None  # [B, L]: whether row i has an admissible key
-    if key_mask is not None:
-        seen = key_mask.cumsum(-1) > 0 if causal else key_mask.any(-1, keepdim=True).expand(B, L)
+    seen = None if key_mask is None else _seen_rows(key_mask, causal)
     cpp = time_bias_cpp.loaded() and device.type == "cpu"
     for r0, r1 in _chunks(B, H, L):
         nk = r1 if causal else L
@@ -235,6 +239,8 @@ def probs_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
     definition over the whole score matrix, its probabilities kept (0 where a key is not
     admissible and in rows without any)."""
     acc = _acc_dtype(q.dtype)
+    # k and v themselves, not the output as _flash_fwd does: the scores' -inf fill hides a
+    # poisoned masked key here, whose NaN would still reach dq in the backward
     if key_mask is not None and not _all_finite(k, v):
         k, v = _masked_keys(k, v, key_mask)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
@@ -249,10 +255,8 @@ def probs_fwd(q, k, v, key_mask, timestamps, time_bias, causal, scale):
 
 def _empty_rows(key_mask: torch.Tensor, causal: bool) -> Optional[torch.Tensor]:
     """Bool ``[B, L]``: the query rows without an admissible key; None when there are none."""
-    seen = key_mask.cumsum(-1) > 0 if causal else key_mask.any(-1, keepdim=True)
-    if bool(seen.all()):
-        return None
-    return (~seen).expand(key_mask.shape)
+    seen = _seen_rows(key_mask, causal)
+    return None if bool(seen.all()) else ~seen
 
 
 def probs_bwd(grad_out, q, k, v, out, p, key_mask, timestamps, time_bias, causal, scale,
